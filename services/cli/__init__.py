@@ -1,0 +1,1 @@
+"""The `shoal` command line: services, agents, a local stack, and the API client."""

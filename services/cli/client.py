@@ -1,0 +1,163 @@
+"""A small client of the public API, used by the CLI, the demo and the end-to-end tests.
+
+Everything goes over NATS: submissions are published on `shoal.submit.<namespace>` (JetStream keeps
+them; the `Nats-Msg-Id` header is the submission id) and answered on `shoal.submitted.<ns>.<id>`;
+reads are request-reply to the query service; rollout controls to the rollout service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from shared import subjects as s
+from shared.api import (
+    GetSubmissionRequest,
+    ListJobExecutionsRequest,
+    ListJobExecutionsResponse,
+    ListJobsRequest,
+    ListJobsResponse,
+    ListNodesRequest,
+    ListNodesResponse,
+    PutJobRequest,
+    RolloutRequest,
+    RolloutStatus,
+    StopJobRequest,
+    StopJobResponse,
+)
+from shared.codec import convert, from_json, to_json
+from shared.errors import InvalidInput, NotFound, ShoalError, Unavailable
+from shared.models import Job, JobSpec, SubmissionOutcome
+from shared.transport import Bus
+
+
+def load_spec(path: str) -> JobSpec:
+    """A job spec from a YAML or JSON file, validated against the schema's types."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}", field="file") from None
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"{path} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {exc}",
+                           field="file") from None
+    if isinstance(data, dict) and "spec" in data and "name" not in data:
+        data = data["spec"]  # a PutJobRequest-shaped file
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path} must hold a job spec (a mapping)", field="file")
+    return convert(data, JobSpec, prefix="spec.")
+
+
+class Client:
+    def __init__(self, bus: Bus, namespace: str = "default", timeout: float = 10.0) -> None:
+        self.bus = bus
+        self.namespace = namespace
+        self.timeout = timeout
+
+    async def _call(self, operation: str, body: Any, namespace: str | None = None) -> bytes:
+        return await self.bus.request(s.api(namespace or self.namespace, operation), to_json(body),
+                                      timeout=self.timeout)
+
+    # -- submissions -------------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec | dict[str, Any], *, dry_run: bool = False, force: bool = False,
+                     submission_id: str | None = None, wait: float = 15.0) -> SubmissionOutcome | str:
+        """Publish a PutJobRequest and wait for its outcome; returns the submission id if none came in time."""
+        namespace = (spec.namespace if isinstance(spec, JobSpec) else spec.get("namespace")) or self.namespace
+        submission_id = submission_id or str(uuid.uuid4())
+        body = {"spec": spec, "dry_run": dry_run, "force": force}
+        data = to_json(body) if not isinstance(spec, JobSpec) else to_json(PutJobRequest(spec=spec, dry_run=dry_run,
+                                                                                          force=force))
+        waiter = await self.bus.expect(s.submitted(namespace, submission_id))
+        try:
+            ack = await self.bus.js_publish(s.submit(namespace), data, msg_id=submission_id)
+            reply = None if ack.duplicate else await waiter.wait(wait)
+        finally:
+            await waiter.close()
+        if reply is None:
+            try:
+                reply = await self._call(s.SUBMISSIONS_GET, GetSubmissionRequest(submission_id=submission_id),
+                                         namespace)
+            except NotFound:
+                return submission_id
+        return from_json(reply, SubmissionOutcome)
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    async def get_job(self, job: str) -> tuple[bytes, Job]:
+        raw = await self._call(s.JOBS_GET, {"job": job})
+        return raw, from_json(raw, _JobReply).job
+
+    async def list_jobs(self, request: ListJobsRequest) -> tuple[bytes, ListJobsResponse]:
+        raw = await self._call(s.JOBS_LIST, request)
+        return raw, from_json(raw, ListJobsResponse)
+
+    async def list_executions(self, request: ListJobExecutionsRequest) -> tuple[bytes, ListJobExecutionsResponse]:
+        raw = await self._call(s.EXECUTIONS_LIST, request)
+        return raw, from_json(raw, ListJobExecutionsResponse)
+
+    async def all_executions(self, job: str, **filters: Any) -> list[Any]:
+        """Every page of a job's executions."""
+        items: list[Any] = []
+        token = ""
+        while True:
+            _, page = await self.list_executions(
+                ListJobExecutionsRequest(job=job, limit=1000, next_token=token, **filters))
+            items.extend(page.items)
+            if not page.next_token:
+                return items
+            token = page.next_token
+
+    async def list_nodes(self, request: ListNodesRequest) -> tuple[bytes, ListNodesResponse]:
+        raw = await self.bus.request(s.NODES_LIST, to_json(request), timeout=self.timeout)
+        return raw, from_json(raw, ListNodesResponse)
+
+    async def wait_ready(self, nodes: int, timeout: float = 60.0) -> None:
+        """Until every service answers and at least `nodes` nodes are ready (a freshly started stack)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        missing: list[str] = list(s.SERVICES)
+        while True:
+            missing = [name for name in missing if not await self._answers(s.service_ping(name))]
+            ready = 0
+            if not missing:
+                _, page = await self.list_nodes(ListNodesRequest(state="ready", limit=1000))
+                ready = len(page.items)
+                if ready >= nodes:
+                    return
+            if loop.time() > deadline:
+                raise Unavailable(f"stack not ready after {timeout:.0f}s: services not answering {missing}, "
+                                  f"{ready} of {nodes} nodes ready")
+            await asyncio.sleep(0.25)
+
+    async def _answers(self, subject: str) -> bool:
+        try:
+            await self.bus.request(subject, b"", timeout=1.0)
+        except ShoalError:
+            return False
+        return True
+
+    # -- control -----------------------------------------------------------------------------------
+
+    async def stop_job(self, job: str, reason: str = "") -> StopJobResponse:
+        return from_json(await self._call(s.JOBS_STOP, StopJobRequest(job=job, reason=reason)), StopJobResponse)
+
+    async def rollout(self, operation: str, job: str, reason: str = "") -> tuple[bytes, RolloutStatus]:
+        raw = await self._call(operation, RolloutRequest(job=job, reason=reason))
+        return raw, from_json(raw, RolloutStatus)
+
+
+class _JobReply(msgspec.Struct):
+    job: Job
+
+
+def describe_error(exc: ShoalError) -> str:
+    return f"error: {exc}"

@@ -1,0 +1,194 @@
+"""The `shoal` command: run the services, agents and a local stack, and talk to the API.
+
+Errors that a user can cause (unreachable NATS, a missing job, bad input) print one line and exit
+non-zero; a traceback always means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shared import runtime
+from shared.errors import ShoalError
+from shared.settings import DEFAULT_NATS_URL, from_env
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Job orchestration for fleets of edge nodes.")
+    parser.add_argument("--nats-url", default=None,
+                        help=f"NATS server (default: $SHOAL_NATS_URL or {DEFAULT_NATS_URL})")
+    parser.add_argument("-n", "--namespace", default=os.environ.get("SHOAL_NAMESPACE", "default"),
+                        help="namespace (default: $SHOAL_NAMESPACE or 'default')")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run one service")
+    serve.add_argument("service", choices=["scheduler", "rollout", "health", "query"])
+    serve.add_argument("--replicas", type=int, default=1, help="run this many replicas in this process")
+    serve.add_argument("--db", default=None, help="query service: SQLite view file (default: $SHOAL_QUERY_DB)")
+
+    agent = sub.add_parser("agent", help="run a node agent (or a simulated fleet)")
+    agent.add_argument("--node-id", default="", help="node id (default: the host name)")
+    agent.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="node label (repeatable)")
+    agent.add_argument("--work-dir", default=".shoal-agent", help="where executions run and config files land")
+    agent.add_argument("--simulate", type=int, default=0, metavar="N", help="run N simulated nodes instead")
+    agent.add_argument("--sim-prefix", default="sim-{i:04d}", help="id template of simulated nodes")
+    agent.add_argument("--sim-label", action="append", default=[], metavar="KEY=TEMPLATE",
+                       help="label template of simulated nodes, e.g. 'zone=z{i%%3}' (repeatable)")
+    agent.add_argument("--disconnect-rate", type=float, default=0.0,
+                       help="simulated nodes: chance per heartbeat to drop off the network")
+    agent.add_argument("--disconnect-duration", type=float, default=5.0, help="seconds a dropped node stays off")
+    agent.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+
+    dev = sub.add_parser("dev", help="run nats-server, all services and agents locally until Ctrl-C")
+    dev.add_argument("--nodes", type=int, default=3, help="real agents to start")
+    dev.add_argument("--simulate", type=int, default=0, metavar="N", help="also start N simulated nodes")
+    dev.add_argument("--data-dir", default=".shoal-dev", help="state of the local stack")
+
+    demo = sub.add_parser("demo", help="start a local stack, run the examples, show the results, exit")
+    demo.add_argument("--examples", default="examples", help="directory of example job specs")
+    demo.add_argument("--data-dir", default="", help="keep the stack's state here (default: a temporary dir)")
+
+    job = sub.add_parser("job", help="submit, inspect and stop jobs").add_subparsers(dest="job_command",
+                                                                                      required=True, metavar="ACTION")
+    run = job.add_parser("run", help="submit a job spec (YAML or JSON)")
+    run.add_argument("file")
+    run.add_argument("--wait", action="store_true", help="wait until the job is deployed or finished")
+    run.add_argument("--dry-run", action="store_true", help="validate without applying")
+    run.add_argument("--force", action="store_true", help="apply even if the spec is unchanged")
+    _output(run)
+    jl = job.add_parser("list", help="list jobs")
+    jl.add_argument("--state", default=None)
+    jl.add_argument("--type", default=None)
+    _paging(jl)
+    _output(jl)
+    jd = job.add_parser("describe", help="show one job")
+    jd.add_argument("job", help="job id or name")
+    _output(jd)
+    je = job.add_parser("executions", help="list a job's executions")
+    je.add_argument("job", help="job id or name")
+    _paging(je)
+    je.add_argument("--order-by", choices=["created_at", "updated_at"], default="created_at")
+    je.add_argument("--reverse", action="store_true")
+    je.add_argument("--version", type=int, default=None, help="job version (default: the latest)")
+    je.add_argument("--all-versions", action="store_true")
+    je.add_argument("--node", default="", help="only this node")
+    je.add_argument("--state", default=None, help="only this observed state")
+    _output(je)
+    js = job.add_parser("stop", help="stop a job: every execution's desired state becomes stopped")
+    js.add_argument("job", help="job id or name")
+    js.add_argument("--reason", default="")
+
+    node = sub.add_parser("node", help="inspect nodes").add_subparsers(dest="node_command", required=True,
+                                                                       metavar="ACTION")
+    nl = node.add_parser("list", help="list nodes, optionally by selector")
+    nl.add_argument("--selector", action="append", default=[], metavar="EXPR",
+                    help="label selector expression, e.g. 'region in (us-east,us-west)' (repeatable, ANDed)")
+    nl.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="exact label (repeatable)")
+    nl.add_argument("--id", action="append", default=[], dest="ids", help="only these node ids (repeatable)")
+    nl.add_argument("--state", choices=["ready", "disconnected"], default=None)
+    _paging(nl)
+    _output(nl)
+
+    rollout = sub.add_parser("rollout", help="inspect and steer a job's rollout").add_subparsers(
+        dest="rollout_command", required=True, metavar="ACTION")
+    for action, text in (("status", "where the rollout stands"), ("promote", "continue after the canary wave"),
+                         ("pause", "start no new waves"), ("resume", "continue a paused rollout"),
+                         ("abort", "stop the rollout and roll back"), ("watch", "live progress until it ends")):
+        p = rollout.add_parser(action, help=text)
+        p.add_argument("job", help="job id or name")
+        if action in ("promote", "pause", "resume", "abort"):
+            p.add_argument("--reason", default="")
+        if action in ("status", "promote", "pause", "resume", "abort"):
+            _output(p)
+        if action == "watch":
+            p.add_argument("--interval", type=float, default=1.0)
+    return parser
+
+
+def _output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+
+
+def _paging(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=None, help="page size (default 20, at most 1000)")
+    p.add_argument("--next-token", default="", help="continue from a previous page")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = from_env(nats_url=args.nats_url)
+    try:
+        if args.command == "serve":
+            return serve(args, settings)
+        if args.command == "agent":
+            return agent(args, settings)
+        if args.command == "dev":
+            from .stackcmd import dev
+
+            return dev(args, settings)
+        if args.command == "demo":
+            from .demo import demo
+
+            return demo(args, settings)
+        from . import commands
+
+        handler: Callable[[Any, Any], Awaitable[int]] = commands.HANDLERS[args.command]
+        return asyncio.run(commands.with_client(args, settings, handler))
+    except ShoalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.code == 400 else EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def serve(args: argparse.Namespace, settings) -> int:
+    if args.replicas < 1:
+        raise ShoalError("--replicas must be at least 1", code=400)
+
+    def factory(bus, s):
+        if args.service == "scheduler":
+            from services.scheduler import SchedulerService
+
+            return SchedulerService(bus, s)
+        if args.service == "rollout":
+            from services.rollout import RolloutService
+
+            return RolloutService(bus, s)
+        if args.service == "health":
+            from services.health import HealthService
+
+            return HealthService(bus, s)
+        from services.query import QueryService
+
+        return QueryService(bus, s, db_path=args.db, numbered=args.replicas > 1)
+
+    return runtime.run(factory, settings, f"shoal-{args.service}", replicas=args.replicas)
+
+
+def agent(args: argparse.Namespace, settings) -> int:
+    from services.agent import AgentService
+    from services.agent.service import parse_labels
+
+    labels = parse_labels(args.label)
+
+    def factory(bus, s):
+        return AgentService(bus, s, node_id=args.node_id, labels=labels, work_dir=args.work_dir,
+                            simulate=args.simulate, sim_prefix=args.sim_prefix, sim_labels=args.sim_label or None,
+                            disconnect_rate=args.disconnect_rate, disconnect_duration=args.disconnect_duration,
+                            stop_grace=args.stop_grace)
+
+    return runtime.run(factory, settings, "shoal-agent")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Health service: node registration and liveness, execution observed state, health gates."""
+
+from .service import HealthService
+
+__all__ = ["HealthService"]

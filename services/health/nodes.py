@@ -1,0 +1,194 @@
+"""Node registration and liveness.
+
+Agents register through a request-reply endpoint (validated, so a bad agent gets a structured error)
+and then write a heartbeat into the heartbeats bucket every interval. Every health replica watches
+that bucket; the replica holding the sweep lease marks a node that has been silent for `node_timeout`
+disconnected and its executions `lost`, resumes them when the node comes back, and fails them once
+they have been lost for longer than `lost_grace` (edge nodes go offline often: a short outage must not
+fail a job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from shared import subjects as s
+from shared.api import RegisterNodeRequest, RegisterNodeResponse
+from shared.codec import from_json, to_json, to_msgpack
+from shared.durations import format_duration, utcnow
+from shared.errors import Conflict
+from shared.models import TERMINAL_STATES, Evaluation, Execution, Node, NodeState
+from shared.store import Mirror, Store
+from shared.transport import ApiRequest, Bus, Kv
+from shared.validation import check_labels, check_node_id
+
+from .transitions import lost_since, mark_lost, set_observed
+
+log = logging.getLogger(__name__)
+
+
+class NodeRegistry:
+    def __init__(self, bus: Bus, store: Store, heartbeat_interval: float) -> None:
+        self.bus = bus
+        self.store = store
+        self.heartbeat_interval = heartbeat_interval
+
+    async def register(self, req: ApiRequest) -> bytes:
+        body = from_json(req.data, RegisterNodeRequest)
+        check_node_id(body.node_id)
+        check_labels(body.labels, "labels")
+        now = utcnow()
+        key = body.node_id
+        joined = False
+        while True:
+            record = await self.store.nodes.get(key)
+            if record is None:
+                node = Node(
+                    id=body.node_id,
+                    labels=dict(body.labels),
+                    state=NodeState(state_type="ready", message="registered"),
+                    registered_at=now,
+                    updated_at=now,
+                    revision=1,
+                    hostname=body.hostname,
+                    agent_version=body.agent_version,
+                    simulated=body.simulated,
+                )
+                try:
+                    await self.store.nodes.create(key, node)
+                except Conflict:
+                    continue
+                joined = True
+                break
+            node = record.value
+            changed = (
+                node.labels != body.labels
+                or node.state.state_type != "ready"
+                or node.hostname != body.hostname
+                or node.agent_version != body.agent_version
+            )
+            joined = node.labels != body.labels or node.state.state_type != "ready"
+            if not changed:
+                break
+            node.labels = dict(body.labels)
+            node.hostname = body.hostname
+            node.agent_version = body.agent_version
+            node.simulated = body.simulated
+            node.state = NodeState(state_type="ready", message="registered")
+            node.updated_at = now
+            node.revision += 1
+            try:
+                await self.store.nodes.update(key, node, last=record.revision)
+            except Conflict:
+                continue
+            break
+        if joined:
+            await publish_node_eval(self.bus, node)
+        return to_json(RegisterNodeResponse(node=node, heartbeat_interval=self.heartbeat_interval))
+
+
+async def publish_node_eval(bus: Bus, node: Node) -> None:
+    """Ask the scheduler to place long-running and queued jobs on a node that joined or came back."""
+    evaluation = Evaluation(
+        id=str(uuid.uuid4()), namespace="", trigger="node-join", node_id=node.id, created_at=utcnow()
+    )
+    await bus.js_publish(s.NODE_EVAL, to_msgpack(evaluation), msg_id=f"node-{node.id}-{node.revision}")
+
+
+class Liveness:
+    """Watches heartbeats and nodes; the sweep (leader only) turns silence into disconnects and losses."""
+
+    def __init__(self, bus: Bus, store: Store, node_timeout: float, lost_grace: float) -> None:
+        self.bus = bus
+        self.store = store
+        self.node_timeout = node_timeout
+        self.lost_grace = lost_grace
+        self.last_seen: dict[str, float] = {}
+        self.mirror = Mirror(store.nodes)
+        self.nodes = self.mirror.items
+        self._settled: dict[str, int] = {}
+
+    async def watch_heartbeats(self, stopping: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        async with Kv(self.bus, s.BUCKET_HEARTBEATS).watch(">") as watch:
+            async for entry in watch:
+                if stopping.is_set():
+                    return
+                if entry is not None and not entry.deleted:
+                    # Receipt time on our clock: edge clocks drift, and a new leader gives everyone a full timeout.
+                    self.last_seen[entry.key] = loop.time()
+
+    async def sweep(self) -> None:
+        """One pass: disconnect silent nodes, reconnect returning ones, fail executions lost too long."""
+        if not self.mirror.ready.is_set():
+            return
+        now_mono = asyncio.get_running_loop().time()
+        for node_id, node in list(self.nodes.items()):
+            seen = self.last_seen.get(node_id)
+            if seen is None:
+                # Known node, no heartbeat seen since we started watching: start its clock now.
+                self.last_seen[node_id] = now_mono
+                continue
+            silent = now_mono - seen
+            state = node.state.state_type
+            if state == "ready" and silent > self.node_timeout:
+                await self._set_node_state(node_id, "disconnected",
+                                           f"no heartbeat for {format_duration(int(silent * 1e9))}")
+                await self._lose_executions(node_id)
+            elif state == "disconnected" and silent <= self.node_timeout:
+                updated = await self._set_node_state(node_id, "ready", "heartbeats resumed")
+                if updated is not None:
+                    await publish_node_eval(self.bus, updated)
+            if state == "disconnected" and self._settled.get(node_id) != node.revision:
+                lost_for = (utcnow() - node.updated_at).total_seconds()
+                if lost_for >= self.lost_grace and await self._fail_long_lost(node_id) == 0:
+                    self._settled[node_id] = node.revision  # nothing left to fail until it changes again
+
+    async def _set_node_state(self, node_id: str, state: str, message: str) -> Node | None:
+        def change(node: Node) -> bool:
+            if node.state.state_type == state:
+                return False
+            node.state = NodeState(state_type=state, message=message)  # type: ignore[arg-type]
+            node.updated_at = utcnow()
+            node.revision += 1
+            return True
+
+        record = await self.store.nodes.mutate(node_id, change)
+        if record is None:
+            return None
+        log.info("node %s is %s: %s", node_id, state, message)
+        self.nodes[node_id] = record.value
+        return record.value
+
+    async def _executions_of(self, node_id: str) -> list[Execution]:
+        return [r.value for r in await self.store.executions.scan(s.executions_of_node(node_id))]
+
+    async def _lose_executions(self, node_id: str) -> None:
+        now = utcnow()
+        for execution in await self._executions_of(node_id):
+            if execution.observed not in TERMINAL_STATES:
+                await self.store.mutate_execution(execution, lambda e: mark_lost(e, now, node_id))
+
+    async def _fail_long_lost(self, node_id: str) -> int:
+        """Fail executions lost for longer than the grace; returns how many are still lost."""
+        now = utcnow()
+        still_lost = 0
+        for execution in await self._executions_of(node_id):
+            since = lost_since(execution)
+            if since is None:
+                continue
+            if (now - since).total_seconds() < self.lost_grace:
+                still_lost += 1
+                continue
+
+            def fail(e: Execution) -> bool:
+                if e.observed != "lost":
+                    return False
+                set_observed(e, "failed", f"node {node_id} lost for more than {format_duration(int(self.lost_grace * 1e9))}")
+                e.status.details["reason"] = "lost"
+                return True
+
+            await self.store.mutate_execution(execution, fail)
+        return still_lost

@@ -1,0 +1,155 @@
+"""The health service: node registration and liveness, and the observed state of every execution.
+
+Agents never write execution records themselves: they publish reports to the REPORTS stream and this
+service applies them with compare-and-set, so a report is never lost while the service is down, and
+the rules of what a state may become live in one place (`transitions`, `windows`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from shared import subjects as s
+from shared.codec import from_msgpack
+from shared.durations import utcnow
+from shared.errors import Conflict
+from shared.lease import Lease, run_as_leader
+from shared.models import TERMINAL_STATES, Execution, HealthReport, Report, StateReport
+from shared.runtime import Component
+from shared.store import Bucket, Store
+from shared.transport import ApiService, Consumer, ConsumerSpec, Delivery
+
+from . import windows
+from .nodes import Liveness, NodeRegistry
+from .transitions import apply_report
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class HealthService(Component):
+    name = "health"
+
+    async def start(self) -> None:
+        self.store = Store(self.bus)
+        self.windows: Bucket[windows.HealthWindow] = Bucket(self.bus, s.BUCKET_HEALTH, windows.HealthWindow)
+        registry = NodeRegistry(self.bus, self.store, self.settings.heartbeat_interval)
+        self.liveness = Liveness(self.bus, self.store, self.settings.node_timeout, self.settings.lost_grace)
+        self.spawn(self.liveness.watch_heartbeats(self.stopping), "watch-heartbeats")
+        self.spawn(self.liveness.mirror.run(self.stopping), "watch-nodes")
+
+        api = await ApiService.start(self.bus, s.SERVICE_HEALTH, VERSION, "Node registration and liveness",
+                                     queue_group=s.QUEUE_GROUP)
+        await api.add_endpoint("nodes-register", s.NODES_REGISTER, registry.register)
+
+        reports = Consumer(
+            self.bus,
+            ConsumerSpec(stream=s.STREAM_REPORTS, durable=s.CONSUMER_HEALTH_REPORTS, ack_wait=30.0),
+            batch=64,
+            concurrency=16,
+        )
+        await reports.start_single(self.on_report)
+        lease = Lease(self.bus, "health-sweep")
+        self.spawn(run_as_leader(lease, self.settings.sweep_interval, self.sweep, self.stopping), "sweep")
+
+    # -- reports -----------------------------------------------------------------------------------
+
+    async def on_report(self, delivery: Delivery) -> None:
+        report = from_msgpack(delivery.data, Report)  # type: ignore[arg-type]
+        sender = delivery.subject.rsplit(".", 1)[-1]
+        if report.node_id != sender:
+            log.warning("dropping report for node %s sent on %s", report.node_id, delivery.subject)
+            return
+        if isinstance(report, StateReport):
+            await self.apply_state(report)
+        else:
+            await self.apply_health(report)
+
+    async def apply_state(self, report: StateReport) -> None:
+        key = s.execution_key(report.namespace, report.job_id, report.node_id, report.execution_id)
+        record = await self.store.executions.get(key)
+        if record is None:
+            log.info("report for unknown execution %s", key)
+            return
+        now = utcnow()
+        written = await self.store.mutate_execution(record.value, lambda e: apply_report(e, report, now))
+        if written is not None:
+            await self._track_window(key, written.value)
+
+    async def apply_health(self, report: HealthReport) -> None:
+        key = s.execution_key(report.namespace, report.job_id, report.node_id, report.execution_id)
+        record = await self.store.executions.get(key)
+        if record is None or record.value.observed in TERMINAL_STATES:
+            return
+        execution = record.value
+        spec = execution.job_spec
+        check = spec.rollout.health_check if spec is not None else None
+        if check is None or not windows.health_gated(execution):
+            return
+        verdicts: list[str | None] = []
+
+        def count(window: windows.HealthWindow) -> bool:
+            verdicts.clear()
+            verdicts.append(windows.record_interval(window, report, check))
+            return verdicts[0] is not None
+
+        window_record = await self.windows.mutate(key, count)
+        if window_record is None:
+            window = windows.new_window(execution)
+            count(window)
+            try:
+                await self.windows.create(key, window)
+            except Conflict:
+                return await self.apply_health(report)
+        else:
+            window = window_record.value
+        if not verdicts or verdicts[0] is None:
+            return
+        now = utcnow()
+        written = await self.store.mutate_execution(execution, lambda e: windows.apply_window(e, window, now))
+        if written is not None:
+            await self._track_window(key, written.value)
+
+    async def _track_window(self, key: str, execution: Execution) -> None:
+        """Open a health window when an execution starts validating; drop it when the execution ends."""
+        if execution.observed == "validating":
+            try:
+                await self.windows.create(key, windows.new_window(execution))
+            except Conflict:
+                pass
+        elif execution.observed in TERMINAL_STATES:
+            await self.windows.kv.delete(key)
+
+    # -- leader sweep ------------------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        await self.liveness.sweep()
+        await self.check_deadlines()
+
+    async def check_deadlines(self) -> None:
+        now = utcnow()
+        for record in await self.windows.scan(">"):
+            window = record.value
+            if window.deadline_at is None or now < window.deadline_at:
+                continue
+            key = record.key
+            execution = await self.store.executions.get(key)
+            if execution is None or execution.value.observed != "validating":
+                # Stable, ended or gone: the deadline no longer applies.
+                def clear(w: windows.HealthWindow) -> bool:
+                    if w.deadline_at is None:
+                        return False
+                    w.deadline_at = None
+                    return True
+
+                if execution is not None and execution.value.observed in TERMINAL_STATES:
+                    await self.windows.kv.delete(key)
+                else:
+                    await self.windows.mutate(key, clear)
+                continue
+            written = await self.store.mutate_execution(execution.value,
+                                                        lambda e: windows.deadline_passed(e, window, now))
+            if written is not None:
+                await self._track_window(key, written.value)
+

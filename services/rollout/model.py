@@ -1,0 +1,69 @@
+"""The rollout record: the desired placement of one job, kept in the rollouts bucket.
+
+It is the only state the rollout controller needs besides the executions themselves: which version
+goes where (targets, in rollout order), in which waves, how far the rollout has got, and which nodes
+have failed against the budget. Every change is a compare-and-set, so replicas can reconcile the same
+job concurrently without double-starting a wave.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from shared.models import Strategy, Timestamp
+
+RolloutState = Literal["queued", "deploying", "paused", "awaiting_promotion", "succeeded", "failed", "stopped"]
+IN_PROGRESS = frozenset({"queued", "deploying", "paused", "awaiting_promotion"})
+
+
+class Rollout(msgspec.Struct, kw_only=True, omit_defaults=True):
+    namespace: str
+    job_id: str
+    deployment_id: str  # the evaluation that started it; execution ids derive from it
+    job_version: int  # version whose spec is placed (the stable one during a rollback)
+    source_version: int  # job version this rollout was made for (== job_version unless a rollback)
+    strategy: Strategy
+    state: RolloutState
+    targets: list[str] = []  # node ids in rollout order
+    wave_sizes: list[int] = []
+    current_wave: int = 0  # waves started so far (1-indexed); 0 for immediate
+    failed_nodes: list[str] = []
+    rollback_of: int = 0
+    previous_version: int = 0
+    message: str = ""
+    created_at: Timestamp
+    updated_at: Timestamp
+    queued_since: Timestamp | None = None
+    finished_at: Timestamp | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.strategy in ("rolling", "canary")
+
+    def started_targets(self) -> list[str]:
+        """Targets whose wave has started (all of them for immediate rollouts and rollbacks)."""
+        if not self.gated:
+            return list(self.targets)
+        count = sum(self.wave_sizes[: self.current_wave])
+        return self.targets[:count]
+
+    def wave_number(self, index: int) -> int:
+        if not self.gated:
+            return 0
+        edge = 0
+        for number, size in enumerate(self.wave_sizes, start=1):
+            edge += size
+            if index < edge:
+                return number
+        return len(self.wave_sizes)
+
+
+class Timer(msgspec.Struct, kw_only=True):
+    """A wake-up for one job: reconcile it once `due` has passed."""
+
+    namespace: str
+    job_id: str
+    due: Timestamp
+    reason: str

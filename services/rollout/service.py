@@ -1,0 +1,184 @@
+"""The rollout service: turns plans into executions, wave by wave, and answers the rollout API.
+
+It reconciles a job whenever something about it changes: a plan arrives, one of its executions changes
+(the EVENTS stream), a timer falls due (restart backoff, queue and total timeouts), or a user promotes,
+pauses, resumes or aborts its rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from shared import subjects as s
+from shared.api import RolloutRequest, RolloutStatus, WaveStatus
+from shared.codec import from_json, from_msgpack, to_json
+from shared.durations import utcnow
+from shared.errors import Conflict, NotFound
+from shared.models import Plan
+from shared.runtime import Component
+from shared.store import Record, Store
+from shared.transport import ApiRequest, ApiService, Consumer, ConsumerSpec, Delivery
+from shared.validation import check_namespace
+
+from .controller import Controller, latest_by_node
+from .model import IN_PROGRESS, Rollout, Timer
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class RolloutService(Component):
+    name = "rollout"
+
+    async def start(self) -> None:
+        self.store = Store(self.bus)
+        self.controller = Controller(self.bus, self.store, self.settings)
+
+        api = await ApiService.start(self.bus, s.SERVICE_ROLLOUT, VERSION, "Rollouts: waves, canaries, rollback",
+                                     queue_group=s.QUEUE_GROUP)
+        for op, handler in (
+            (s.ROLLOUT_STATUS, self.status),
+            (s.ROLLOUT_PROMOTE, self.promote),
+            (s.ROLLOUT_PAUSE, self.pause),
+            (s.ROLLOUT_RESUME, self.resume),
+            (s.ROLLOUT_ABORT, self.abort),
+        ):
+            await api.add_endpoint(op.replace(".", "-"), s.api("*", op), handler)
+
+        await Consumer(self.bus, ConsumerSpec(stream=s.STREAM_PLANS, durable=s.CONSUMER_ROLLOUT_PLANS),
+                       concurrency=8).start_single(self.on_plan)
+        await Consumer(
+            self.bus,
+            ConsumerSpec(stream=s.STREAM_EVENTS, durable=s.CONSUMER_ROLLOUT_EVENTS,
+                         filter_subject=f"{s.EVENTS_EXECUTION}.>", max_ack_pending=4096),
+            batch=256,
+        ).start_batch(self.on_execution_events)
+        await Consumer(self.bus, ConsumerSpec(stream=s.STREAM_TIMERS, durable=s.CONSUMER_ROLLOUT_TIMERS),
+                       concurrency=4).start_single(self.on_timer)
+
+    # -- triggers ----------------------------------------------------------------------------------
+
+    async def on_plan(self, delivery: Delivery) -> None:
+        await self.controller.apply_plan(from_msgpack(delivery.data, Plan))
+
+    async def on_execution_events(self, deliveries: Sequence[Delivery]) -> None:
+        """Coalesce a batch of execution events into one reconcile per job; acked only after it."""
+        jobs: dict[tuple[str, str], None] = {}
+        for d in deliveries:
+            parts = d.subject.split(".")  # shoal.events.execution.<ns>.<job>.<node>.<exec>
+            if len(parts) == 7:
+                jobs[(parts[3], parts[4])] = None
+        for namespace, job_id in jobs:
+            await self.controller.reconcile(namespace, job_id)
+
+    async def on_timer(self, delivery: Delivery) -> None:
+        timer = from_msgpack(delivery.data, Timer)
+        remaining = (timer.due - utcnow()).total_seconds()
+        if remaining > 0:
+            await delivery.nak(delay=remaining)
+            return
+        await self.controller.reconcile(timer.namespace, timer.job_id)
+
+    # -- API ---------------------------------------------------------------------------------------
+
+    async def _target(self, req: ApiRequest) -> tuple[RolloutRequest, Record, Record[Rollout]]:
+        namespace = check_namespace(req.token(2))
+        body = from_json(req.data, RolloutRequest)
+        job = await self.store.find_job(namespace, body.job)
+        rollout = await self.controller.rollouts.get(s.rollout_key(namespace, job.value.id))
+        if rollout is None:
+            raise NotFound(f"job {body.job!r} has no rollout yet", field="job")
+        return body, job, rollout
+
+    async def status(self, req: ApiRequest) -> bytes:
+        _, job_record, record = await self._target(req)
+        return to_json(await self._status(job_record, record.value))
+
+    async def _status(self, job_record: Record, rollout: Rollout) -> RolloutStatus:
+        job = job_record.value
+        executions = [r.value for r in await self.store.executions_of_job(rollout.namespace, rollout.job_id)]
+        latest = latest_by_node(executions, rollout)
+        spec = (await self.store.job_version(rollout.namespace, rollout.job_id, rollout.job_version)).spec
+        waves: list[WaveStatus] = []
+        sizes = rollout.wave_sizes if rollout.gated else [len(rollout.targets)]
+        edge = 0
+        for number, size in enumerate(sizes, start=1):
+            nodes = rollout.targets[edge: edge + size]
+            edge += size
+            states: dict[str, int] = {}
+            for node in nodes:
+                execution = latest.get(node)
+                state = execution.observed if execution is not None else "not started"
+                states[state] = states.get(state, 0) + 1
+            waves.append(WaveStatus(wave=number if rollout.gated else 0, nodes=size,
+                                    started=not rollout.gated or number <= rollout.current_wave, states=states))
+        return RolloutStatus(
+            job_id=job.id, job_name=job.name, job_version=rollout.job_version, job_state=job.state.state_type,
+            strategy=rollout.strategy, state=rollout.state, current_wave=rollout.current_wave,
+            total_waves=len(rollout.wave_sizes) if rollout.gated else (1 if rollout.targets else 0),
+            target_nodes=len(rollout.targets), waves=waves, failed_nodes=list(rollout.failed_nodes),
+            max_failed_nodes=spec.rollout.max_failed_nodes,
+            max_failed_nodes_percent=spec.rollout.max_failed_nodes_percent,
+            rollback_of=rollout.rollback_of, previous_version=rollout.previous_version, message=rollout.message,
+            started_at=_iso(rollout.created_at), finished_at=_iso(rollout.finished_at),
+        )
+
+    async def _transition(self, req: ApiRequest, allowed: set[str], change) -> bytes:
+        body, job_record, record = await self._target(req)
+        rollout = record.value
+        if rollout.state not in allowed:
+            raise Conflict(f"rollout of {body.job!r} is {rollout.state}; this needs it to be "
+                           f"{' or '.join(sorted(allowed))}", field="job", retryable=False)
+        change(rollout, body)
+        rollout.updated_at = utcnow()
+        try:
+            await self.controller.rollouts.update(record.key, rollout, last=record.revision)
+        except Conflict:
+            raise Conflict("the rollout changed while this request was applied; try again", field="job") from None
+        await self.controller.reconcile(rollout.namespace, rollout.job_id)
+        fresh = await self.controller.rollouts.get(record.key)
+        job = await self.store.jobs.get(job_record.key)
+        return to_json(await self._status(job or job_record, fresh.value if fresh else rollout))
+
+    async def promote(self, req: ApiRequest) -> bytes:
+        def change(r: Rollout, body: RolloutRequest) -> None:
+            r.state = "deploying"
+            r.current_wave += 1
+            r.message = body.reason or "canary promoted"
+
+        return await self._transition(req, {"awaiting_promotion"}, change)
+
+    async def pause(self, req: ApiRequest) -> bytes:
+        def change(r: Rollout, body: RolloutRequest) -> None:
+            r.state = "paused"
+            r.message = body.reason or "paused by request"
+
+        return await self._transition(req, {"deploying"}, change)
+
+    async def resume(self, req: ApiRequest) -> bytes:
+        def change(r: Rollout, body: RolloutRequest) -> None:
+            r.state = "deploying"
+            r.message = body.reason or "resumed"
+
+        return await self._transition(req, {"paused"}, change)
+
+    async def abort(self, req: ApiRequest) -> bytes:
+        body, job_record, record = await self._target(req)
+        rollout = record.value
+        if rollout.state not in IN_PROGRESS:
+            raise Conflict(f"rollout of {body.job!r} is {rollout.state}; only a rollout in progress can be aborted",
+                           field="job", retryable=False)
+        spec = (await self.store.job_version(rollout.namespace, rollout.job_id, rollout.job_version)).spec
+        executions = [r.value for r in await self.store.executions_of_job(rollout.namespace, rollout.job_id)]
+        await self.controller.fail(job_record.value, rollout, record.revision, spec,
+                                   f"aborted: {body.reason or 'by request'}", executions)
+        await self.controller.reconcile(rollout.namespace, rollout.job_id)
+        fresh = await self.controller.rollouts.get(record.key)
+        job = await self.store.jobs.get(job_record.key)
+        return to_json(await self._status(job or job_record, fresh.value if fresh else rollout))
+
+
+def _iso(value) -> str:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else ""

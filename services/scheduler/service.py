@@ -1,0 +1,82 @@
+"""The scheduler service: submissions in, evaluations through, plans out; and the stop endpoint."""
+
+from __future__ import annotations
+
+import uuid
+
+from shared import subjects as s
+from shared.api import GetSubmissionRequest, StopJobRequest, StopJobResponse
+from shared.codec import from_json, to_json, to_msgpack
+from shared.durations import utcnow
+from shared.errors import NotFound
+from shared.models import Evaluation, Job, JobState
+from shared.runtime import Component
+from shared.store import Mirror, Store
+from shared.transport import ApiRequest, ApiService, Consumer, ConsumerSpec
+from shared.validation import check_namespace
+
+from .evaluations import Evaluations
+from .submissions import Submissions
+
+VERSION = "0.1.0"
+
+
+class SchedulerService(Component):
+    name = "scheduler"
+
+    async def start(self) -> None:
+        self.store = Store(self.bus)
+        self.nodes = Mirror(self.store.nodes)
+        self.spawn(self.nodes.run(self.stopping), "watch-nodes")
+        submissions = Submissions(self.bus, self.store)
+        evaluations = Evaluations(self.bus, self.store, self.nodes)
+
+        api = await ApiService.start(self.bus, s.SERVICE_SCHEDULER, VERSION, "Job submission and scheduling",
+                                     queue_group=s.QUEUE_GROUP)
+        await api.add_endpoint("jobs-stop", s.api("*", s.JOBS_STOP), self.stop_job)
+        await api.add_endpoint("submissions-get", s.api("*", s.SUBMISSIONS_GET), self.get_submission)
+
+        await Consumer(
+            self.bus, ConsumerSpec(stream=s.STREAM_SUBMISSIONS, durable=s.CONSUMER_SCHEDULER_SUBMISSIONS),
+            concurrency=8,
+        ).start_single(submissions.handle)
+        await Consumer(
+            self.bus, ConsumerSpec(stream=s.STREAM_EVALS, durable=s.CONSUMER_SCHEDULER_EVALS), concurrency=8,
+        ).start_single(evaluations.handle)
+
+    async def stop_job(self, req: ApiRequest) -> bytes:
+        namespace = check_namespace(req.token(2))
+        body = from_json(req.data, StopJobRequest)
+        record = await self.store.find_job(namespace, body.job)
+        already = False
+
+        def change(job: Job) -> bool:
+            nonlocal already
+            already = job.state.state_type == "stopped"
+            if already:
+                return False
+            job.state = JobState(state_type="stopped", message=body.reason or "stopped by request")
+            job.modified_at = utcnow()
+            job.revision += 1
+            return True
+
+        written = await self.store.jobs.mutate(record.key, change)
+        if written is None:
+            raise NotFound(f"job {body.job!r} not found", field="job")
+        job = written.value
+        if already:
+            return to_json(StopJobResponse(job_id=job.id, job_version=job.version, already_stopped=True))
+        evaluation = Evaluation(id=str(uuid.uuid4()), namespace=namespace, job_id=job.id, job_version=job.version,
+                                trigger="job-stop", created_at=utcnow())
+        await self.store.evaluations.put(s.evaluation_key(namespace, evaluation.id), evaluation)
+        await self.bus.js_publish(s.evaluation(namespace), to_msgpack(evaluation), msg_id=evaluation.id)
+        return to_json(StopJobResponse(job_id=job.id, job_version=job.version, eval_id=evaluation.id))
+
+    async def get_submission(self, req: ApiRequest) -> bytes:
+        namespace = check_namespace(req.token(2))
+        body = from_json(req.data, GetSubmissionRequest)
+        record = await self.store.submissions.get(body.submission_id) if s.TOKEN.match(body.submission_id) else None
+        if record is None or record.value.namespace != namespace:
+            raise NotFound(f"submission {body.submission_id!r} not found (not processed yet, or expired)",
+                           field="submission_id")
+        return to_json(record.value)

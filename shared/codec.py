@@ -1,0 +1,123 @@
+"""The one place where bytes become typed messages and back.
+
+Public API bodies are JSON; internal events and records are msgpack. Decoders are cached per type.
+Decoding public input never raises anything but `InvalidInput`, whose `field` is the JSON path of the
+offending value (`spec.rollout.max_parallel`), so every bad request gets a structured answer.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import msgspec
+
+from .durations import Duration, parse_duration
+from .errors import Internal, InvalidInput
+
+T = TypeVar("T")
+
+# Public request bodies above this size are refused before decoding.
+MAX_REQUEST_BYTES = 512 * 1024
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Duration):
+        return int(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Duration:
+        if isinstance(obj, bool):
+            raise ValueError("expected a duration: nanoseconds or a string such as '10s'")
+        if isinstance(obj, int):
+            return Duration(obj)
+        if isinstance(obj, str):
+            return parse_duration(obj)
+        raise ValueError("expected a duration: nanoseconds or a string such as '10s'")
+    raise NotImplementedError(f"cannot decode {tp!r}")
+
+
+_json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_json_sorted_encoder = msgspec.json.Encoder(enc_hook=_enc_hook, order="deterministic")
+_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+@lru_cache(maxsize=None)
+def _json_decoder(tp: Any) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(tp, dec_hook=_dec_hook)
+
+
+@lru_cache(maxsize=None)
+def _msgpack_decoder(tp: Any) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(tp, dec_hook=_dec_hook)
+
+
+def to_json(obj: Any) -> bytes:
+    return _json_encoder.encode(obj)
+
+
+def to_canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON (sorted map keys): what we hash to tell whether a spec changed."""
+    return _json_sorted_encoder.encode(obj)
+
+
+def to_msgpack(obj: Any) -> bytes:
+    return _msgpack_encoder.encode(obj)
+
+
+def from_msgpack(data: bytes, tp: type[T]) -> T:
+    """Decode an internal message. A failure here is a bug or a foreign writer, never user input."""
+    try:
+        return _msgpack_decoder(tp).decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise Internal(f"undecodable internal message for {getattr(tp, '__name__', tp)}: {exc}") from exc
+
+
+def from_json(data: bytes, tp: type[T], *, prefix: str = "", max_bytes: int = MAX_REQUEST_BYTES) -> T:
+    """Decode a public request. Raises InvalidInput naming the field; `prefix` is prepended to paths."""
+    if len(data) > max_bytes:
+        raise InvalidInput(
+            f"request body is {len(data)} bytes, more than the limit of {max_bytes}",
+            field=prefix.rstrip(".") or None,
+        )
+    try:
+        return _json_decoder(tp).decode(data)
+    except msgspec.ValidationError as exc:
+        raise invalid_input(exc, prefix) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"malformed JSON: {exc}", field=prefix.rstrip(".") or None) from None
+
+
+def convert(obj: Any, tp: type[T], *, prefix: str = "") -> T:
+    """Typed conversion of already-parsed data (YAML files): same errors as from_json."""
+    try:
+        return msgspec.convert(obj, tp, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise invalid_input(exc, prefix) from None
+
+
+def to_builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj, enc_hook=_enc_hook)
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]+)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$")
+
+
+def invalid_input(exc: msgspec.ValidationError, prefix: str = "") -> InvalidInput:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.spec.priority`" into message + field path."""
+    match = _AT.match(str(exc))
+    message = match.group("msg") if match else str(exc)
+    path = (match.group("path") or "") if match else ""
+    path = path.lstrip(".")
+    for pattern in (_UNKNOWN, _MISSING):
+        named = pattern.match(message)
+        if named:
+            path = f"{path}.{named.group('name')}" if path else named.group("name")
+    field = (prefix + path).replace(".[", "[").strip(".") or None
+    text = message[:1].lower() + message[1:]
+    return InvalidInput(text, field=field)

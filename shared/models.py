@@ -1,0 +1,356 @@
+"""The public contract: the job spec and the execution, exactly as the published schema defines them.
+
+Field names are the schema's snake_case JSON keys; enums and defaults are the schema's. Structs that a
+user writes (the job spec) forbid unknown fields, so a typo like `max_paralel` is an error rather than a
+silent default. Records that only services write (executions, jobs, nodes) accept unknown fields, so
+replicas of different versions can share a bus during an upgrade.
+
+Optional execution fields are omitted when empty, as in the schema's example, which therefore decodes
+and re-encodes to the same keys.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .durations import SECOND, Duration
+from .errors import ErrorBody
+
+Timestamp = Annotated[_dt.datetime, msgspec.Meta(tz=True)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+JobType = Literal["pipeline", "query", "update", "config"]
+JOB_TYPES: tuple[str, ...] = ("pipeline", "query", "update", "config")
+# Long-running job types that also go to nodes that join later (a daemon in Bacalhau's words).
+DAEMON_JOB_TYPES = frozenset({"pipeline", "config"})
+# Job types whose executions run to completion (a config push completes once its files are written).
+ONE_SHOT_JOB_TYPES = frozenset({"query", "update", "config"})
+
+RestartPolicy = Literal["on-failure", "always", "never"]
+Strategy = Literal["immediate", "rolling", "canary"]
+
+DesiredStateType = Literal["pending", "running", "stopped"]
+ObservedStateType = Literal[
+    "pending", "starting", "validating", "running", "degraded", "completed", "failed", "lost", "stopping", "stopped"
+]
+OBSERVED_STATES: tuple[str, ...] = (
+    "pending",
+    "starting",
+    "validating",
+    "running",
+    "degraded",
+    "completed",
+    "failed",
+    "lost",
+    "stopping",
+    "stopped",
+)
+TERMINAL_STATES = frozenset({"completed", "failed", "stopped"})
+ACTIVE_STATES = frozenset({"pending", "starting", "validating", "running", "degraded", "lost", "stopping"})
+
+JobStateType = Literal[
+    "pending",
+    "queued",
+    "deploying",
+    "running",
+    "degraded",
+    "rollout_paused",
+    "rollout_failed",
+    "completed",
+    "failed",
+    "stopped",
+]
+JOB_STATES: tuple[str, ...] = (
+    "pending",
+    "queued",
+    "deploying",
+    "running",
+    "degraded",
+    "rollout_paused",
+    "rollout_failed",
+    "completed",
+    "failed",
+    "stopped",
+)
+NodeStateType = Literal["ready", "disconnected"]
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_MAX_ERROR_RATE = 0.10
+RESERVED_META_PREFIXES: tuple[str, ...] = ("shoal.io/",)
+
+
+# --------------------------------------------------------------------------------------------------
+# Job spec
+# --------------------------------------------------------------------------------------------------
+
+
+class Selector(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Which nodes run the job: all of match_labels AND every match_expressions string AND match_ids."""
+
+    match_labels: dict[str, str] = {}
+    match_expressions: list[str] = []
+    match_ids: list[str] = []
+
+
+class HealthCheck(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Health gate of rolling and canary rollouts; error rate is per interval, not lifetime."""
+
+    deadline: Duration
+    failure_threshold: AtLeastOne = 3
+    interval: Duration = Duration(10 * SECOND)
+    # None means "use the default" (0.10); an explicit 0.0 means any error is unhealthy.
+    max_error_rate: Fraction | None = None
+    success_threshold: AtLeastOne = 2
+
+    @property
+    def error_rate_limit(self) -> float:
+        return DEFAULT_MAX_ERROR_RATE if self.max_error_rate is None else self.max_error_rate
+
+
+class Canary(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Size of the first (canary) wave: canary_count nodes when given, else canary_percent of the targets."""
+
+    canary_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
+    canary_count: AtLeastOne | None = None
+
+
+class RolloutSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    strategy: Strategy = "immediate"
+    # Percent of the target nodes per wave; 0 means "not specified" and reads as the default, 10.
+    max_parallel: Annotated[int, msgspec.Meta(ge=0, le=100)] = 10
+    auto_promote: bool = False
+    canary: Canary | None = None
+    health_check: HealthCheck | None = None
+    max_failed_nodes: NonNegative = 10
+    max_failed_nodes_percent: Percent = 10.0
+    no_auto_rollback: bool = False
+
+
+class Timeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Seconds; 0 means no timeout."""
+
+    execution_timeout: NonNegative = 0
+    queue_timeout: NonNegative = 0
+    total_timeout: NonNegative = 0
+
+
+class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    type: JobType
+    namespace: str = ""  # filled in from the subject the job was submitted on
+    description: str = ""
+    labels: dict[str, str] = {}
+    meta: dict[str, str] = {}
+    priority: int = 0
+    restart_policy: RestartPolicy = "on-failure"
+    config: dict[str, Any] = {}
+    rollout: RolloutSpec = msgspec.field(default_factory=RolloutSpec)
+    selector: Selector = msgspec.field(default_factory=Selector)
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Execution
+# --------------------------------------------------------------------------------------------------
+
+
+class DesiredState(msgspec.Struct, kw_only=True):
+    # "run" appears in the schema's own example although its enum says "running"; accept it, emit "running".
+    state_type: Literal["pending", "running", "stopped", "run"]
+    message: str = ""
+    details: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        if self.state_type == "run":
+            self.state_type = "running"
+
+
+class ObservedState(msgspec.Struct, kw_only=True):
+    state_type: ObservedStateType
+    message: str = ""
+    details: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+class ExecutionStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
+    created_at: Timestamp
+    desired_state: DesiredState
+    observed_state: ObservedState
+    revision: int
+    updated_at: Timestamp
+    details: dict[str, Any] = {}
+    next_execution_id: str = ""
+    previous_execution_id: str = ""
+    stable_at: Timestamp | None = None
+
+
+class Execution(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    eval_id: str = ""
+    job_id: str
+    job_type: JobType
+    job_version: int
+    namespace: str
+    node_id: str
+    rollout_wave: int = 0
+    status: ExecutionStatus
+    job_spec: JobSpec | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}.{self.job_id}.{self.node_id}.{self.id}"
+
+    @property
+    def desired(self) -> str:
+        return self.status.desired_state.state_type
+
+    @property
+    def observed(self) -> str:
+        return self.status.observed_state.state_type
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs, versions, evaluations, plans
+# --------------------------------------------------------------------------------------------------
+
+
+class JobState(msgspec.Struct, kw_only=True):
+    state_type: JobStateType
+    message: str = ""
+    details: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    name: str
+    namespace: str
+    type: JobType
+    version: int
+    state: JobState
+    spec: JobSpec
+    created_at: Timestamp
+    modified_at: Timestamp
+    revision: int
+    # The newest version whose rollout succeeded; the target of an automatic rollback. 0: none yet.
+    stable_version: int = 0
+
+
+class JobVersion(msgspec.Struct, kw_only=True, omit_defaults=True):
+    job_id: str
+    namespace: str
+    name: str
+    version: int
+    spec: JobSpec
+    spec_hash: str
+    created_at: Timestamp
+    submission_id: str = ""
+
+
+EvalTrigger = Literal["job-register", "job-update", "job-stop", "node-join", "rollback"]
+
+
+class Evaluation(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    namespace: str
+    job_id: str = ""
+    job_version: int = 0
+    trigger: EvalTrigger
+    node_id: str = ""
+    submission_id: str = ""
+    created_at: Timestamp
+
+
+PlanKind = Literal["deploy", "add-nodes", "stop"]
+
+
+class Plan(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the scheduler hands to the rollout service: this job version on these nodes."""
+
+    eval_id: str
+    namespace: str
+    job_id: str
+    job_version: int
+    kind: PlanKind
+    node_ids: list[str] = []
+    reason: str = ""
+    created_at: Timestamp
+
+
+# --------------------------------------------------------------------------------------------------
+# Nodes and what agents report
+# --------------------------------------------------------------------------------------------------
+
+
+class NodeState(msgspec.Struct, kw_only=True):
+    state_type: NodeStateType
+    message: str = ""
+
+
+class Node(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    labels: dict[str, str] = {}
+    state: NodeState
+    registered_at: Timestamp
+    updated_at: Timestamp
+    revision: int
+    hostname: str = ""
+    agent_version: str = ""
+    simulated: bool = False
+
+
+class Heartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
+    node_id: str
+    at: Timestamp
+    seq: int = 0
+
+
+class StateReport(msgspec.Struct, kw_only=True, omit_defaults=True, tag="state"):
+    """An agent saw an execution change state (started, exited, stopped)."""
+
+    namespace: str
+    job_id: str
+    node_id: str
+    execution_id: str
+    state: ObservedStateType
+    message: str = ""
+    exit_code: int | None = None
+    details: dict[str, Any] = {}
+    at: Timestamp
+    seq: int = 0
+
+
+class HealthReport(msgspec.Struct, kw_only=True, omit_defaults=True, tag="health"):
+    """Work done and errors of one execution during one health interval."""
+
+    namespace: str
+    job_id: str
+    node_id: str
+    execution_id: str
+    interval_start: Timestamp
+    interval_end: Timestamp
+    total: int
+    errors: int
+    at: Timestamp
+
+
+Report = StateReport | HealthReport
+
+
+class SubmissionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The answer to one published PutJobRequest, kept by submission id and published to its waiter."""
+
+    submission_id: str
+    namespace: str
+    accepted: bool
+    dry_run: bool = False
+    job_id: str = ""
+    job_version: int = 0
+    eval_id: str = ""
+    warnings: list[str] = []
+    error: ErrorBody | None = None
+    at: Timestamp

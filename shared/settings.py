@@ -1,0 +1,64 @@
+"""Settings every process reads from its environment (and CLI flags override).
+
+One struct, so that `shoal dev`, the services, agents and tests agree on names and defaults. Timing
+knobs exist so that tests and demos can run the real system in seconds instead of minutes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    nats_url: str = DEFAULT_NATS_URL
+    # Agents heartbeat this often; a node silent for node_timeout is disconnected and its executions lost.
+    heartbeat_interval: float = 5.0
+    node_timeout: float = 15.0
+    # A lost execution whose node comes back within this grace resumes; after it, it counts as failed.
+    lost_grace: float = 60.0
+    # How often leader loops (node sweep, deadlines, timers) look at the world.
+    sweep_interval: float = 1.0
+    # Restart backoff: base * 2**restarts, capped.
+    restart_backoff_base: float = 1.0
+    restart_backoff_max: float = 60.0
+    # The query service's SQLite view (one file per replica).
+    query_db: str = "shoal-query.db"
+    traces_exporter: str = "none"
+    traces_file: str = ""
+    log_level: str = "INFO"
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+
+
+def from_env(**overrides: object) -> Settings:
+    """Settings from SHOAL_* variables; keyword arguments that are not None win."""
+    env = os.environ
+    settings = Settings(
+        nats_url=env.get("SHOAL_NATS_URL") or DEFAULT_NATS_URL,
+        heartbeat_interval=_float("SHOAL_HEARTBEAT_INTERVAL", 5.0),
+        node_timeout=_float("SHOAL_NODE_TIMEOUT", 15.0),
+        lost_grace=_float("SHOAL_LOST_GRACE", 60.0),
+        sweep_interval=_float("SHOAL_SWEEP_INTERVAL", 1.0),
+        restart_backoff_base=_float("SHOAL_RESTART_BACKOFF_BASE", 1.0),
+        restart_backoff_max=_float("SHOAL_RESTART_BACKOFF_MAX", 60.0),
+        query_db=env.get("SHOAL_QUERY_DB") or "shoal-query.db",
+        traces_exporter=env.get("SHOAL_TRACES_EXPORTER") or env.get("OTEL_TRACES_EXPORTER") or "none",
+        traces_file=env.get("SHOAL_TRACES_FILE", ""),
+        log_level=env.get("SHOAL_LOG_LEVEL", "INFO"),
+    )
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(settings, name, value)
+    return settings

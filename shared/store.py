@@ -1,0 +1,200 @@
+"""Typed access to the key-value buckets, with compare-and-set loops.
+
+All durable state lives in JetStream buckets; services hold none that a replica could not rebuild.
+Two replicas changing the same record race on its revision: the loser re-reads and re-applies its
+change (`mutate`), so concurrent writers never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from . import subjects as s
+from .codec import from_msgpack, to_msgpack
+from .durations import utcnow
+from .errors import Conflict, Internal, NotFound, Unavailable
+from .models import Evaluation, Execution, Job, JobVersion, Node, SubmissionOutcome
+from .transport import Bus, Entry, Kv
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_CAS_ATTEMPTS = 50
+
+
+class Record(Generic[T]):
+    """A decoded value and the revision it was read at."""
+
+    __slots__ = ("key", "value", "revision", "headers")
+
+    def __init__(self, key: str, value: T, revision: int, headers: dict[str, str]) -> None:
+        self.key = key
+        self.value = value
+        self.revision = revision
+        self.headers = headers
+
+
+class Bucket(Generic[T]):
+    def __init__(self, bus: Bus, name: str, tp: type[T]) -> None:
+        self.kv = Kv(bus, name)
+        self.tp = tp
+
+    def decode(self, entry: Entry) -> Record[T]:
+        return Record(entry.key, from_msgpack(entry.value, self.tp), entry.revision, entry.headers)
+
+    async def get(self, key: str) -> Record[T] | None:
+        entry = await self.kv.get(key)
+        return None if entry is None else self.decode(entry)
+
+    async def require(self, key: str, what: str) -> Record[T]:
+        record = await self.get(key)
+        if record is None:
+            raise NotFound(f"{what} not found")
+        return record
+
+    async def create(self, key: str, value: T, *, headers: dict[str, str] | None = None) -> int:
+        return await self.kv.create(key, to_msgpack(value), headers=headers)
+
+    async def update(self, key: str, value: T, *, last: int, headers: dict[str, str] | None = None) -> int:
+        return await self.kv.update(key, to_msgpack(value), last=last, headers=headers)
+
+    async def put(self, key: str, value: T, *, headers: dict[str, str] | None = None) -> int:
+        return await self.kv.put(key, to_msgpack(value), headers=headers)
+
+    async def mutate(
+        self,
+        key: str,
+        change: Callable[[T], bool | None],
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> Record[T] | None:
+        """Read, apply `change` in place, write back if it returned anything but False; retry on conflict.
+
+        Returns the written record, the unchanged one if `change` declined, or None if the key is absent.
+        """
+        for _ in range(MAX_CAS_ATTEMPTS):
+            record = await self.get(key)
+            if record is None:
+                return None
+            if change(record.value) is False:
+                return record
+            try:
+                rev = await self.update(key, record.value, last=record.revision, headers=headers)
+            except Conflict:
+                continue
+            return Record(key, record.value, rev, headers or {})
+        raise Internal(f"{self.kv.bucket}/{key}: too many concurrent writers")
+
+    async def scan(self, pattern: str = ">") -> list[Record[T]]:
+        return [self.decode(e) for e in await self.kv.scan(pattern)]
+
+
+class Mirror(Generic[T]):
+    """A live in-memory copy of a bucket (or part of one), kept current by a watch.
+
+    Rebuildable at any time from the bucket, so holding it breaks no statelessness rule; it lets a
+    scheduler match thousands of nodes without a read per node.
+    """
+
+    def __init__(self, bucket: Bucket[T], pattern: str = ">") -> None:
+        self.bucket = bucket
+        self.pattern = pattern
+        self.items: dict[str, T] = {}
+        self.ready = asyncio.Event()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        async with self.bucket.kv.watch(self.pattern) as watch:
+            async for entry in watch:
+                if stopping.is_set():
+                    return
+                if entry is None:
+                    self.ready.set()
+                elif entry.deleted:
+                    self.items.pop(entry.key, None)
+                else:
+                    self.items[entry.key] = self.bucket.decode(entry).value
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"{self.bucket.kv.bucket} not loaded yet") from None
+
+
+def touch(execution: Execution) -> None:
+    """Every change of an execution bumps its revision and updated_at (the query view relies on it)."""
+    execution.status.revision += 1
+    execution.status.updated_at = utcnow()
+
+
+class Store:
+    """The buckets, typed."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.jobs = Bucket(bus, s.BUCKET_JOBS, Job)
+        self.job_names = Kv(bus, s.BUCKET_JOB_NAMES)
+        self.job_versions = Bucket(bus, s.BUCKET_JOB_VERSIONS, JobVersion)
+        self.evaluations = Bucket(bus, s.BUCKET_EVALUATIONS, Evaluation)
+        self.executions = Bucket(bus, s.BUCKET_EXECUTIONS, Execution)
+        self.nodes = Bucket(bus, s.BUCKET_NODES, Node)
+        self.submissions = Bucket(bus, s.BUCKET_SUBMISSIONS, SubmissionOutcome)
+        self.config = Kv(bus, s.BUCKET_CONFIG)
+
+    async def job_id_by_name(self, namespace: str, name: str) -> str | None:
+        entry = await self.job_names.get(s.job_name_key(namespace, name))
+        return entry.value.decode() if entry is not None else None
+
+    async def find_job(self, namespace: str, ref: str) -> Record[Job]:
+        """A job by id or by name; NotFound names the reference."""
+        if s.TOKEN.match(ref):
+            record = await self.jobs.get(s.job_key(namespace, ref))
+            if record is not None:
+                return record
+            job_id = await self.job_id_by_name(namespace, ref)
+            if job_id is not None:
+                record = await self.jobs.get(s.job_key(namespace, job_id))
+                if record is not None:
+                    return record
+        raise NotFound(f"job {ref!r} not found in namespace {namespace!r}", field="job")
+
+    async def job_version(self, namespace: str, job_id: str, version: int) -> JobVersion:
+        record = await self.job_versions.require(s.job_version_key(namespace, job_id, version), "job version")
+        return record.value
+
+    async def executions_of_job(self, namespace: str, job_id: str) -> list[Record[Execution]]:
+        return await self.executions.scan(s.executions_of_job(namespace, job_id))
+
+    async def mutate_execution(
+        self,
+        execution: Execution,
+        change: Callable[[Execution], bool | None],
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> Record[Execution] | None:
+        """CAS-change one execution; bumps revision and updated_at only when something changed."""
+
+        def apply(current: Execution) -> bool:
+            if change(current) is False:
+                return False
+            touch(current)
+            return True
+
+        return await self.executions.mutate(execution.key, apply, headers=headers)
+
+    async def shared_secret(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """A cluster-wide secret: the first replica to ask creates it, every other reads the same one."""
+        entry = await self.config.get(name)
+        if entry is not None:
+            return entry.value
+        try:
+            await self.config.create(name, make())
+        except Conflict:
+            pass
+        entry = await self.config.get(name)
+        if entry is None:
+            raise Internal(f"config {name} vanished")
+        return entry.value

@@ -1,0 +1,182 @@
+"""Every NATS subject, stream, consumer and key-value bucket name, in one place.
+
+Naming scheme: `shoal.<area>.<...>`. Public request-reply API lives under `shoal.v1.<namespace>.<noun>.<verb>`
+with the namespace as its own token, so NATS permissions can later confine a tenant to
+`shoal.v1.<its namespace>.>`. Tokens that come from users (namespace, job id, node id) are validated
+against `TOKEN` before they are ever put in a subject.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A subject token or key-value key token taken from user input: no dots, no wildcards, no spaces.
+TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+ROOT = "shoal"
+API = f"{ROOT}.v1"
+
+# --- public API (JSON), request-reply through the NATS Services API -----------------------------
+SERVICE_SCHEDULER = "shoal-scheduler"
+SERVICE_ROLLOUT = "shoal-rollout"
+SERVICE_HEALTH = "shoal-health"
+SERVICE_QUERY = "shoal-query"
+QUEUE_GROUP = "shoal"
+SERVICES = (SERVICE_SCHEDULER, SERVICE_ROLLOUT, SERVICE_HEALTH, SERVICE_QUERY)
+
+
+def service_ping(service: str) -> str:
+    """The NATS Services API discovery subject: any running instance of `service` answers."""
+    return f"$SRV.PING.{service}"
+
+
+def api(namespace: str, operation: str) -> str:
+    """`shoal.v1.<namespace>.executions.list` and friends; `namespace` may be `*` for an endpoint."""
+    return f"{API}.{namespace}.{operation}"
+
+
+EXECUTIONS_LIST = "executions.list"
+EXECUTIONS_GET = "executions.get"
+JOBS_GET = "jobs.get"
+JOBS_LIST = "jobs.list"
+JOBS_STOP = "jobs.stop"
+ROLLOUT_STATUS = "rollouts.status"
+ROLLOUT_PROMOTE = "rollouts.promote"
+ROLLOUT_PAUSE = "rollouts.pause"
+ROLLOUT_RESUME = "rollouts.resume"
+ROLLOUT_ABORT = "rollouts.abort"
+SUBMISSIONS_GET = "submissions.get"
+
+# Cluster-wide (not namespaced) API.
+NODES_LIST = f"{API}.nodes.list"
+NODES_REGISTER = f"{API}.nodes.register"
+
+# --- job submission (JSON PutJobRequest, captured by the SUBMISSIONS stream) ----------------------
+SUBMIT_PREFIX = f"{ROOT}.submit"
+
+
+def submit(namespace: str) -> str:
+    return f"{SUBMIT_PREFIX}.{namespace}"
+
+
+def submit_namespace(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+SUBMITTED_PREFIX = f"{ROOT}.submitted"
+
+
+def submitted(namespace: str, submission_id: str) -> str:
+    """Where the outcome of one submission is published (core NATS; also kept in the SUBMISSIONS bucket)."""
+    return f"{SUBMITTED_PREFIX}.{namespace}.{submission_id}"
+
+
+# --- internal work (msgpack, work-queue streams shared by replicas) --------------------------------
+EVAL_PREFIX = f"{ROOT}.eval"
+PLAN_PREFIX = f"{ROOT}.plan"
+REPORT_PREFIX = f"{ROOT}.report"
+TIMER_PREFIX = f"{ROOT}.timer"
+
+
+def evaluation(namespace: str) -> str:
+    return f"{EVAL_PREFIX}.{namespace}"
+
+
+NODE_EVAL = f"{EVAL_PREFIX}._node"  # node joined or came back: not tied to one namespace
+
+
+def plan(namespace: str) -> str:
+    return f"{PLAN_PREFIX}.{namespace}"
+
+
+def timer(namespace: str) -> str:
+    """Durable wake-ups (restart backoff, queue and total timeouts), delivered when due."""
+    return f"{TIMER_PREFIX}.{namespace}"
+
+
+def report(node_id: str) -> str:
+    """Agents publish execution state reports and health counters here."""
+    return f"{REPORT_PREFIX}.{node_id}"
+
+
+# --- events (msgpack): every change of a job, execution or node, sourced from the buckets ----------
+EVENTS_PREFIX = f"{ROOT}.events"
+EVENTS_EXECUTION = f"{EVENTS_PREFIX}.execution"
+EVENTS_JOB = f"{EVENTS_PREFIX}.job"
+EVENTS_NODE = f"{EVENTS_PREFIX}.node"
+
+# --- streams ---------------------------------------------------------------------------------------
+STREAM_SUBMISSIONS = "SHOAL_SUBMISSIONS"
+STREAM_EVALS = "SHOAL_EVALS"
+STREAM_PLANS = "SHOAL_PLANS"
+STREAM_REPORTS = "SHOAL_REPORTS"
+STREAM_EVENTS = "SHOAL_EVENTS"
+STREAM_TIMERS = "SHOAL_TIMERS"
+
+# --- durable consumers (one name per role, shared by all replicas of that role) --------------------
+CONSUMER_SCHEDULER_SUBMISSIONS = "scheduler-submissions"
+CONSUMER_SCHEDULER_EVALS = "scheduler-evals"
+CONSUMER_ROLLOUT_PLANS = "rollout-plans"
+CONSUMER_ROLLOUT_EVENTS = "rollout-events"
+CONSUMER_ROLLOUT_TIMERS = "rollout-timers"
+CONSUMER_HEALTH_REPORTS = "health-reports"
+
+
+def consumer_query_view(view_id: str) -> str:
+    """Each query replica owns a SQLite view, so each view has its own durable consumer."""
+    return f"query-{view_id}"
+
+
+# --- key-value buckets -----------------------------------------------------------------------------
+BUCKET_JOBS = "shoal_jobs"  # <ns>.<job_id> -> Job
+BUCKET_JOB_NAMES = "shoal_job_names"  # <ns>.<name> -> job id
+BUCKET_JOB_VERSIONS = "shoal_job_versions"  # <ns>.<job_id>.<version> -> JobVersion
+BUCKET_EVALUATIONS = "shoal_evaluations"  # <ns>.<eval_id> -> Evaluation
+BUCKET_EXECUTIONS = "shoal_executions"  # <ns>.<job_id>.<node_id>.<exec_id> -> Execution
+BUCKET_ROLLOUTS = "shoal_rollouts"  # <ns>.<job_id> -> Rollout
+BUCKET_NODES = "shoal_nodes"  # <node_id> -> Node
+BUCKET_HEARTBEATS = "shoal_heartbeats"  # <node_id> -> Heartbeat
+BUCKET_SUBMISSIONS = "shoal_submissions"  # <submission_id> -> SubmissionOutcome
+BUCKET_HEALTH = "shoal_health"  # <ns>.<job_id>.<node_id>.<exec_id> -> HealthWindow
+BUCKET_LEASES = "shoal_leases"  # <name> -> holder (leader leases, expire by bucket TTL)
+BUCKET_CONFIG = "shoal_config"  # cluster-wide settings shared by replicas (page-token key)
+
+
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    return f"$KV.{bucket}.{key}"
+
+
+def job_key(namespace: str, job_id: str) -> str:
+    return f"{namespace}.{job_id}"
+
+
+def job_name_key(namespace: str, name: str) -> str:
+    return f"{namespace}.{name}"
+
+
+def job_version_key(namespace: str, job_id: str, version: int) -> str:
+    return f"{namespace}.{job_id}.{version}"
+
+
+def evaluation_key(namespace: str, eval_id: str) -> str:
+    return f"{namespace}.{eval_id}"
+
+
+def execution_key(namespace: str, job_id: str, node_id: str, execution_id: str) -> str:
+    return f"{namespace}.{job_id}.{node_id}.{execution_id}"
+
+
+def executions_of_job(namespace: str, job_id: str) -> str:
+    return f"{namespace}.{job_id}.>"
+
+
+def executions_of_node(node_id: str) -> str:
+    return f"*.*.{node_id}.*"
+
+
+def rollout_key(namespace: str, job_id: str) -> str:
+    return f"{namespace}.{job_id}"

@@ -1,0 +1,83 @@
+"""Every stream and bucket the system uses, and one call that creates them all.
+
+Each service calls `ensure(bus)` at start; creation is idempotent, so replicas and restarts are
+harmless. The EVENTS stream is filled by the server itself from the job, execution and node buckets
+(stream sourcing): every committed state change becomes an event with no second write that a crash
+could lose, and the query service's view can be rebuilt by replaying it.
+"""
+
+from __future__ import annotations
+
+from . import subjects as s
+from .transport import BucketSpec, Bus, Source, StreamSpec
+
+DAY = 86_400.0
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec(
+        name=s.STREAM_SUBMISSIONS,
+        subjects=(f"{s.SUBMIT_PREFIX}.*",),
+        retention="workqueue",
+        duplicate_window=600.0,
+        description="Job submissions (JSON PutJobRequest); Nats-Msg-Id is the submission id",
+    ),
+    StreamSpec(
+        name=s.STREAM_EVALS,
+        subjects=(f"{s.EVAL_PREFIX}.*",),
+        retention="workqueue",
+        description="Evaluations waiting for the scheduler",
+    ),
+    StreamSpec(
+        name=s.STREAM_PLANS,
+        subjects=(f"{s.PLAN_PREFIX}.*",),
+        retention="workqueue",
+        description="Placement plans waiting for the rollout service",
+    ),
+    StreamSpec(
+        name=s.STREAM_REPORTS,
+        subjects=(f"{s.REPORT_PREFIX}.*",),
+        retention="workqueue",
+        max_age=7 * DAY,
+        description="Execution state and health reports from agents",
+    ),
+    StreamSpec(
+        name=s.STREAM_TIMERS,
+        subjects=(f"{s.TIMER_PREFIX}.*",),
+        retention="workqueue",
+        description="Durable wake-ups for the rollout service, held back until due",
+    ),
+    StreamSpec(
+        name=s.STREAM_EVENTS,
+        retention="limits",
+        max_age=30 * DAY,
+        description="Every change of a job, execution or node (msgpack), sourced from their buckets",
+        sources=(
+            Source(s.kv_stream(s.BUCKET_JOBS), f"$KV.{s.BUCKET_JOBS}.>", f"{s.EVENTS_JOB}.>"),
+            Source(s.kv_stream(s.BUCKET_EXECUTIONS), f"$KV.{s.BUCKET_EXECUTIONS}.>", f"{s.EVENTS_EXECUTION}.>"),
+            Source(s.kv_stream(s.BUCKET_NODES), f"$KV.{s.BUCKET_NODES}.>", f"{s.EVENTS_NODE}.>"),
+        ),
+    ),
+)
+
+BUCKETS: tuple[BucketSpec, ...] = (
+    BucketSpec(s.BUCKET_JOBS),
+    BucketSpec(s.BUCKET_JOB_NAMES),
+    BucketSpec(s.BUCKET_JOB_VERSIONS),
+    BucketSpec(s.BUCKET_EVALUATIONS, ttl=7 * DAY),
+    BucketSpec(s.BUCKET_EXECUTIONS),
+    BucketSpec(s.BUCKET_ROLLOUTS),
+    BucketSpec(s.BUCKET_NODES),
+    BucketSpec(s.BUCKET_HEARTBEATS),
+    BucketSpec(s.BUCKET_SUBMISSIONS, ttl=DAY),
+    BucketSpec(s.BUCKET_HEALTH),
+    BucketSpec(s.BUCKET_LEASES, ttl=10.0),
+    BucketSpec(s.BUCKET_CONFIG),
+)
+
+
+async def ensure(bus: Bus) -> None:
+    """Create every bucket, then every stream (EVENTS sources the buckets' streams)."""
+    for bucket in BUCKETS:
+        await bus.ensure_bucket(bucket)
+    for stream in STREAMS:
+        await bus.ensure_stream(stream)

@@ -1,0 +1,29 @@
+"""The one wrapper around nats-py. Nothing outside this package imports `nats`."""
+
+from ._bus import Bus, Expectation, Message, PubAck, map_error
+from ._consumer import Consumer, ConsumerSpec, Delivery, retry_delay
+from ._kv import Entry, Kv, Watch, is_delete
+from ._service import ApiRequest, ApiService, error_reply
+from ._topology import BucketSpec, Source, StreamSpec
+
+__all__ = [
+    "ApiRequest",
+    "ApiService",
+    "BucketSpec",
+    "Bus",
+    "Consumer",
+    "ConsumerSpec",
+    "Delivery",
+    "Entry",
+    "Expectation",
+    "Kv",
+    "Message",
+    "PubAck",
+    "Source",
+    "StreamSpec",
+    "Watch",
+    "error_reply",
+    "is_delete",
+    "map_error",
+    "retry_delay",
+]

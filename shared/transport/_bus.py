@@ -1,0 +1,338 @@
+"""The connection: publish, request, subscribe, JetStream setup and graceful shutdown.
+
+This package is the only code that imports `nats`. Everything above it sees bytes, header dicts,
+`ShoalError`s and small typed wrappers, so services can be tested against a real server without
+knowing the client library's quirks (see ANCHORS: NoResponders is not a timeout, drain stalls after
+a timed-out fetch, micro endpoints do not flush).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from ..codec import from_json
+from ..errors import Conflict, ErrorReply, Internal, ShoalError, Unavailable
+from .. import telemetry
+from ._topology import BucketSpec, StreamSpec, bucket_config, stream_config
+
+log = logging.getLogger(__name__)
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = 10071
+
+
+class Message:
+    """A core NATS message handed to a subscription handler."""
+
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self._msg.headers or {}
+
+    async def respond(self, data: bytes, headers: dict[str, str] | None = None) -> None:
+        if self._msg.reply:
+            await self._msg._client.publish(self._msg.reply, data, headers=headers)
+
+
+class Expectation:
+    """One message expected on a subject; see `Bus.expect`."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def wait(self, timeout: float) -> bytes | None:
+        try:
+            msg = await self._sub.next_msg(timeout=timeout)
+        except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            return None
+        return msg.data
+
+    async def close(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except Exception:  # already removed after its one message, or connection closed
+            pass
+
+
+class PubAck:
+    __slots__ = ("stream", "seq", "duplicate")
+
+    def __init__(self, stream: str, seq: int, duplicate: bool) -> None:
+        self.stream = stream
+        self.seq = seq
+        self.duplicate = duplicate
+
+
+def map_error(exc: BaseException, what: str) -> ShoalError:
+    """Translate a client-library failure into our error type."""
+    if isinstance(exc, ShoalError):
+        return exc
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == WRONG_LAST_SEQUENCE:
+        return Conflict(f"{what}: changed concurrently")
+    if isinstance(exc, (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)):
+        return Unavailable(f"{what}: nothing answers (is the service or JetStream running?)")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, nats.errors.TimeoutError)):
+        return Unavailable(f"{what}: timed out")
+    if isinstance(exc, (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+                        nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+                        nats.errors.NoServersError, OSError)):
+        return Unavailable(f"{what}: not connected to NATS")
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return Unavailable(f"{what}: JetStream unavailable")
+    if isinstance(exc, nats.js.errors.APIError):
+        return Internal(f"{what}: {exc.description or exc}")
+    return Internal(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class Bus:
+    """One NATS connection and its JetStream context, shared by everything in a process."""
+
+    def __init__(self, nc: Client, name: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.name = name
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self.closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str, wait: float = 0.0) -> Bus:
+        """Connect, retrying for up to `wait` seconds (services start before the server is up)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        holder: list[Bus] = []
+        while True:
+            try:
+                nc = await nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    # The client retries the first connect forever when this is -1; we retry it ourselves.
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.5,
+                    error_cb=_log_error,
+                    disconnected_cb=_log_disconnect(name, holder),
+                    reconnected_cb=_log_reconnect(name),
+                )
+            except Exception as exc:  # the client raises several unrelated types here
+                if loop.time() >= deadline:
+                    raise Unavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+                await asyncio.sleep(0.25)
+                continue
+            # Once connected, never give up reconnecting: a service outlives server restarts.
+            nc.options["max_reconnect_attempts"] = -1
+            bus = cls(nc, name)
+            holder.append(bus)
+            return bus
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Register something to stop before the connection drains (consumers, services, watches)."""
+        self._closers.append(closer)
+
+    async def close(self) -> None:
+        """Stop consumers and endpoints (newest first), then drain so in-flight replies go out."""
+        self.closing = True
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                await closer()
+            except Exception:  # shutting down: report and keep going
+                log.exception("error while stopping %s", closer)
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout=5)
+        except Exception:
+            await self.nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    # -- core NATS ---------------------------------------------------------------------------------
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        try:
+            await self.nc.publish(subject, data, headers=telemetry.inject(headers))
+        except Exception as exc:
+            raise map_error(exc, f"publish to {subject}") from None
+
+    async def flush(self, timeout: float = 5) -> None:
+        await self.nc.flush(timeout=timeout)
+
+    async def request(
+        self, subject: str, data: bytes, *, timeout: float = 5.0, headers: dict[str, str] | None = None
+    ) -> bytes:
+        """Request-reply; a structured error reply is raised as the matching ShoalError."""
+        with telemetry.span(f"request {subject}", kind=telemetry.CLIENT, subject=subject):
+            try:
+                msg = await self.nc.request(subject, data, timeout=timeout, headers=telemetry.inject(headers))
+            except Exception as exc:
+                raise map_error(exc, f"request {subject}") from None
+        hdrs = msg.headers or {}
+        if ERROR_CODE_HEADER in hdrs:
+            raise _error_from_reply(msg.data, hdrs)
+        return msg.data
+
+    async def expect(self, subject: str) -> Expectation:
+        """Subscribe now to a subject whose one message will come later (avoids a subscribe/publish race)."""
+        sub = await self.nc.subscribe(subject, max_msgs=1)
+        return Expectation(sub)
+
+    async def subscribe(
+        self, subject: str, handler: Callable[[Message], Awaitable[None]], *, queue: str = ""
+    ) -> None:
+        """Core subscription; replicas that pass the same `queue` share the messages."""
+
+        async def on_msg(msg: Msg) -> None:
+            with telemetry.span(f"process {msg.subject}", kind=telemetry.CONSUMER, headers=msg.headers,
+                                subject=msg.subject):
+                try:
+                    await handler(Message(msg))
+                except Exception:
+                    log.exception("handler for %s failed", msg.subject)
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+        self.on_close(sub.unsubscribe)
+
+    # -- JetStream ---------------------------------------------------------------------------------
+
+    async def js_publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        expected_last_subject_seq: int | None = None,
+        timeout: float = 5.0,
+    ) -> PubAck:
+        """Publish into a stream and wait for the ack. Conflict when the expected sequence is stale."""
+        hdrs = telemetry.inject(headers)
+        if msg_id:
+            hdrs[MSG_ID_HEADER] = msg_id
+        if expected_last_subject_seq is not None:
+            hdrs[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
+        try:
+            ack = await self.js.publish(subject, data, headers=hdrs, timeout=timeout)
+        except Exception as exc:
+            raise map_error(exc, f"publish to {subject}") from None
+        return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        config = stream_config(spec)
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            # Exists with another config: bring it to ours (sources and limits may change between versions).
+            try:
+                await self.js.update_stream(config)
+            except Exception as exc:
+                raise map_error(exc, f"update stream {spec.name}") from None
+        except Exception as exc:
+            raise map_error(exc, f"create stream {spec.name}") from None
+
+    async def ensure_bucket(self, spec: BucketSpec) -> None:
+        config = bucket_config(spec)
+        try:
+            await self.js.create_key_value(config)
+        except nats.js.errors.BadRequestError:
+            try:
+                await self.js.key_value(spec.name)
+            except Exception as exc:
+                raise map_error(exc, f"open bucket {spec.name}") from None
+        except Exception as exc:
+            raise map_error(exc, f"create bucket {spec.name}") from None
+
+    async def stream_names(self) -> list[str]:
+        try:
+            return [info.config.name for info in await self.js.streams_info()]
+        except Exception as exc:
+            raise map_error(exc, "list streams") from None
+
+    async def delete_stream(self, name: str) -> bool:
+        try:
+            return await self.js.delete_stream(name)
+        except nats.js.errors.NotFoundError:
+            return False
+
+    async def stream_info(self, name: str) -> dict[str, Any]:
+        try:
+            info = await self.js.stream_info(name)
+        except Exception as exc:
+            raise map_error(exc, f"stream info {name}") from None
+        return {"messages": info.state.messages, "first_seq": info.state.first_seq, "last_seq": info.state.last_seq}
+
+    async def consumer_pending(self, stream: str, durable: str) -> int | None:
+        """Messages a durable has not yet been handed plus those awaiting ack; None if it does not exist."""
+        try:
+            info = await self.js.consumer_info(stream, durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        except Exception as exc:
+            raise map_error(exc, f"consumer info {stream}/{durable}") from None
+        return (info.num_pending or 0) + (info.num_ack_pending or 0)
+
+    async def delete_consumer(self, stream: str, durable: str) -> bool:
+        try:
+            return await self.js.delete_consumer(stream, durable)
+        except nats.js.errors.NotFoundError:
+            return False
+
+
+def _error_from_reply(data: bytes, headers: dict[str, str]) -> ShoalError:
+    try:
+        return ShoalError.from_body(from_json(data, ErrorReply).error)
+    except ShoalError:
+        pass
+    try:
+        code = int(headers.get(ERROR_CODE_HEADER, "500"))
+    except ValueError:
+        code = 500
+    return ShoalError(headers.get(ERROR_HEADER, "error"), code=code)
+
+
+async def _log_error(exc: Exception) -> None:
+    # Connection-level errors are expected while the server restarts; the disconnect callback says it once.
+    log.debug("nats: %s", exc or type(exc).__name__)
+
+
+def _log_disconnect(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None]]:
+    async def cb() -> None:
+        if not (holder and holder[0].closing):
+            log.warning("%s: disconnected from NATS", name)
+
+    return cb
+
+
+def _log_reconnect(name: str) -> Callable[[], Awaitable[None]]:
+    async def cb() -> None:
+        log.info("%s: reconnected to NATS", name)
+
+    return cb

@@ -1,0 +1,102 @@
+"""Request-reply endpoints through the NATS Services API (`nats.micro`).
+
+Each endpoint is discoverable with `$SRV.PING|INFO|STATS`, and replicas share requests through the
+service's queue group. Handlers return the reply body; a `ShoalError` becomes a structured JSON error
+reply (with the Services API error headers), anything else a 500 — the service keeps serving. The
+micro library runs one handler at a time per endpoint, so requests are handed to bounded tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from .. import telemetry
+from ..codec import to_json
+from ..errors import ErrorReply, Internal, ShoalError
+from ._bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus
+
+log = logging.getLogger(__name__)
+
+
+class ApiRequest:
+    __slots__ = ("subject", "data", "headers")
+
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        self.subject = subject
+        self.data = data
+        self.headers = headers
+
+    def token(self, index: int) -> str:
+        """A token of the subject, e.g. the namespace of `shoal.v1.<ns>.executions.list` is token(2)."""
+        return self.subject.split(".")[index]
+
+
+ApiHandler = Callable[[ApiRequest], Awaitable[bytes]]
+
+
+def error_reply(exc: ShoalError) -> tuple[bytes, dict[str, str]]:
+    body = to_json(ErrorReply(error=exc.body()))
+    return body, {ERROR_HEADER: exc.message, ERROR_CODE_HEADER: str(exc.code)}
+
+
+class ApiService:
+    def __init__(self, bus: Bus, service: Service, concurrency: int) -> None:
+        self.bus = bus
+        self._service = service
+        self._gate = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def start(cls, bus: Bus, name: str, version: str, description: str, *, queue_group: str,
+                    concurrency: int = 64) -> ApiService:
+        service = await add_service(bus.nc, name=name, version=version, description=description,
+                                    queue_group=queue_group)
+        api = cls(bus, service, concurrency)
+        bus.on_close(api.stop)
+        return api
+
+    async def add_endpoint(self, name: str, subject: str, handler: ApiHandler) -> None:
+        async def on_request(req: Request) -> None:
+            await self._gate.acquire()
+            task = asyncio.create_task(self._serve(req, handler))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        await self._service.add_endpoint(name=name, subject=subject, handler=on_request)
+        await self.bus.flush()
+
+    async def _serve(self, req: Request, handler: ApiHandler) -> None:
+        try:
+            headers = dict(req.headers or {})
+            with telemetry.span(f"serve {req.subject}", kind=telemetry.SERVER, headers=headers,
+                                subject=req.subject):
+                try:
+                    body = await handler(ApiRequest(req.subject, req.data, headers))
+                except ShoalError as exc:
+                    body, err_headers = error_reply(exc)
+                    await req.respond(body, headers=err_headers)
+                    return
+                except Exception:
+                    log.exception("endpoint %s failed", req.subject)
+                    body, err_headers = error_reply(Internal("internal error; see the service log"))
+                    await req.respond(body, headers=err_headers)
+                    return
+                await req.respond(body)
+        except Exception:  # the reply itself failed (requester gone, connection closing)
+            log.debug("reply on %s not sent", req.subject, exc_info=True)
+        finally:
+            self._gate.release()
+
+    async def stop(self) -> None:
+        try:
+            await self._service.stop()
+        except Exception:
+            pass
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)

@@ -1,0 +1,168 @@
+"""Rules a job spec must follow beyond its types.
+
+Types, enums and numeric ranges are enforced by the structs in `models` while decoding; this module
+holds the rules that span fields (timeouts add up, rolling needs a health check), reference the
+grammar of other fields (selectors, label keys) or depend on the job type (its `config`). Every
+failure is an `InvalidInput` naming the field; advisory findings come back as warnings.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+
+from .errors import InvalidInput
+from .models import RESERVED_META_PREFIXES, JobSpec
+from .selector import SelectorError, compile_selector, validate_key, validate_value
+from .subjects import TOKEN
+from .workloads import command_config, files_config, simulate_config
+
+NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MAX_DESCRIPTION = 4096
+MAX_LABELS = 64
+
+
+def check_namespace(namespace: str, field: str = "namespace") -> str:
+    if not NAMESPACE.match(namespace):
+        raise InvalidInput(
+            f"invalid namespace {namespace!r}: use 1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit",
+            field=field,
+        )
+    return namespace
+
+
+def check_node_id(node_id: str, field: str = "node_id") -> str:
+    if not NODE_ID.match(node_id):
+        raise InvalidInput(
+            f"invalid node id {node_id!r}: use 1-64 letters, digits, '_' and '-', starting with a letter or digit",
+            field=field,
+        )
+    return node_id
+
+
+def check_token(value: str, field: str, what: str) -> str:
+    if not TOKEN.match(value):
+        raise InvalidInput(
+            f"invalid {what} {value!r}: use letters, digits, '_' and '-', starting with a letter or digit",
+            field=field,
+        )
+    return value
+
+
+def check_labels(labels: dict[str, str], field: str) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidInput(f"at most {MAX_LABELS} labels are allowed", field=field)
+    for key, value in labels.items():
+        try:
+            validate_key(key)
+            validate_value(value)
+        except SelectorError as exc:
+            raise InvalidInput(exc.message, field=f"{field}.{key}") from None
+
+
+def validate_spec(spec: JobSpec, namespace: str) -> list[str]:
+    """Check a decoded spec submitted in `namespace`; fill in the namespace. Returns warnings."""
+    warnings: list[str] = []
+    if not spec.name:
+        raise InvalidInput("a job needs a name", field="spec.name")
+    check_token(spec.name, "spec.name", "job name")
+    if spec.namespace and spec.namespace != namespace:
+        raise InvalidInput(
+            f"spec.namespace {spec.namespace!r} differs from the namespace {namespace!r} it was submitted to",
+            field="spec.namespace",
+        )
+    spec.namespace = check_namespace(namespace, "spec.namespace")
+    if len(spec.description) > MAX_DESCRIPTION:
+        raise InvalidInput(f"description is longer than {MAX_DESCRIPTION} characters", field="spec.description")
+    check_labels(spec.labels, "spec.labels")
+    for key in spec.meta:
+        for prefix in RESERVED_META_PREFIXES:
+            if key.startswith(prefix):
+                raise InvalidInput(
+                    f"meta key {key!r} uses the reserved prefix {prefix!r}", field=f"spec.meta.{key}"
+                )
+    _check_selector(spec)
+    warnings += _check_rollout(spec)
+    _check_timeouts(spec)
+    warnings += _check_config(spec)
+    return warnings
+
+
+def _check_selector(spec: JobSpec) -> None:
+    sel = spec.selector
+    try:
+        compile_selector(sel.match_labels, sel.match_expressions, sel.match_ids)
+    except SelectorError as exc:
+        field = f"spec.selector.{exc.field}" if exc.field else "spec.selector"
+        raise InvalidInput(exc.message, field=field) from None
+
+
+def _check_rollout(spec: JobSpec) -> list[str]:
+    warnings: list[str] = []
+    rollout = spec.rollout
+    hc = rollout.health_check
+    if rollout.strategy in ("rolling", "canary"):
+        if hc is None:
+            raise InvalidInput(
+                f"the {rollout.strategy} strategy needs a health_check", field="spec.rollout.health_check"
+            )
+    elif hc is not None:
+        warnings.append("rollout.health_check is ignored by the immediate strategy")
+    if hc is not None:
+        if hc.deadline <= 0:
+            raise InvalidInput("health_check.deadline must be a positive duration", field="spec.rollout.health_check.deadline")
+        if hc.interval <= 0:
+            raise InvalidInput("health_check.interval must be a positive duration", field="spec.rollout.health_check.interval")
+        if hc.deadline < hc.interval * hc.success_threshold:
+            warnings.append(
+                "health_check.deadline is shorter than success_threshold intervals: executions cannot become healthy in time"
+            )
+    if rollout.strategy != "canary":
+        if rollout.canary is not None:
+            warnings.append(f"rollout.canary is ignored by the {rollout.strategy} strategy")
+        if rollout.auto_promote:
+            warnings.append(f"rollout.auto_promote is ignored by the {rollout.strategy} strategy")
+    elif rollout.canary is not None and rollout.canary.canary_count is not None and rollout.canary.canary_percent is not None:
+        warnings.append("rollout.canary: canary_count is given, so canary_percent is ignored")
+    return warnings
+
+
+def _check_timeouts(spec: JobSpec) -> None:
+    t = spec.timeouts
+    if t.total_timeout and t.execution_timeout + t.queue_timeout > t.total_timeout:
+        raise InvalidInput(
+            f"execution_timeout ({t.execution_timeout}s) + queue_timeout ({t.queue_timeout}s) exceed "
+            f"total_timeout ({t.total_timeout}s)",
+            field="spec.timeouts.total_timeout",
+        )
+
+
+def _check_config(spec: JobSpec) -> list[str]:
+    simulate_config(spec.config)  # validates the simulate block for every type
+    if spec.type == "config":
+        files = files_config(spec.config)
+        if not files.files and files.simulate is None:
+            raise InvalidInput("a config job needs config.files", field="spec.config.files")
+        seen: set[str] = set()
+        for i, f in enumerate(files.files):
+            path = posixpath.normpath(f.path)
+            if not f.path or f.path.startswith("/") or path == "." or path.startswith(".."):
+                raise InvalidInput(
+                    f"config file path {f.path!r} must be relative and stay inside the agent's config root",
+                    field=f"spec.config.files[{i}].path",
+                )
+            if path in seen:
+                raise InvalidInput(f"config file {f.path!r} is listed twice", field=f"spec.config.files[{i}].path")
+            seen.add(path)
+        return []
+    cmd = command_config(spec.config)
+    if not cmd.command and cmd.simulate is None:
+        raise InvalidInput(
+            f"a {spec.type} job needs config.command, an argv list such as [\"sh\", \"-c\", \"echo hi\"]",
+            field="spec.config.command",
+        )
+    if cmd.command and not cmd.command[0]:
+        raise InvalidInput("config.command[0] must name a program", field="spec.config.command[0]")
+    return []

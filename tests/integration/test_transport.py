@@ -1,0 +1,110 @@
+"""The transport against a real nats-server: CAS, watches with headers, consumers, endpoints, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared import telemetry
+from shared.errors import Conflict, InvalidInput, NotFound, Unavailable
+from shared.transport import ApiRequest, ApiService, Bus, Consumer, ConsumerSpec, Delivery, Kv, StreamSpec
+
+pytestmark = pytest.mark.nats
+
+
+async def test_kv_compare_and_set(bus: Bus) -> None:
+    kv = Kv(bus, "shoal_config")
+    rev1 = await kv.create("k", b"one")
+    with pytest.raises(Conflict):
+        await kv.create("k", b"again")
+    rev2 = await kv.update("k", b"two", last=rev1)
+    assert rev2 > rev1
+    with pytest.raises(Conflict):
+        await kv.update("k", b"stale", last=rev1)
+    entry = await kv.get("k")
+    assert entry is not None and entry.value == b"two" and entry.revision == rev2
+    await kv.delete("k")
+    assert await kv.get("k") is None
+    # A deleted key can be created again.
+    await kv.create("k", b"three")
+    assert (await kv.get("k")).value == b"three"  # type: ignore[union-attr]
+
+
+async def test_kv_watch_keeps_headers_and_sees_updates(bus: Bus) -> None:
+    kv = Kv(bus, "shoal_config")
+    await kv.put("a.x", b"1", headers={"traceparent": "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"})
+    await kv.put("b.x", b"other")
+    seen = []
+    async with kv.watch("a.*") as watch:
+        it = watch.__aiter__()
+        first = await asyncio.wait_for(it.__anext__(), 5)
+        assert first is not None and first.key == "a.x"
+        assert telemetry.trace_id_of(first.headers) == "0123456789abcdef0123456789abcdef"
+        assert await asyncio.wait_for(it.__anext__(), 5) is None  # end of current values
+        await kv.put("a.y", b"2")
+        seen.append(await asyncio.wait_for(it.__anext__(), 5))
+    assert [e.key for e in seen] == ["a.y"]
+    assert [e.key for e in await kv.scan("*.x")] == ["a.x", "b.x"]
+    assert await kv.scan("zzz.*") == []
+
+
+async def test_consumer_redelivers_until_handled(bus: Bus) -> None:
+    await bus.ensure_stream(StreamSpec(name="T_WORK", subjects=("t.work",), retention="workqueue"))
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        attempts.append(d.num_delivered)
+        if d.num_delivered < 3:
+            raise RuntimeError("transient")
+        done.set()
+
+    consumer = Consumer(bus, ConsumerSpec(stream="T_WORK", durable="w"))
+    await consumer.start_single(handler)
+    await bus.js_publish("t.work", b"x", msg_id="m1")
+    dup = await bus.js_publish("t.work", b"x", msg_id="m1")
+    assert dup.duplicate
+    await asyncio.wait_for(done.wait(), 10)
+    assert attempts == [1, 2, 3]
+    await consumer.stop()
+    info = await bus.stream_info("T_WORK")
+    assert info["messages"] == 0  # acked work leaves a work-queue stream
+
+
+async def test_endpoint_structured_errors_and_recovery(bus: Bus, nats_url: str) -> None:
+    service = await ApiService.start(bus, "t-svc", "0.0.1", "test", queue_group="t")
+
+    async def handler(req: ApiRequest) -> bytes:
+        if req.data == b"bad":
+            raise InvalidInput("limit must be 1-1000", field="limit")
+        if req.data == b"boom":
+            raise RuntimeError("bug")
+        return b'{"ok":true,"ns":"' + req.token(2).encode() + b'"}'
+
+    await service.add_endpoint("echo", "shoal.v1.*.echo", handler)
+    client = await Bus.connect(nats_url, name="client")
+    try:
+        with pytest.raises(InvalidInput) as err:
+            await client.request("shoal.v1.prod.echo", b"bad")
+        assert err.value.field == "limit" and err.value.code == 400
+        with pytest.raises(Exception) as boom:
+            await client.request("shoal.v1.prod.echo", b"boom")
+        assert getattr(boom.value, "code", None) == 500
+        # The service keeps serving after both.
+        assert await client.request("shoal.v1.prod.echo", b"ok") == b'{"ok":true,"ns":"prod"}'
+        with pytest.raises(Unavailable):
+            await client.request("shoal.v1.prod.nothing-here", b"", timeout=1)
+    finally:
+        await client.close()
+
+
+async def test_connect_to_nowhere_is_unavailable() -> None:
+    with pytest.raises(Unavailable) as err:
+        await Bus.connect("nats://127.0.0.1:1", name="x")
+    assert "cannot reach NATS" in str(err.value)
+
+
+async def test_not_found_is_not_unavailable(bus: Bus) -> None:
+    assert await Kv(bus, "shoal_config").get("missing") is None
+    assert NotFound("x").code == 404
