@@ -86,7 +86,7 @@ def from_json(data: bytes, tp: type[T], *, prefix: str = "", max_bytes: int = MA
     try:
         return _json_decoder(tp).decode(data)
     except msgspec.ValidationError as exc:
-        raise invalid_input(exc, prefix) from None
+        raise invalid_input(exc, prefix, tp) from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}", field=prefix.rstrip(".") or None) from None
 
@@ -96,7 +96,7 @@ def convert(obj: Any, tp: type[T], *, prefix: str = "") -> T:
     try:
         return msgspec.convert(obj, tp, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
-        raise invalid_input(exc, prefix) from None
+        raise invalid_input(exc, prefix, tp) from None
 
 
 def to_builtins(obj: Any) -> Any:
@@ -108,7 +108,7 @@ _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]+)`$")
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$")
 
 
-def invalid_input(exc: msgspec.ValidationError, prefix: str = "") -> InvalidInput:
+def invalid_input(exc: msgspec.ValidationError, prefix: str = "", tp: Any = None) -> InvalidInput:
     """Turn msgspec's "Expected `int`, got `str` - at `$.spec.priority`" into message + field path."""
     match = _AT.match(str(exc))
     message = match.group("msg") if match else str(exc)
@@ -118,6 +118,48 @@ def invalid_input(exc: msgspec.ValidationError, prefix: str = "") -> InvalidInpu
         named = pattern.match(message)
         if named:
             path = f"{path}.{named.group('name')}" if path else named.group("name")
+    if message.startswith("Invalid enum value") and tp is not None:
+        allowed = _literal_values(tp, path)
+        if allowed:
+            message += f"; expected one of: {', '.join(map(str, allowed))}"
     field = (prefix + path).replace(".[", "[").strip(".") or None
     text = message[:1].lower() + message[1:]
     return InvalidInput(text, field=field)
+
+
+_SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _literal_values(tp: Any, path: str) -> tuple[Any, ...]:
+    """The allowed values of the Literal found at `path` inside `tp` (for a helpful enum error)."""
+    from msgspec import inspect as mi
+
+    def unwrap(info: Any) -> Any:
+        while True:
+            if isinstance(info, mi.Metadata):
+                info = info.type
+            elif isinstance(info, mi.UnionType):
+                options = [t for t in info.types if not isinstance(t, mi.NoneType)]
+                literal = [t for t in options if isinstance(t, mi.LiteralType)]
+                info = literal[0] if literal else (options[0] if options else info)
+                if not isinstance(info, mi.UnionType):
+                    continue
+                return info
+            else:
+                return info
+
+    try:
+        info = unwrap(mi.type_info(tp))
+        for name, index in _SEGMENT.findall(path):
+            if isinstance(info, mi.StructType):
+                info = unwrap(next(f.type for f in info.fields if f.encode_name == name))
+            elif isinstance(info, (mi.ListType, mi.TupleType, mi.VarTupleType, mi.SetType)) and index:
+                info = unwrap(info.item_type)
+            elif isinstance(info, mi.DictType):
+                info = unwrap(info.value_type)
+            else:
+                return ()
+        info = unwrap(info)
+    except (StopIteration, TypeError, AttributeError):
+        return ()
+    return tuple(info.values) if isinstance(info, mi.LiteralType) else ()

@@ -65,7 +65,7 @@ class Component:
         self.stopping.set()
         if self._tasks:
             # Loops that sleep notice `stopping` at once; watches block on the next entry, so they are cancelled.
-            _, pending = await asyncio.wait(self._tasks, timeout=1)
+            _, pending = await asyncio.wait(self._tasks, timeout=0.3)
             for task in pending:
                 task.cancel()
             if pending:

@@ -63,3 +63,107 @@ async def bus(nats_url: str) -> AsyncIterator[Bus]:
         yield b
     finally:
         await b.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# A cluster of real services, each with its own connection, in this process.
+# --------------------------------------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from services.agent import AgentService  # noqa: E402
+from services.cli.client import Client  # noqa: E402
+from services.health import HealthService  # noqa: E402
+from services.query import QueryService  # noqa: E402
+from services.rollout import RolloutService  # noqa: E402
+from services.scheduler import SchedulerService  # noqa: E402
+from shared.runtime import Component, start_component  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+FAST = dict(heartbeat_interval=0.2, node_timeout=1.0, lost_grace=3.0, sweep_interval=0.1,
+            restart_backoff_base=0.1, restart_backoff_max=1.0)
+
+
+class Cluster:
+    """Starts and stops real components against the test's nats-server; `client` talks to the API."""
+
+    def __init__(self, settings: Settings, tmp: Any) -> None:
+        self.settings = settings
+        self.tmp = tmp
+        self.components: list[Component] = []
+        self.client: Client | None = None
+        self._bus: Bus | None = None
+
+    async def start(self, kind: str, **kwargs: Any) -> Component:
+        factories: dict[str, Callable[..., Component]] = {
+            "scheduler": SchedulerService, "rollout": RolloutService, "health": HealthService,
+        }
+        if kind == "query":
+            db = kwargs.pop("db", str(self.tmp / f"query-{len(self.components)}.db"))
+            component = await start_component(lambda b, s: QueryService(b, s, db_path=db), self.settings, kind)
+        elif kind == "agent":
+            kwargs.setdefault("work_dir", str(self.tmp / f"agent-{len(self.components)}"))
+            kwargs.setdefault("stop_grace", 2.0)
+            component = await start_component(lambda b, s: AgentService(b, s, **kwargs), self.settings, kind)
+        else:
+            component = await start_component(lambda b, s: factories[kind](b, s), self.settings, kind)
+        self.components.append(component)
+        return component
+
+    async def start_services(self) -> None:
+        for kind in ("health", "scheduler", "rollout", "query"):
+            await self.start(kind)
+
+    async def api(self, namespace: str = "default") -> Client:
+        if self._bus is None:
+            self._bus = await Bus.connect(self.settings.nats_url, name="test-client")
+        return Client(self._bus, namespace, timeout=10)
+
+    async def stop(self, component: Component) -> None:
+        await component.stop()
+        self.components.remove(component)
+
+    async def close(self) -> None:
+        for component in reversed(self.components):
+            await component.stop()
+        self.components.clear()
+        if self._bus is not None:
+            await self._bus.close()
+
+
+@pytest.fixture
+def fast_settings(nats_url: str) -> Settings:
+    return Settings(nats_url=nats_url, **FAST)
+
+
+@pytest.fixture
+async def cluster(bus: Bus, fast_settings: Settings, tmp_path) -> AsyncIterator[Cluster]:
+    c = Cluster(fast_settings, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.1) -> Any:
+    """Poll `check` until it returns something truthy; fail with its last value (or error) otherwise."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = await check()
+            if last:
+                return last
+        except AssertionError as exc:
+            last = exc
+        if loop.time() > deadline:
+            raise AssertionError(f"not true within {timeout}s; last: {last!r}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Awaitable[Any]]:
+    return eventually

@@ -158,12 +158,11 @@ class Bus:
     async def close(self) -> None:
         """Stop consumers and endpoints (newest first), then drain so in-flight replies go out."""
         self.closing = True
-        while self._closers:
-            closer = self._closers.pop()
-            try:
-                await closer()
-            except Exception:  # shutting down: report and keep going
-                log.exception("error while stopping %s", closer)
+        closers, self._closers = self._closers, []
+        results = await asyncio.gather(*(closer() for closer in reversed(closers)), return_exceptions=True)
+        for closer, result in zip(reversed(closers), results):
+            if isinstance(result, Exception):  # shutting down: report and keep going
+                log.error("error while stopping %s: %s", closer, result)
         if self.nc.is_closed:
             return
         try:

@@ -113,6 +113,7 @@ class Consumer:
         self._sub = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._fetching = False
 
     async def start_single(self, handler: Handler) -> None:
         await self._bind()
@@ -148,6 +149,7 @@ class Consumer:
 
     async def _fetch(self) -> list[Msg]:
         assert self._sub is not None
+        self._fetching = True
         try:
             return await self._sub.fetch(self.batch, timeout=1.0)
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
@@ -163,6 +165,8 @@ class Consumer:
             log.warning("fetch from %s failed: %s", self.spec.durable, exc or type(exc).__name__)
             await asyncio.sleep(0.5)
             return []
+        finally:
+            self._fetching = False
 
     async def _rebind(self) -> None:
         try:
@@ -225,11 +229,17 @@ class Consumer:
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._task is not None and self._fetching:
+            # Waiting for messages, holding none: no need to sit out the fetch timeout. Anything the server
+            # had already sent is redelivered after ack_wait.
+            self._task.cancel()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=10)
             except asyncio.TimeoutError:
                 self._task.cancel()
+            except asyncio.CancelledError:
+                pass
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()

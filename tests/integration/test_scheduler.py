@@ -1,0 +1,192 @@
+"""The scheduler against a real server: submissions, versions, idempotency, structured rejections, stop."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from shared import subjects as s
+from shared.api import ListJobExecutionsRequest
+from shared.codec import to_json
+from shared.models import SubmissionOutcome
+
+pytestmark = pytest.mark.nats
+
+SIM = {"simulate": {}}
+
+
+def spec(name: str = "web", **extra) -> dict:
+    body = {"name": name, "type": "pipeline", "config": dict(SIM)}
+    body.update(extra)
+    return body
+
+
+async def test_submit_versions_and_unchanged_conflict(cluster, wait_for) -> None:
+    await cluster.start("scheduler")
+    api = await cluster.api()
+    first = await api.submit(spec())
+    assert isinstance(first, SubmissionOutcome) and first.accepted, first
+    assert first.job_version == 1 and first.job_id and first.eval_id
+
+    same = await api.submit(spec())
+    assert not same.accepted and same.error.code == 409 and same.error.field == "spec"
+
+    forced = await api.submit(spec(), force=True)
+    assert forced.accepted and forced.job_version == 2 and forced.job_id == first.job_id
+    assert any("unchanged" in w for w in forced.warnings)
+
+    changed = await api.submit(spec(description="now with a description"))
+    assert changed.accepted and changed.job_version == 3
+
+    dry = await api.submit(spec(description="only a dry run"), dry_run=True)
+    assert dry.accepted and dry.dry_run and dry.job_version == 4 and not dry.eval_id
+    # The dry run applied nothing: the next real change is still version 4.
+    after = await api.submit(spec(description="real"))
+    assert after.job_version == 4
+
+
+async def test_same_submission_id_is_processed_once(cluster) -> None:
+    await cluster.start("scheduler")
+    api = await cluster.api()
+    one = await api.submit(spec("once"), submission_id="fixed-submission-1")
+    two = await api.submit(spec("once"), submission_id="fixed-submission-1")
+    assert one.accepted and two.accepted
+    assert (one.job_id, one.job_version, one.eval_id) == (two.job_id, two.job_version, two.eval_id)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        (b"{not json", None, "malformed JSON"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "priority": "high", "config": SIM}}),
+         "spec.priority", "expected `int`"),
+        (to_json({"spec": {"name": "x", "type": "batch", "config": SIM}}), "spec.type", "pipeline"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "config": SIM,
+                           "selector": {"match_expressions": ["tier in (a,b"]}}}),
+         "spec.selector.match_expressions[0]", "parenthes"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "config": SIM,
+                           "timeouts": {"execution_timeout": -5}}}), "spec.timeouts.execution_timeout", ">= 0"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "config": SIM,
+                           "timeouts": {"execution_timeout": 60, "queue_timeout": 60, "total_timeout": 100}}}),
+         "spec.timeouts.total_timeout", "exceed"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "config": SIM,
+                           "meta": {"shoal.io/owner": "me"}}}), "spec.meta.shoal.io/owner", "reserved"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "config": SIM, "rollout": {"strategy": "rolling"}}}),
+         "spec.rollout.health_check", "health_check"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "config": {"simulate": {"error_rate": 2}}}}),
+         "spec.config.simulate.error_rate", "<= 1"),
+        (to_json({"spec": {"name": "x", "type": "query"}}), "spec.config.command", "command"),
+        (to_json({"spec": {"name": "x", "type": "config", "config": {"files": [{"path": "../etc/passwd",
+                                                                                  "content": ""}]}}}),
+         "spec.config.files[0].path", "relative"),
+        (to_json({"spec": {"name": "bad name!", "type": "pipeline", "config": SIM}}), "spec.name", "job name"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "config": SIM, "replicas": 3}}), "spec.replicas",
+         "unknown field"),
+        (to_json({"spec": {"name": "x", "type": "pipeline", "config": {"simulate": {}, "blob": "a" * 600_000}}}),
+         None, "limit"),
+    ],
+)
+async def test_bad_submissions_get_structured_errors(cluster, body: bytes, field: str | None, words: str) -> None:
+    await cluster.start("scheduler")
+    api = await cluster.api()
+    bus = api.bus
+    waiter = await bus.expect(s.submitted("default", "bad-1"))
+    await bus.js_publish(s.submit("default"), body, msg_id="bad-1")
+    reply = await waiter.wait(10)
+    assert reply is not None
+    outcome = msgspec.json.decode(reply, type=SubmissionOutcome)
+    assert not outcome.accepted
+    assert outcome.error.code == 400
+    assert outcome.error.field == field
+    assert words.lower() in outcome.error.message.lower()
+    # The scheduler keeps serving.
+    ok = await api.submit(spec("after-bad"))
+    assert ok.accepted
+
+
+async def test_namespace_comes_from_the_subject(cluster) -> None:
+    await cluster.start("scheduler")
+    api = await cluster.api("team-a")
+    outcome = await api.submit(spec("ns-job"))
+    assert outcome.accepted and outcome.namespace == "team-a"
+    waiter = await api.bus.expect(s.submitted("team-a", "clash-1"))
+    await api.bus.js_publish(s.submit("team-a"), to_json({"spec": spec("ns-job2", namespace="team-b")}),
+                             msg_id="clash-1")
+    clash = msgspec.json.decode(await waiter.wait(10), type=SubmissionOutcome)
+    assert not clash.accepted and clash.error.field == "spec.namespace"
+    bad_ns = await api.bus.expect(s.submitted("Team_A", "badns-1"))
+    await api.bus.js_publish(s.submit("Team_A"), to_json({"spec": spec("x")}), msg_id="badns-1")
+    rejected = msgspec.json.decode(await bad_ns.wait(10), type=SubmissionOutcome)
+    assert not rejected.accepted and rejected.error.field == "namespace"
+
+
+async def test_job_runs_on_matching_nodes_and_stop_stops_everything(cluster, wait_for) -> None:
+    await cluster.start_services()
+    await cluster.start("agent", simulate=4, sim_labels=["zone=z{i%2}"])
+    api = await cluster.api()
+    await api.wait_ready(4)
+    outcome = await api.submit(spec("zoned", selector={"match_labels": {"zone": "z1"}}))
+    assert outcome.accepted
+
+    async def running() -> list:
+        items = await api.all_executions("zoned")
+        return items if len(items) == 2 and all(e.observed == "running" for e in items) else []
+
+    items = await wait_for(running)
+    assert sorted(e.node_id for e in items) == ["sim-0001", "sim-0003"]
+    assert all(e.rollout_wave == 0 and e.job_version == 1 and e.status.stable_at for e in items)
+    _, job = await api.get_job("zoned")
+    await wait_for(lambda: _job_state(api, "zoned", "running"))
+
+    stopped = await api.stop_job("zoned")
+    assert stopped.job_id == job.id and not stopped.already_stopped
+
+    async def all_stopped() -> bool:
+        items = await api.all_executions("zoned")
+        return all(e.desired == "stopped" and e.observed == "stopped" for e in items)
+
+    await wait_for(all_stopped)
+    await wait_for(lambda: _job_state(api, "zoned", "stopped"))
+    again = await api.stop_job("zoned")
+    assert again.already_stopped
+
+
+async def test_node_joining_later_gets_pipeline_and_config_jobs(cluster, wait_for) -> None:
+    await cluster.start_services()
+    await cluster.start("agent", simulate=2)
+    api = await cluster.api()
+    await api.wait_ready(2)
+    assert (await api.submit(spec("daemon"))).accepted
+    query = {"name": "once", "type": "query", "config": {"simulate": {"duration": 0.1}}}
+    assert (await api.submit(query)).accepted
+    await wait_for(lambda: _count(api, "daemon", "running", 2))
+    await wait_for(lambda: _job_state(api, "once", "completed"))
+    await cluster.start("agent", simulate=1, sim_prefix="late-{i}")
+    await wait_for(lambda: _count(api, "daemon", "running", 3))
+    assert {e.node_id for e in await api.all_executions("daemon")} == {"sim-0001", "sim-0002", "late-1"}
+    # A finished one-shot query does not chase new nodes.
+    assert len(await api.all_executions("once")) == 2
+
+
+async def test_unknown_job_reads_are_404(cluster) -> None:
+    await cluster.start_services()
+    api = await cluster.api()
+    from shared.errors import NotFound
+
+    with pytest.raises(NotFound):
+        await api.list_executions(ListJobExecutionsRequest(job="nope"))
+    with pytest.raises(NotFound):
+        await api.stop_job("nope")
+
+
+async def _job_state(api, name: str, state: str) -> bool:
+    try:
+        _, job = await api.get_job(name)
+    except Exception:
+        return False
+    return job.state.state_type == state
+
+
+async def _count(api, name: str, state: str, n: int) -> bool:
+    items = await api.all_executions(name)
+    return sum(e.observed == state for e in items) == n
