@@ -17,6 +17,7 @@ from .durations import Duration, parse_duration
 from .errors import Internal, InvalidInput
 
 T = TypeVar("T")
+_INT64_MAX = 2**63 - 1
 
 # Public request bodies above this size are refused before decoding.
 MAX_REQUEST_BYTES = 512 * 1024
@@ -33,6 +34,8 @@ def _dec_hook(tp: type, obj: Any) -> Any:
         if isinstance(obj, bool):
             raise ValueError("expected a duration: nanoseconds or a string such as '10s'")
         if isinstance(obj, int):
+            if not -_INT64_MAX <= obj <= _INT64_MAX:
+                raise ValueError("duration out of range: nanoseconds must fit in a signed 64-bit integer")
             return Duration(obj)
         if isinstance(obj, str):
             return parse_duration(obj)

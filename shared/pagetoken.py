@@ -77,7 +77,10 @@ def _b64(raw: bytes) -> str:
 def _unb64(text: str) -> bytes:
     if not text or any(c not in _ALPHABET for c in text):
         raise ValueError("bad characters")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(raw) != text:  # unused low bits set: another spelling of the same bytes is not our token
+        raise ValueError("not canonical")
+    return raw
 
 
 _ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")

@@ -150,7 +150,7 @@ class Store:
 
     async def find_job(self, namespace: str, ref: str) -> Record[Job]:
         """A job by id or by name; NotFound names the reference."""
-        if s.TOKEN.match(ref):
+        if s.TOKEN.fullmatch(ref):
             record = await self.jobs.get(s.job_key(namespace, ref))
             if record is not None:
                 return record

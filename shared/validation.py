@@ -24,7 +24,7 @@ MAX_LABELS = 64
 
 
 def check_namespace(namespace: str, field: str = "namespace") -> str:
-    if not NAMESPACE.match(namespace):
+    if not NAMESPACE.fullmatch(namespace):
         raise InvalidInput(
             f"invalid namespace {namespace!r}: use 1-63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit",
@@ -34,7 +34,7 @@ def check_namespace(namespace: str, field: str = "namespace") -> str:
 
 
 def check_node_id(node_id: str, field: str = "node_id") -> str:
-    if not NODE_ID.match(node_id):
+    if not NODE_ID.fullmatch(node_id):
         raise InvalidInput(
             f"invalid node id {node_id!r}: use 1-64 letters, digits, '_' and '-', starting with a letter or digit",
             field=field,
@@ -43,7 +43,7 @@ def check_node_id(node_id: str, field: str = "node_id") -> str:
 
 
 def check_token(value: str, field: str, what: str) -> str:
-    if not TOKEN.match(value):
+    if not TOKEN.fullmatch(value):
         raise InvalidInput(
             f"invalid {what} {value!r}: use letters, digits, '_' and '-', starting with a letter or digit",
             field=field,
@@ -148,7 +148,7 @@ def _check_config(spec: JobSpec) -> list[str]:
         seen: set[str] = set()
         for i, f in enumerate(files.files):
             path = posixpath.normpath(f.path)
-            if not f.path or f.path.startswith("/") or path == "." or path.startswith(".."):
+            if not f.path or f.path.startswith("/") or path in (".", "..") or path.startswith("../"):
                 raise InvalidInput(
                     f"config file path {f.path!r} must be relative and stay inside the agent's config root",
                     field=f"spec.config.files[{i}].path",

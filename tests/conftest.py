@@ -79,6 +79,7 @@ from services.health import HealthService  # noqa: E402
 from services.query import QueryService  # noqa: E402
 from services.rollout import RolloutService  # noqa: E402
 from services.scheduler import SchedulerService  # noqa: E402
+from shared.errors import ShoalError  # noqa: E402
 from shared.runtime import Component, start_component  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
@@ -157,7 +158,7 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0,
             last = await check()
             if last:
                 return last
-        except AssertionError as exc:
+        except (AssertionError, ShoalError) as exc:  # not there yet (a 404 from a view still catching up)
             last = exc
         if loop.time() > deadline:
             raise AssertionError(f"not true within {timeout}s; last: {last!r}")

@@ -216,7 +216,9 @@ class Controller:
         for node_id in started:
             execution = latest.get(node_id)
             if execution is not None and self._needs_restart(execution, spec, rollout):
-                await self._restart(job, rollout, spec, execution, executions, now)
+                successor = await self._restart(job, rollout, spec, execution, executions, now)
+                if successor is not None:
+                    latest[node_id] = successor
 
         # 4. Stop what is superseded: older versions once the new one is stable, and non-targets.
         await self._retire(executions, latest, set(rollout.targets), rollout)
@@ -248,8 +250,10 @@ class Controller:
             pass  # created by another pass or replica: ids are deterministic
 
     async def _link(self, previous: Execution, next_id: str) -> None:
+        """previous.next = next (the newest attempt to replace an execution is the one it points to)."""
+
         def link(e: Execution) -> bool:
-            if e.status.next_execution_id:
+            if e.status.next_execution_id == next_id:
                 return False
             e.status.next_execution_id = next_id
             return True
@@ -271,13 +275,14 @@ class Controller:
         return spec.restart_policy in ("on-failure", "always")
 
     async def _restart(self, job: Job, rollout: Rollout, spec: JobSpec, execution: Execution,
-                       executions: list[Execution], now: dt.datetime) -> None:
+                       executions: list[Execution], now: dt.datetime) -> Execution | None:
+        """Create the execution that replaces an exited one, once its backoff has passed."""
         restarts = int(execution.status.details.get("restarts", 0))
         delay = min(self.settings.restart_backoff_max, self.settings.restart_backoff_base * 2 ** restarts)
         due = execution.status.updated_at + dt.timedelta(seconds=delay)
         if now < due:
             await self.schedule(rollout, due, f"restart-{execution.id}")
-            return
+            return None
         successor = _new_execution(
             derived_id(execution.id, "restart"), job, spec, execution.job_version, execution.node_id,
             execution.rollout_wave, rollout.deployment_id, execution.id, restarts + 1, now,
@@ -285,6 +290,7 @@ class Controller:
         await self._write_new(successor)
         await self._link(execution, successor.id)
         executions.append(successor)
+        return successor
 
     async def _retire(self, executions: list[Execution], latest: dict[str, Execution], targets: set[str],
                       rollout: Rollout) -> None:
@@ -402,7 +408,8 @@ class Controller:
                     deployment_id=derived_id(rollout.deployment_id, "rollback"),
                     job_version=stable, source_version=rollout.source_version, strategy="immediate",
                     state="deploying", targets=restore, wave_sizes=[len(restore)] if restore else [],
-                    rollback_of=rollout.job_version, previous_version=rollout.job_version, message=message,
+                    rollback_of=rollout.job_version, cause=reason, previous_version=rollout.job_version,
+                    message=message,
                     created_at=now, updated_at=now,
                 )
                 try:
@@ -454,7 +461,7 @@ class Controller:
         state = rollout.state
         if rollout.rollback_of or state == "failed":
             if state == "succeeded":
-                message = f"rolled back to version {rollout.job_version}"
+                message = f"rolled back to version {rollout.job_version} after: {rollout.cause}"
             else:
                 message = rollout.message
             await self._set_job_state(job, "rollout_failed", message, rollout)
@@ -547,12 +554,12 @@ def latest_by_node(executions: list[Execution], rollout: Rollout) -> dict[str, E
 
 
 def _active_other(executions: list[Execution], node_id: str, version: int) -> Execution | None:
-    """The newest execution of another version still meant to run on the node (the one being replaced)."""
-    candidates = [
-        e for e in executions
-        if e.node_id == node_id and e.job_version != version and e.desired == "running"
-        and e.observed not in TERMINAL_STATES
-    ]
+    """The execution of another version that a new one on this node replaces: the newest one still
+    running there, else the newest one meant to run that nothing follows yet (a failed version that a
+    rollback undoes)."""
+    meant = [e for e in executions if e.node_id == node_id and e.job_version != version and e.desired == "running"]
+    live = [e for e in meant if e.observed not in TERMINAL_STATES]
+    candidates = live or [e for e in meant if not e.status.next_execution_id]
     return max(candidates, key=lambda e: (e.status.created_at, e.id), default=None)
 
 
@@ -568,7 +575,7 @@ def _rollback_targets(rollout: Rollout, executions: list[Execution], stable: int
 
 def _finished_message(rollout: Rollout) -> str:
     if rollout.rollback_of:
-        return f"rolled back to version {rollout.job_version} on {len(rollout.targets)} nodes"
+        return f"rolled back to version {rollout.job_version} on {len(rollout.targets)} nodes after: {rollout.cause}"
     failed = f", {len(rollout.failed_nodes)} failed" if rollout.failed_nodes else ""
     return f"version {rollout.job_version} rolled out to {len(rollout.targets)} nodes{failed}"
 

@@ -31,6 +31,7 @@ class Rollout(msgspec.Struct, kw_only=True, omit_defaults=True):
     current_wave: int = 0  # waves started so far (1-indexed); 0 for immediate
     failed_nodes: list[str] = []
     rollback_of: int = 0
+    cause: str = ""  # on a rollback: why the rolled-back version failed
     previous_version: int = 0
     message: str = ""
     created_at: Timestamp

@@ -75,7 +75,7 @@ class SchedulerService(Component):
     async def get_submission(self, req: ApiRequest) -> bytes:
         namespace = check_namespace(req.token(2))
         body = from_json(req.data, GetSubmissionRequest)
-        record = await self.store.submissions.get(body.submission_id) if s.TOKEN.match(body.submission_id) else None
+        record = await self.store.submissions.get(body.submission_id) if s.TOKEN.fullmatch(body.submission_id) else None
         if record is None or record.value.namespace != namespace:
             raise NotFound(f"submission {body.submission_id!r} not found (not processed yet, or expired)",
                            field="submission_id")

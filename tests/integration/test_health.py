@@ -1,0 +1,106 @@
+"""Health service: registration rules, heartbeats, disconnects, lost executions and their grace period."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared import subjects as s
+from shared.api import ListNodesRequest
+from shared.codec import to_json
+from shared.errors import InvalidInput
+
+pytestmark = pytest.mark.nats
+
+
+async def test_registration_validates_input_and_keeps_serving(cluster) -> None:
+    await cluster.start("health")
+    api = await cluster.api()
+    bus = api.bus
+    for body, field in (
+        ({"node_id": "bad id!", "labels": {}}, "node_id"),
+        ({"node_id": "n1", "labels": {"Bad Key": "x"}}, "labels.Bad Key"),
+        ({"node_id": "n1", "labels": {"k": "v" * 64}}, "labels.k"),
+        ({"node_id": "n1", "labels": {}, "extra": 1}, "extra"),
+        ({"labels": {}}, "node_id"),
+    ):
+        with pytest.raises(InvalidInput) as err:
+            await bus.request(s.NODES_REGISTER, to_json(body))
+        assert err.value.field == field, body
+    reply = await bus.request(s.NODES_REGISTER, to_json({"node_id": "n1", "labels": {"zone": "a"}}))
+    assert b'"state_type":"ready"' in reply
+
+
+async def _node_state(api, node_id: str) -> str:
+    _, page = await api.list_nodes(ListNodesRequest(selector=None, limit=1000))
+    return next((n.state.state_type for n in page.items if n.id == node_id), "")
+
+
+async def _execution_states(api, job: str) -> dict[str, str]:
+    return {e.node_id: e.observed for e in await api.all_executions(job)}
+
+
+async def test_short_outage_recovers_long_outage_fails(cluster, wait_for) -> None:
+    """A node that misses heartbeats is disconnected and its executions lost; back within the grace they
+    resume; a node that stays away longer than the grace has its executions failed."""
+    await cluster.start_services()
+    fleet = await cluster.start("agent", simulate=3)
+    api = await cluster.api()
+    await api.wait_ready(3)
+    assert (await api.submit({"name": "keepalive", "type": "pipeline", "config": {"simulate": {}},
+                              "restart_policy": "never"})).accepted
+    await wait_for(lambda: _all_are(api, "keepalive", "running", 3))
+    loop = asyncio.get_running_loop()
+
+    # Short outage: shorter than lost_grace (3 s), longer than node_timeout (1 s).
+    fleet.nodes["sim-0001"].offline_until = loop.time() + 1.8
+    await wait_for(lambda: _equals(_node_state(api, "sim-0001"), "disconnected"))
+    await wait_for(lambda: _equals(_state_of(api, "keepalive", "sim-0001"), "lost"))
+    await wait_for(lambda: _equals(_node_state(api, "sim-0001"), "ready"))
+    await wait_for(lambda: _equals(_state_of(api, "keepalive", "sim-0001"), "running"))
+    _, job = await api.get_job("keepalive")
+    assert job.state.state_type in ("running", "degraded")
+    assert len(await api.all_executions("keepalive")) == 3  # resumed, not replaced
+
+    # Long outage: past the grace, the lost execution counts as failed.
+    fleet.nodes["sim-0002"].offline_until = loop.time() + 30
+    await wait_for(lambda: _equals(_state_of(api, "keepalive", "sim-0002"), "lost"))
+    await wait_for(lambda: _equals(_state_of(api, "keepalive", "sim-0002"), "failed"), timeout=15)
+    failed = next(e for e in await api.all_executions("keepalive") if e.node_id == "sim-0002")
+    assert failed.status.details.get("reason") == "lost"
+    assert (await _execution_states(api, "keepalive"))["sim-0003"] == "running"
+
+
+async def _state_of(api, job: str, node: str) -> str:
+    return (await _execution_states(api, job)).get(node, "")
+
+
+async def _equals(awaitable, expected) -> bool:
+    return await awaitable == expected
+
+
+async def _all_are(api, job: str, state: str, count: int) -> bool:
+    states = await _execution_states(api, job)
+    return len(states) == count and set(states.values()) == {state}
+
+
+async def test_agent_restart_reports_lost_runs_and_restart_policy_replaces_them(cluster, wait_for) -> None:
+    await cluster.start_services()
+    fleet = await cluster.start("agent", simulate=1)
+    api = await cluster.api()
+    await api.wait_ready(1)
+    assert (await api.submit({"name": "svc", "type": "pipeline", "config": {"simulate": {}}})).accepted
+    await wait_for(lambda: _all_are(api, "svc", "running", 1))
+    await cluster.stop(fleet)  # the agent goes away and reports its run failed (agent shut down)
+    await cluster.start("agent", simulate=1)  # and comes back
+
+    async def replaced() -> bool:
+        items = await api.all_executions("svc")
+        failed = [e for e in items if e.observed == "failed"]
+        running = [e for e in items if e.observed == "running"]
+        return bool(failed and running and running[0].status.previous_execution_id == failed[0].id
+                    and failed[0].status.next_execution_id == running[0].id
+                    and running[0].status.details.get("restarts") == 1)
+
+    await wait_for(replaced)

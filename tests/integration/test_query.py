@@ -1,0 +1,311 @@
+"""The query service against a real server and a real SQLite file: the view, keyset pages, tokens, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import uuid
+
+import pytest
+
+from shared import subjects as s
+from shared.api import ListJobExecutionsRequest, ListJobsRequest, ListNodesRequest
+from shared.codec import to_json
+from shared.durations import utcnow
+from shared.errors import InvalidInput, NotFound
+from shared.models import (
+    DesiredState,
+    Execution,
+    ExecutionStatus,
+    Job,
+    JobSpec,
+    JobState,
+    Node,
+    NodeState,
+    ObservedState,
+    Selector,
+)
+from shared.store import Store
+
+pytestmark = pytest.mark.nats
+
+BASE = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def make_job(namespace: str, name: str, version: int = 1) -> Job:
+    spec = JobSpec(name=name, type="pipeline", namespace=namespace, config={"simulate": {}})
+    return Job(id=str(uuid.uuid4()), name=name, namespace=namespace, type="pipeline", version=version,
+               state=JobState(state_type="running"), spec=spec, created_at=BASE, modified_at=BASE, revision=1)
+
+
+def make_execution(job: Job, node: str, *, version: int = 1, created: dt.datetime | None = None,
+                   state: str = "running") -> Execution:
+    at = created or utcnow()
+    return Execution(
+        id=str(uuid.uuid4()), eval_id="e", job_id=job.id, job_type="pipeline", job_version=version,
+        namespace=job.namespace, node_id=node,
+        status=ExecutionStatus(created_at=at, updated_at=at, revision=1,
+                               desired_state=DesiredState(state_type="running"),
+                               observed_state=ObservedState(state_type=state)),  # type: ignore[arg-type]
+        job_spec=job.spec,
+    )
+
+
+async def put_job(store: Store, job: Job) -> None:
+    await store.jobs.put(s.job_key(job.namespace, job.id), job)
+
+
+async def put_executions(store: Store, executions: list[Execution]) -> None:
+    await asyncio.gather(*(store.executions.put(e.key, e) for e in executions))
+
+
+async def walk(api, request: ListJobExecutionsRequest) -> list[Execution]:
+    items: list[Execution] = []
+    token = ""
+    while True:
+        request.next_token = token
+        raw, page = await api.list_executions(request)
+        items.extend(page.items)
+        if not page.next_token:
+            assert b'"next_token"' not in raw  # present only when more exist
+            return items
+        token = page.next_token
+
+
+@pytest.fixture
+async def query(cluster, bus):
+    await cluster.start("query")
+    return Store(bus)
+
+
+async def until_visible(api, job: str, count: int, wait_for, **filters) -> None:
+    async def check() -> bool:
+        return len(await api.all_executions(job, **filters)) == count
+
+    await wait_for(check)
+
+
+async def test_walk_returns_every_execution_once_while_inserting(query, cluster, wait_for) -> None:
+    store = query
+    api = await cluster.api("prod")
+    job = make_job("prod", "ingest")
+    await put_job(store, job)
+    before = [make_execution(job, f"n{i % 7}", created=BASE + dt.timedelta(seconds=i)) for i in range(230)]
+    await put_executions(store, before)
+    await until_visible(api, "ingest", 230, wait_for)
+
+    async def insert_more() -> list[Execution]:
+        extra = []
+        for i in range(8):
+            batch = [make_execution(job, "late", created=utcnow()) for _ in range(12)]
+            await put_executions(store, batch)
+            extra += batch
+            await asyncio.sleep(0.02)
+        return extra
+
+    inserter = asyncio.create_task(insert_more())
+    seen: list[Execution] = []
+    token = ""
+    while True:
+        raw, page = await api.list_executions(ListJobExecutionsRequest(job="ingest", limit=17, next_token=token))
+        seen.extend(page.items)
+        await asyncio.sleep(0.01)
+        if not page.next_token:
+            break
+        token = page.next_token
+    extra = await inserter
+    ids = [e.id for e in seen]
+    assert len(ids) == len(set(ids)), "an execution appeared twice"
+    assert {e.id for e in before} <= set(ids), "an execution that existed before the walk was skipped"
+    assert set(ids) <= {e.id for e in before + extra}
+    created = [(e.status.created_at, e.id) for e in seen]
+    assert created == sorted(created)
+
+
+async def test_order_reverse_and_updated_at(query, cluster, wait_for) -> None:
+    store, api = query, await cluster.api()
+    job = make_job("default", "ordered")
+    await put_job(store, job)
+    executions = [make_execution(job, "a", created=BASE + dt.timedelta(minutes=i)) for i in range(25)]
+    # updated_at in the opposite order of created_at
+    for i, e in enumerate(executions):
+        e.status.updated_at = BASE + dt.timedelta(hours=1, minutes=25 - i)
+    await put_executions(store, executions)
+    await until_visible(api, "ordered", 25, wait_for)
+    forward = await walk(api, ListJobExecutionsRequest(job="ordered", limit=4))
+    backward = await walk(api, ListJobExecutionsRequest(job="ordered", limit=4, reverse=True))
+    by_update = await walk(api, ListJobExecutionsRequest(job="ordered", limit=6, order_by="updated_at"))
+    assert [e.id for e in forward] == [e.id for e in executions]
+    assert [e.id for e in backward] == [e.id for e in reversed(executions)]
+    assert [e.id for e in by_update] == [e.id for e in reversed(executions)]
+
+
+async def test_filters_versions_nodes_states_and_namespaces(query, cluster, wait_for) -> None:
+    store, api = query, await cluster.api("prod")
+    job = make_job("prod", "etl", version=2)
+    other = make_job("staging", "etl")
+    await put_job(store, job)
+    await put_job(store, other)
+    v1 = [make_execution(job, f"n{i}", version=1, state="stopped") for i in range(3)]
+    v2 = [make_execution(job, f"n{i}", version=2, state="running" if i else "failed") for i in range(3)]
+    staged = [make_execution(other, "n0")]
+    await put_executions(store, v1 + v2 + staged)
+    await until_visible(api, "etl", 6, wait_for, all_job_versions=True)
+
+    latest = await walk(api, ListJobExecutionsRequest(job="etl"))
+    assert {e.id for e in latest} == {e.id for e in v2}  # default: the latest version only
+    assert {e.id for e in await walk(api, ListJobExecutionsRequest(job=job.id, job_version=1))} == {e.id for e in v1}
+    assert len(await walk(api, ListJobExecutionsRequest(job="etl", all_job_versions=True))) == 6
+    on_n0 = await walk(api, ListJobExecutionsRequest(job="etl", all_job_versions=True, node_id="n0"))
+    assert {e.node_id for e in on_n0} == {"n0"} and len(on_n0) == 2
+    failed = await walk(api, ListJobExecutionsRequest(job="etl", state="failed"))
+    assert [e.id for e in failed] == [v2[0].id]
+    # No job: the whole namespace, every version; never another namespace's executions.
+    everything = await walk(api, ListJobExecutionsRequest())
+    assert {e.id for e in everything} == {e.id for e in v1 + v2}
+    staging = await cluster.api("staging")
+    assert [e.id for e in await walk(staging, ListJobExecutionsRequest(job="etl"))] == [staged[0].id]
+
+
+async def test_bad_requests_are_400_with_the_field(query, cluster, wait_for) -> None:
+    store, api = query, await cluster.api()
+    job = make_job("default", "paged")
+    await put_job(store, job)
+    await put_executions(store, [make_execution(job, "n", created=BASE + dt.timedelta(seconds=i)) for i in range(5)])
+    await until_visible(api, "paged", 5, wait_for)
+    bus = api.bus
+    subject = s.api("default", s.EXECUTIONS_LIST)
+
+    async def error_of(body: bytes) -> InvalidInput:
+        with pytest.raises(InvalidInput) as err:
+            await bus.request(subject, body)
+        return err.value
+
+    assert (await error_of(b'{"job":"paged","limit":0}')).field == "limit"
+    assert (await error_of(b'{"job":"paged","limit":1001}')).field == "limit"
+    unknown_order = await error_of(b'{"job":"paged","order_by":"name"}')
+    assert unknown_order.field == "order_by" and "created_at" in unknown_order.message
+    assert (await error_of(b'{"job":"paged","colour":"red"}')).field == "colour"
+    assert (await error_of(b'{"job":"paged","limit":"ten"}')).field == "limit"
+    assert (await error_of(b"[1,2")).code == 400
+    assert (await error_of(b'{"job_version":2}')).field == "job_version"
+    assert (await error_of(b'{"job":"paged","job_version":0}')).field == "job_version"
+
+    _, first = await api.list_executions(ListJobExecutionsRequest(job="paged", limit=2))
+    token = first.next_token
+    assert token
+    flipped = token[:5] + ("A" if token[5] != "A" else "B") + token[6:]
+    assert (await error_of(to_json({"job": "paged", "limit": 2, "next_token": flipped}))).field == "next_token"
+    mismatch = await error_of(to_json({"job": "paged", "limit": 2, "next_token": token, "reverse": True}))
+    assert mismatch.field == "next_token" and "other filters" in mismatch.message
+    assert (await error_of(b'{"job":"paged","next_token":"garbage"}')).field == "next_token"
+    with pytest.raises(NotFound):
+        await bus.request(subject, b'{"job":"missing"}')
+    # The service kept serving through all of that, and the token still works with its own filters
+    # (the page size may change between pages).
+    _, second = await api.list_executions(ListJobExecutionsRequest(job="paged", limit=3, next_token=token))
+    assert len(second.items) == 3 and not second.next_token
+
+
+async def test_restart_resumes_without_loss_or_duplicates(cluster, bus, wait_for, tmp_path) -> None:
+    store = Store(bus)
+    db = str(tmp_path / "view.db")
+    first = await cluster.start("query", db=db)
+    api = await cluster.api()
+    job = make_job("default", "durable")
+    await put_job(store, job)
+    batch1 = [make_execution(job, "a") for _ in range(40)]
+    await put_executions(store, batch1)
+    await until_visible(api, "durable", 40, wait_for)
+    await cluster.stop(first)
+
+    batch2 = [make_execution(job, "b") for _ in range(40)]
+    await put_executions(store, batch2)
+    changed = batch1[0]
+    changed.status.observed_state = ObservedState(state_type="completed")
+    changed.status.revision = 2
+    await store.executions.put(changed.key, changed)
+    # An older revision arriving late must not win.
+    stale = make_execution(job, "a")
+    stale.id, stale.status.revision = changed.id, 1
+    await store.executions.put(stale.key, stale)
+
+    await cluster.start("query", db=db)
+    await until_visible(api, "durable", 80, wait_for)
+    items = await api.all_executions("durable")
+    assert len({e.id for e in items}) == 80 == len(items)
+    assert next(e for e in items if e.id == changed.id).observed == "completed"
+
+    # A lost durable consumer (expired while the replica was away) resumes after the view's last event.
+    view_id = [c for c in cluster.components if c.name == "query"][0].view.view_id
+    await cluster.stop([c for c in cluster.components if c.name == "query"][0])
+    assert await bus.delete_consumer(s.STREAM_EVENTS, s.consumer_query_view(view_id))
+    batch3 = [make_execution(job, "c") for _ in range(5)]
+    await put_executions(store, batch3)
+    await cluster.start("query", db=db)
+    await until_visible(api, "durable", 85, wait_for)
+
+
+async def test_jobs_and_nodes_reads(query, cluster, bus, wait_for) -> None:
+    store, api = query, await cluster.api()
+    jobs = [make_job("default", f"job-{i:02d}") for i in range(7)]
+    for i, job in enumerate(jobs):
+        job.created_at = job.modified_at = BASE + dt.timedelta(seconds=i)
+        await put_job(store, job)
+    now = utcnow()
+    for i in range(6):
+        labels = {"region": ["east", "west"][i % 2], "tier": "edge"}
+        if i == 5:
+            labels["gpu"] = "true"
+        node = Node(id=f"node-{i}", labels=labels, state=NodeState(state_type="ready" if i else "disconnected"),
+                    registered_at=now, updated_at=now, revision=1)
+        await store.nodes.put(node.id, node)
+
+    async def all_jobs() -> list:
+        items, token = [], ""
+        while True:
+            _, page = await api.list_jobs(ListJobsRequest(limit=3, next_token=token))
+            items += page.items
+            if not page.next_token:
+                return items
+            token = page.next_token
+
+    await wait_for(lambda: _len_is(all_jobs, 7))
+    assert [j.name for j in await all_jobs()] == [j.name for j in jobs]
+    _, by_name = await api.get_job("job-03")
+    _, by_id = await api.get_job(jobs[3].id)
+    assert by_name.id == by_id.id == jobs[3].id
+    with pytest.raises(NotFound):
+        await api.get_job("job-99")
+
+    async def nodes(selector: Selector | None = None, state=None, limit=None) -> list[str]:
+        out, token = [], ""
+        while True:
+            _, page = await api.list_nodes(ListNodesRequest(selector=selector, state=state, limit=limit,
+                                                            next_token=token))
+            out += [n.id for n in page.items]
+            if not page.next_token:
+                return out
+            token = page.next_token
+
+    await wait_for(lambda: _len_is(nodes, 6))
+    assert await nodes(Selector(match_expressions=["region=east"])) == ["node-0", "node-2", "node-4"]
+    assert await nodes(Selector(match_expressions=["region in (east,west)", "!gpu"]), limit=2) == [
+        "node-0", "node-1", "node-2", "node-3", "node-4"]
+    assert await nodes(Selector(match_labels={"region": "west"}, match_ids=["node-1", "node-2"])) == ["node-1"]
+    assert await nodes(state="disconnected") == ["node-0"]
+    with pytest.raises(InvalidInput) as err:
+        await api.list_nodes(ListNodesRequest(selector=Selector(match_expressions=["region in (a"])))
+    assert err.value.field == "selector.match_expressions[0]"
+
+
+async def _len_is(fetch, n: int) -> bool:
+    return len(await fetch()) == n
+
+
+def test_page_reply_is_valid_json() -> None:
+    from services.query.service import page_reply
+
+    assert json.loads(page_reply([b'{"a":1}', b'{"b":2}'], "tok")) == {"items": [{"a": 1}, {"b": 2}], "next_token": "tok"}
+    assert json.loads(page_reply([], "")) == {"items": []}
