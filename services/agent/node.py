@@ -75,6 +75,9 @@ class NodeAgent:
             return
         if execution.desired != "running" or observed in TERMINAL_STATES:
             return
+        if observed == "lost":
+            # Lost while this node was away: what matters is what it was before (pending = never started).
+            observed = str(execution.status.details.get("lost_from", "running"))
         if observed == "pending":
             self._start(execution)
         elif observed in ALIVE_STATES:

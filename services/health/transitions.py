@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from shared.durations import utcnow
 from shared.models import TERMINAL_STATES, Execution, StateReport
 
 # Order of progress; a report that would move an execution to a lower rank is stale and ignored.
@@ -79,6 +80,13 @@ def set_observed(execution: Execution, state: str, message: str = "") -> None:
     observed = execution.status.observed_state
     observed.state_type = state  # type: ignore[assignment]
     observed.message = message
+    if state in TERMINAL_STATES:
+        # When it ended (updated_at moves on with later bookkeeping): restart backoff counts from here.
+        execution.status.details["finished_at"] = rfc3339(utcnow())
+
+
+def rfc3339(ts: dt.datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")
 
 
 def mark_lost(execution: Execution, now: dt.datetime, node_id: str) -> bool:
@@ -87,7 +95,7 @@ def mark_lost(execution: Execution, now: dt.datetime, node_id: str) -> bool:
     if current in TERMINAL_STATES or current == "lost":
         return False
     status.details["lost_from"] = current
-    status.details["lost_at"] = now.isoformat().replace("+00:00", "Z")
+    status.details["lost_at"] = rfc3339(now)
     set_observed(execution, "lost", f"node {node_id} stopped sending heartbeats")
     return True
 

@@ -279,7 +279,7 @@ class Controller:
         """Create the execution that replaces an exited one, once its backoff has passed."""
         restarts = int(execution.status.details.get("restarts", 0))
         delay = min(self.settings.restart_backoff_max, self.settings.restart_backoff_base * 2 ** restarts)
-        due = execution.status.updated_at + dt.timedelta(seconds=delay)
+        due = finished_at(execution) + dt.timedelta(seconds=delay)
         if now < due:
             await self.schedule(rollout, due, f"restart-{execution.id}")
             return None
@@ -444,6 +444,7 @@ class Controller:
         if not message:
             return False
         rollout.state = "failed"
+        rollout.timed_out = True
         rollout.message = message
         rollout.updated_at = rollout.finished_at = now
         try:
@@ -459,6 +460,9 @@ class Controller:
     async def _derive_job_state(self, job: Job, rollout: Rollout, spec: JobSpec,
                                 latest: dict[str, Execution]) -> None:
         state = rollout.state
+        if rollout.timed_out:
+            await self._set_job_state(job, "failed", rollout.message, rollout)
+            return
         if rollout.rollback_of or state == "failed":
             if state == "succeeded":
                 message = f"rolled back to version {rollout.job_version} after: {rollout.cause}"
@@ -513,6 +517,17 @@ class Controller:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+def finished_at(execution: Execution) -> dt.datetime:
+    """When the execution reached its terminal state (recorded by the health service)."""
+    raw = execution.status.details.get("finished_at")
+    if isinstance(raw, str):
+        try:
+            return dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+    return execution.status.updated_at
 
 
 def _mark_stopped(rollout: Rollout) -> bool:

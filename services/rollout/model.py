@@ -32,6 +32,7 @@ class Rollout(msgspec.Struct, kw_only=True, omit_defaults=True):
     failed_nodes: list[str] = []
     rollback_of: int = 0
     cause: str = ""  # on a rollback: why the rolled-back version failed
+    timed_out: bool = False  # failed by queue_timeout or total_timeout: the job fails, nothing rolls back
     previous_version: int = 0
     message: str = ""
     created_at: Timestamp

@@ -273,3 +273,194 @@ async def test_no_data_is_never_healthy_and_the_deadline_fails_it(cluster, wait_
     assert items["sim-0001"].observed == "failed" and items["sim-0001"].status.details["reason"] == "deadline"
     assert items["sim-0002"].observed == "running"
     assert st.failed_nodes == ["sim-0001"]
+
+
+# -- restarts, timeouts, degradation, loops ----------------------------------------------------------
+
+
+def one_shot(name: str, *, policy: str, simulate: dict, job_type: str = "query", **extra: Any) -> dict:
+    return {"name": name, "type": job_type, "restart_policy": policy, "config": {"simulate": simulate}, **extra}
+
+
+async def chain(api, name: str) -> list:
+    return sorted(await api.all_executions(name, all_job_versions=True), key=lambda e: e.status.created_at)
+
+
+@pytest.mark.parametrize(
+    ("policy", "exit_code", "restarts", "final"),
+    [("on-failure", 1, True, None), ("on-failure", 0, False, "completed"), ("always", 0, True, None),
+     ("never", 1, False, "failed")],
+)
+async def test_restart_policies(cluster, wait_for, policy, exit_code, restarts, final) -> None:
+    api, _ = await start(cluster, 1)
+    await submit(api, one_shot("task", policy=policy, simulate={"duration": 0.1, "exit_code": exit_code}))
+    if restarts:
+        async def restarted_twice() -> list:
+            items = await chain(api, "task")
+            return items if len(items) >= 3 else []
+
+        items = await wait_for(restarted_twice)
+        for earlier, later in zip(items, items[1:]):
+            assert later.status.previous_execution_id == earlier.id
+            assert earlier.status.next_execution_id == later.id
+            assert later.node_id == earlier.node_id
+        assert [e.status.details.get("restarts", 0) for e in items[:3]] == [0, 1, 2]
+        # Exponential backoff: the second gap is longer than the first.
+        from services.rollout.controller import finished_at
+
+        gaps = [(b.status.created_at - finished_at(a)).total_seconds() for a, b in zip(items, items[1:3])]
+        assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[1] > gaps[0], gaps
+    else:
+        await wait_for(lambda: _job_is(api, "task", final))
+        await asyncio.sleep(0.8)
+        items = await chain(api, "task")
+        assert len(items) == 1 and items[0].observed == final
+
+
+async def _job_is(api, name: str, state: str) -> bool:
+    _, j = await api.get_job(name)
+    return j.state.state_type == state
+
+
+async def test_execution_timeout_kills_and_fails_with_reason_timeout(cluster, wait_for) -> None:
+    api, _ = await start(cluster, 1)
+    await submit(api, one_shot("slow", policy="never", simulate={}, timeouts={"execution_timeout": 1}))
+    await wait_for(lambda: _job_is(api, "slow", "failed"), timeout=10)
+    (execution,) = await chain(api, "slow")
+    assert execution.observed == "failed" and execution.status.details["reason"] == "timeout"
+    assert "execution_timeout" in execution.status.observed_state.message
+
+
+async def test_queue_timeout_fails_a_job_nobody_can_run(cluster, wait_for) -> None:
+    api, _ = await start(cluster, 1)
+    await submit(api, one_shot("nowhere", policy="never", simulate={"duration": 0.1},
+                               selector={"match_labels": {"zone": "moon"}}, timeouts={"queue_timeout": 1}))
+    await wait_for(lambda: _job_is(api, "nowhere", "queued"))
+    await wait_for(lambda: _job_is(api, "nowhere", "failed"), timeout=10)
+    _, j = await api.get_job("nowhere")
+    assert "queue_timeout" in j.state.message
+    assert await chain(api, "nowhere") == []
+
+
+async def test_queued_job_starts_when_a_matching_node_joins(cluster, wait_for) -> None:
+    api, _ = await start(cluster, 1)
+    await submit(api, one_shot("later", policy="never", simulate={"duration": 0.1},
+                               selector={"match_labels": {"zone": "moon"}}, timeouts={"queue_timeout": 30}))
+    await wait_for(lambda: _job_is(api, "later", "queued"))
+    await cluster.start("agent", simulate=1, sim_prefix="moon-{i}", sim_labels=["zone=moon"])
+    await wait_for(lambda: _job_is(api, "later", "completed"))
+    assert [e.node_id for e in await chain(api, "later")] == ["moon-1"]
+
+
+async def test_total_timeout_stops_everything(cluster, wait_for) -> None:
+    api, _ = await start(cluster, 2)
+    await submit(api, one_shot("bounded", job_type="pipeline", policy="always", simulate={},
+                               timeouts={"total_timeout": 2}))
+    await wait_for(lambda: _job_is(api, "bounded", "running"))
+    await wait_for(lambda: _job_is(api, "bounded", "failed"), timeout=10)
+    _, j = await api.get_job("bounded")
+    assert "total_timeout" in j.state.message
+
+    async def all_stopped() -> bool:
+        return all(e.desired == "stopped" and e.observed == "stopped" for e in await chain(api, "bounded"))
+
+    await wait_for(all_stopped)
+
+
+@pytest.mark.parametrize("after_start", [False, True])
+async def test_short_disconnect_during_a_rollout_spends_no_budget(cluster, wait_for, after_start: bool) -> None:
+    """Offline before its execution started (it is lost while pending) or after (lost while validating):
+    either way it comes back within the grace and the rollout succeeds with no failed node."""
+    api, fleet = await start(cluster, 3)
+    body = job("edge", max_parallel=100, max_failed_nodes=0, max_failed_nodes_percent=0)
+    body["rollout"]["health_check"]["deadline"] = "20s"
+    await submit(api, body)
+    if after_start:
+        await until(wait_for, api, "edge", lambda s: s.waves[0].states.get("validating") == 3)
+    fleet.nodes["sim-0002"].offline_until = asyncio.get_running_loop().time() + 1.8
+
+    async def lost() -> bool:
+        return any(e.observed == "lost" for e in await chain(api, "edge"))
+
+    await wait_for(lost)
+    st = await until(wait_for, api, "edge", lambda s: s.state in ("succeeded", "failed"), timeout=30)
+    assert st.state == "succeeded" and st.failed_nodes == []
+    assert len(await chain(api, "edge")) == 3
+
+
+# -- real processes: the health file channel ---------------------------------------------------------
+
+
+async def start_real(cluster, tmp_path, nodes: int = 2):
+    await cluster.start_services()
+    agents = []
+    for i in range(1, nodes + 1):
+        agents.append(await cluster.start("agent", node_id=f"edge-{i}", labels={"tier": "edge"},
+                                          work_dir=str(tmp_path / f"edge-{i}")))
+    api = await cluster.api()
+    await api.wait_ready(nodes)
+    return api
+
+
+def real_job(name: str, command: str, **rollout: Any) -> dict:
+    return {"name": name, "type": "pipeline", "restart_policy": "never", "config": {"command": ["sh", "-c", command]},
+            "rollout": {"strategy": "rolling", "max_parallel": 100, "health_check": dict(HEALTH), **rollout}}
+
+
+async def test_stable_execution_that_degrades_never_rolls_back(cluster, wait_for, tmp_path) -> None:
+    api = await start_real(cluster, tmp_path)
+    await submit(api, real_job("steady", "exec sleep 600"))
+    await until(wait_for, api, "steady", lambda s: s.state == "succeeded")
+    await submit(api, real_job("steady", "exec sleep 601", max_failed_nodes=0, max_failed_nodes_percent=0))
+    await until(wait_for, api, "steady", lambda s: s.job_version == 2 and s.state == "succeeded")
+    items = await api.all_executions("steady")
+    target = next(e for e in items if e.node_id == "edge-1")
+    health_file = tmp_path / "edge-1" / "executions" / target.id / "health"
+
+    async def erroring() -> None:
+        while True:
+            with open(health_file, "a") as fh:
+                fh.write("ok 1\nerror 9\n")
+            await asyncio.sleep(0.05)
+
+    writer = asyncio.create_task(erroring())
+    try:
+        async def degraded() -> bool:
+            e = next(x for x in await api.all_executions("steady") if x.id == target.id)
+            return e.observed == "degraded"
+
+        await wait_for(degraded)
+        await wait_for(lambda: _job_is(api, "steady", "degraded"))
+        await asyncio.sleep(1.0)
+        st = await status(api, "steady")
+        assert st.state == "succeeded" and st.rollback_of == 0 and st.job_version == 2
+        assert all(e.job_version == 2 for e in await api.all_executions("steady", all_job_versions=True)
+                   if e.desired == "running")
+    finally:
+        writer.cancel()
+
+    async def recovered() -> bool:
+        e = next(x for x in await api.all_executions("steady") if x.id == target.id)
+        return e.observed == "running"
+
+    await wait_for(recovered)  # liveness alone is healthy again
+    await wait_for(lambda: _job_is(api, "steady", "running"))
+
+
+async def test_rollback_to_an_identical_spec_is_a_no_op_so_it_cannot_loop(cluster, wait_for, tmp_path) -> None:
+    api = await start_real(cluster, tmp_path)
+    marker = tmp_path / "broken"
+    spec = real_job("loop", f"test -f {marker} && exit 3; exec sleep 600", max_failed_nodes=0)
+    await submit(api, spec)
+    await until(wait_for, api, "loop", lambda s: s.state == "succeeded")
+    marker.write_text("the world changed under the same spec")
+    await submit(api, spec, force=True)  # version 2, identical spec, now failing
+    st = await until(wait_for, api, "loop", lambda s: s.job_version == 2 and s.state == "failed")
+    assert "same spec" in st.message and st.rollback_of == 0
+    before = await api.all_executions("loop", all_job_versions=True)
+    await asyncio.sleep(1.5)
+    after = await api.all_executions("loop", all_job_versions=True)
+    assert len(after) == len(before)  # no rollback executions, no second attempt
+    assert {e.node_id for e in after if e.job_version == 1 and e.observed == "running"} == {"edge-1", "edge-2"}
+    _, j = await api.get_job("loop")
+    assert j.state.state_type == "rollout_failed" and j.stable_version == 1
