@@ -113,8 +113,7 @@ async def test_update_replaces_old_executions_wave_by_wave_and_links_them(cluste
         assert old.desired == "stopped"
         assert new.status.stable_at is not None
     assert {e.rollout_wave for e in items if e.job_version == 2} == {1, 2}
-    _, j = await api.get_job("svc")
-    assert j.state.state_type == "running" and j.stable_version == 2
+    await wait_for(lambda: _job_matches(api, "svc", lambda j: j.state.state_type == "running" and j.stable_version == 2))
 
 
 async def test_healthy_canary_auto_promotes_through_all_waves(cluster, wait_for) -> None:
@@ -128,8 +127,9 @@ async def test_healthy_canary_auto_promotes_through_all_waves(cluster, wait_for)
 async def test_manual_promote_pause_resume(cluster, wait_for) -> None:
     api, _ = await start(cluster, 4)
     await submit(api, job("manual", strategy="canary", max_parallel=25, canary={"canary_count": 1}))
-    st = await until(wait_for, api, "manual", lambda s: s.state == "awaiting_promotion")
-    assert st.job_state == "rollout_paused" and st.current_wave == 1
+    st = await until(wait_for, api, "manual",
+                     lambda s: s.state == "awaiting_promotion" and s.job_state == "rollout_paused")
+    assert st.current_wave == 1
     await asyncio.sleep(1.0)
     assert (await status(api, "manual")).current_wave == 1  # it really waits
     with pytest.raises(Conflict):
@@ -142,8 +142,8 @@ async def test_manual_promote_pause_resume(cluster, wait_for) -> None:
     held = await status(api, "manual")
     assert held.state == "paused" and held.current_wave == 2 and held.job_state == "rollout_paused"
     await api.rollout("rollouts.resume", "manual")
-    done = await until(wait_for, api, "manual", lambda s: s.state == "succeeded")
-    assert done.current_wave == 4 and done.job_state == "running"
+    done = await until(wait_for, api, "manual", lambda s: s.state == "succeeded" and s.job_state == "running")
+    assert done.current_wave == 4
 
 
 async def test_failing_canary_rolls_back_and_leaves_previous_version_running(cluster, wait_for) -> None:
@@ -154,8 +154,9 @@ async def test_failing_canary_rolls_back_and_leaves_previous_version_running(clu
     bad = job("app", strategy="canary", canary={"canary_count": 1}, auto_promote=True, max_failed_nodes=0,
               simulate={"error_rate": 0.5})
     await submit(api, bad)
-    st = await until(wait_for, api, "app", lambda s: s.rollback_of == 2 and s.state == "succeeded")
-    assert st.job_version == 1 and st.job_state == "rollout_failed" and st.current_wave == 0
+    st = await until(wait_for, api, "app", lambda s: s.rollback_of == 2 and s.state == "succeeded"
+                     and s.job_state == "rollout_failed")
+    assert st.job_version == 1 and st.current_wave == 0
     items = await api.all_executions("app", all_job_versions=True)
     v2 = [e for e in items if e.job_version == 2]
     # Only the canary ever ran version 2, and it failed its health check.
@@ -226,10 +227,11 @@ async def test_budget_count_trips_only_when_exceeded(cluster, wait_for, failing:
     bad_nodes = [f"sim-{i:04d}" for i in range(1, failing + 1)]
     await submit(api, job("budget", max_parallel=100, max_failed_nodes=2, max_failed_nodes_percent=100,
                           simulate={"error_rate": 1.0, "only_nodes": bad_nodes}))
-    st = await until(wait_for, api, "budget", lambda s: s.state in ("succeeded", "failed"))
+    expected_job_state = "rollout_failed" if tripped else "degraded"
+    st = await until(wait_for, api, "budget", lambda s: s.state in ("succeeded", "failed")
+                     and s.job_state == expected_job_state)
     assert sorted(st.failed_nodes) == bad_nodes
     assert (st.state == "failed") is tripped
-    assert st.job_state == ("rollout_failed" if tripped else "degraded")
     if tripped:
         assert "no earlier stable version" in st.message  # nothing to roll back to: the version is stopped
 
@@ -320,6 +322,11 @@ async def test_restart_policies(cluster, wait_for, policy, exit_code, restarts, 
 async def _job_is(api, name: str, state: str) -> bool:
     _, j = await api.get_job(name)
     return j.state.state_type == state
+
+
+async def _job_matches(api, name: str, predicate) -> bool:
+    _, j = await api.get_job(name)
+    return predicate(j)
 
 
 async def test_execution_timeout_kills_and_fails_with_reason_timeout(cluster, wait_for) -> None:

@@ -1,0 +1,187 @@
+"""End to end through real processes: `shoal dev`, its agents, and the `shoal` CLI as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+SHOAL = str(Path(sys.executable).parent / "shoal")
+FAST_ENV = {
+    "SHOAL_HEARTBEAT_INTERVAL": "0.5",
+    "SHOAL_NODE_TIMEOUT": "3",
+    "SHOAL_SWEEP_INTERVAL": "0.25",
+    "SHOAL_RESTART_BACKOFF_BASE": "0.2",
+}
+
+
+def cli(url: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **FAST_ENV, "SHOAL_NATS_URL": url}
+    result = subprocess.run([SHOAL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"shoal {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def until(fn, timeout: float = 60, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout}s; last: {last!r}")
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    """`shoal dev --nodes 3` as a user starts it; yields the NATS URL it prints."""
+    tmp_path = tmp_path_factory.mktemp("dev")
+    env = {**os.environ, **FAST_ENV}
+    env.pop("SHOAL_NATS_URL", None)
+    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "3", "--data-dir", str(tmp_path / "dev")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = None
+    lines = []
+    deadline = time.monotonic() + 90
+    assert proc.stdout is not None
+    while time.monotonic() < deadline and url is None:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"export SHOAL_NATS_URL=(\S+)", line)
+        if match:
+            url = match.group(1)
+    if url is None:
+        proc.kill()
+        raise AssertionError("shoal dev did not become ready:\n" + "".join(lines))
+    try:
+        yield url, tmp_path / "dev"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            rest = proc.stdout.read()
+            proc.stdout.close()
+        assert code == 0, "".join(lines) + rest
+
+
+def test_dev_runs_real_commands_on_matching_nodes_and_the_cli_lists_them(dev, tmp_path) -> None:
+    url, data = dev
+    nodes = json.loads(cli(url, "node", "list", "-o", "json").stdout)
+    assert sorted(n["id"] for n in nodes["items"]) == ["node-1", "node-2", "node-3"]
+    east_west = json.loads(cli(url, "node", "list", "--selector", "region in (us-east,us-west)", "-o", "json").stdout)
+    assert sorted(n["id"] for n in east_west["items"]) == ["node-1", "node-2"]
+
+    spec = tmp_path / "mark.yaml"
+    spec.write_text(
+        "name: mark\n"
+        "type: query\n"
+        "config:\n"
+        "  command: [sh, -c, 'echo \"ran on $SHOAL_NODE_ID\" | tee proof.txt']\n"
+        "selector:\n"
+        "  match_expressions: ['region in (us-east,us-west)']\n"
+    )
+    run = cli(url, "job", "run", str(spec), "--wait")
+    assert "accepted" in run.stdout and "completed" in run.stdout
+
+    listing = json.loads(cli(url, "job", "executions", "mark", "-o", "json").stdout)
+    items = listing["items"]
+    assert sorted(i["node_id"] for i in items) == ["node-1", "node-2"]
+    assert "next_token" not in listing
+    for item in items:
+        assert item["status"]["observed_state"]["state_type"] == "completed"
+        assert item["status"]["details"]["exit_code"] == 0
+        assert item["status"]["details"]["output"].strip() == f"ran on {item['node_id']}"
+        proof = data / "agents" / item["node_id"] / "executions" / item["id"] / "proof.txt"
+        assert proof.read_text().strip() == f"ran on {item['node_id']}"
+    assert not list((data / "agents" / "node-3").glob("executions/*/proof.txt"))
+
+    # The table ends with the full command for the next page, and that command works.
+    table = cli(url, "job", "executions", "mark", "--limit", "1").stdout
+    assert "NODE" in table and "OBSERVED" in table
+    more = re.search(r"more results: (shoal .*)$", table.strip())
+    assert more, table
+    args = more.group(1).split()[1:]
+    assert "--next-token" in args and "--limit" in args
+    second = cli(url, *args).stdout
+    assert "more results" not in second
+    first_id = re.search(r"^([0-9a-f-]{36})", table.splitlines()[1]).group(1)
+    second_id = re.search(r"^([0-9a-f-]{36})", second.splitlines()[1]).group(1)
+    assert {first_id, second_id} == {i["id"] for i in items}
+
+    described = cli(url, "job", "describe", "mark").stdout
+    assert "State:       completed" in described
+    assert "mark" in cli(url, "job", "list").stdout
+    assert yaml_has(cli(url, "job", "executions", "mark", "-o", "yaml").stdout, "items")
+
+    stop = cli(url, "job", "stop", "mark")
+    assert "stopping" in stop.stdout
+
+
+def yaml_has(text: str, key: str) -> bool:
+    import yaml
+
+    return key in yaml.safe_load(text)
+
+
+def test_cli_errors_are_one_clear_line(dev, tmp_path) -> None:
+    url, _ = dev
+    unreachable = cli("nats://127.0.0.1:1", "job", "list", check=False)
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.strip().startswith("error: cannot reach NATS at nats://127.0.0.1:1")
+    assert len(unreachable.stderr.strip().splitlines()) == 1 and "Traceback" not in unreachable.stderr
+
+    missing = cli(url, "job", "describe", "no-such-job", check=False)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        "error: job 'no-such-job' not found in namespace 'default' (field: job)"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ntype: pipeline\nconfig: {command: [sleep, '1']}\nrollout: {max_parallel: 500}\n")
+    rejected = cli(url, "job", "run", str(bad), check=False)
+    assert rejected.returncode == 2
+    assert rejected.stderr.strip().endswith("(field: spec.rollout.max_parallel)")
+    assert len(rejected.stderr.strip().splitlines()) == 1
+
+    out_of_range = cli(url, "job", "executions", "whatever", "--limit", "5000", check=False)
+    assert out_of_range.returncode in (1, 2) and "Traceback" not in out_of_range.stderr
+    assert len(out_of_range.stderr.strip().splitlines()) == 1
+
+    not_yaml = tmp_path / "broken.yaml"
+    not_yaml.write_text("name: [unclosed\n")
+    broken = cli(url, "job", "run", str(not_yaml), check=False)
+    assert broken.returncode == 2 and "not valid YAML" in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_json_output_is_exactly_the_api_reply(dev) -> None:
+    url, _ = dev
+    import asyncio
+
+    from shared import subjects as s
+    from shared.transport import Bus
+
+    async def direct() -> bytes:
+        bus = await Bus.connect(url, name="e2e")
+        try:
+            return await bus.request(s.NODES_LIST, b'{"limit": 2}')
+        finally:
+            await bus.close()
+
+    printed = cli(url, "node", "list", "--limit", "2", "-o", "json").stdout.strip()
+    assert printed.encode() == asyncio.run(direct())
