@@ -75,7 +75,9 @@ class Evaluations:
         await self._plan(evaluation, "deploy", targets, f"{len(targets)} eligible nodes")
 
     async def _node_joined(self, evaluation: Evaluation) -> None:
-        node = self.nodes.items.get(evaluation.node_id)
+        # Read the node itself: the mirror may not have seen the write that triggered this evaluation yet.
+        record = await self.store.nodes.get(evaluation.node_id)
+        node = record.value if record is not None else None
         if node is None or node.state.state_type != "ready":
             return
         single = {node.id: node}

@@ -185,3 +185,47 @@ def test_json_output_is_exactly_the_api_reply(dev) -> None:
 
     printed = cli(url, "node", "list", "--limit", "2", "-o", "json").stdout.strip()
     assert printed.encode() == asyncio.run(direct())
+
+
+def test_rollout_commands_steer_a_canary_and_a_rolling_update(dev, tmp_path) -> None:
+    url, _ = dev
+    spec = tmp_path / "edge-app.yaml"
+
+    def write(version_note: str, strategy: str, extra: str, success: int = 2) -> None:
+        spec.write_text(
+            "name: edge-app\n"
+            "type: pipeline\n"
+            f"description: {version_note}\n"
+            "config:\n"
+            "  command: [sh, -c, 'exec sleep 600']\n"
+            "rollout:\n"
+            f"  strategy: {strategy}\n"
+            f"{extra}"
+            f"  health_check: {{interval: 300ms, success_threshold: {success}, deadline: 60s}}\n"
+        )
+
+    write("v1", "canary", "  max_parallel: 50\n  canary: {canary_count: 1}\n")
+    cli(url, "job", "run", str(spec))
+    until(lambda: "rollout awaiting_promotion" in cli(url, "rollout", "status", "edge-app").stdout)
+    status = json.loads(cli(url, "rollout", "status", "edge-app", "-o", "json").stdout)
+    assert status["strategy"] == "canary" and status["current_wave"] == 1 and status["job_state"] == "rollout_paused"
+    promoted = cli(url, "rollout", "promote", "edge-app", "--reason", "canary looks good").stdout
+    assert "rollout deploying" in promoted and "wave 2 of" in promoted
+    watched = cli(url, "rollout", "watch", "edge-app", "--interval", "0.2")
+    assert "rollout succeeded" in watched.stdout
+
+    # A rolling update, paused and resumed, then aborted: it rolls back to version 1.
+    # Each wave needs 20 healthy intervals of 300 ms: slow enough to steer by hand.
+    write("v2", "rolling", "  max_parallel: 34\n", success=20)
+    cli(url, "job", "run", str(spec))
+    until(lambda: json.loads(cli(url, "rollout", "status", "edge-app", "-o", "json").stdout)["job_version"] == 2)
+    paused = cli(url, "rollout", "pause", "edge-app", "--reason", "hold on")
+    assert "rollout paused" in paused.stdout and "wave 1 of 2" in paused.stdout
+    assert "rollout deploying" in cli(url, "rollout", "resume", "edge-app").stdout
+    aborted = cli(url, "rollout", "abort", "edge-app", "--reason", "testing abort")
+    assert "rollback of version 2" in aborted.stdout and "testing abort" in aborted.stdout
+    final = cli(url, "rollout", "watch", "edge-app", "--interval", "0.2", check=False)
+    assert final.returncode == 1 and "rolled back to version 1" in final.stdout
+    again = cli(url, "rollout", "promote", "edge-app", check=False)
+    assert again.returncode == 1 and again.stderr.startswith("error: rollout of 'edge-app' is")
+    cli(url, "job", "stop", "edge-app")

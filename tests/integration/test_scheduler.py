@@ -159,11 +159,16 @@ async def test_node_joining_later_gets_pipeline_and_config_jobs(cluster, wait_fo
     assert (await api.submit(spec("daemon"))).accepted
     query = {"name": "once", "type": "query", "config": {"simulate": {"duration": 0.1}}}
     assert (await api.submit(query)).accepted
+    push = {"name": "push", "type": "config", "config": {"simulate": {"duration": 0.1}}}
+    assert (await api.submit(push)).accepted
     await wait_for(lambda: _count(api, "daemon", "running", 2))
     await wait_for(lambda: _job_state(api, "once", "completed"))
+    await wait_for(lambda: _job_state(api, "push", "completed"))
     await cluster.start("agent", simulate=1, sim_prefix="late-{i}")
     await wait_for(lambda: _count(api, "daemon", "running", 3))
     assert {e.node_id for e in await api.all_executions("daemon")} == {"sim-0001", "sim-0002", "late-1"}
+    # A config push that completed everywhere still goes to the new node.
+    await wait_for(lambda: _count(api, "push", "completed", 3))
     # A finished one-shot query does not chase new nodes.
     assert len(await api.all_executions("once")) == 2
 

@@ -1,0 +1,362 @@
+"""Pagination: the SQLite view alone, then ListJobExecutions over NATS.
+
+a. View only (no NATS). 200,000 executions over 10 jobs are applied to a `View` in batches of 5,000
+   (`View.apply`, the query service's own write path: msgpack decode, JSON body, upsert, one
+   transaction per batch). Then a page of 50 rows is read the way `QueryService._page` builds it
+   (ORDER BY created_at, id with `(created_at, id) > (?, ?)` from the token), at the first page and deep
+   in the listing, against the same page read with OFFSET. Deep means the token sits at row 150,000 of
+   the listing: with 10 jobs of 20,000 rows that position exists in the namespace-wide listing
+   (no job filter, index executions_ns_created); inside one job the same relative depth (75%) is row
+   15,000 (index executions_job_created). Both are reported. Finally the deep page is read again while
+   a writer applies 50,000 more rows, to see what inserts do to readers (WAL: one writer, many readers).
+
+b. Over NATS. A QueryService runs in this process on its own view; 100,000 executions (10 jobs of
+   10,000) are written to the executions bucket with `Store.executions.put` (asyncio.gather in chunks);
+   the server sources them into the EVENTS stream and the service materializes them. Then pages of 50
+   through `Client.list_executions`: serially, and with 16 concurrent requesters; and a whole job
+   (10,000 executions) walked with limit 1000 (`Client.all_executions`).
+
+    .venv/bin/python bench/pagination.py [--rows 200000] [--nats-rows 100000]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sqlite3
+import time
+import uuid
+
+from common import CpuMeter, Result, Stack, finish, ms, parse_args, percentile, say
+
+from services.query.view import Event, View
+from shared import subjects as s
+from shared.api import ListJobExecutionsRequest
+from shared.codec import to_msgpack
+from shared.models import DesiredState, Execution, ExecutionStatus, Job, JobSpec, JobState, ObservedState
+from shared.store import Store
+
+BASE = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+NAMESPACE = "default"
+PAGE = 50
+
+
+def make_job(name: str) -> Job:
+    spec = JobSpec(name=name, type="pipeline", namespace=NAMESPACE, config={"simulate": {}})
+    return Job(id=str(uuid.uuid4()), name=name, namespace=NAMESPACE, type="pipeline", version=1,
+               state=JobState(state_type="running"), spec=spec, created_at=BASE, modified_at=BASE, revision=1)
+
+
+def make_execution(job: Job, node: str, created: dt.datetime) -> Execution:
+    """As tests/integration/test_query.py builds them: a running execution carrying its job spec."""
+    return Execution(
+        id=str(uuid.uuid4()), eval_id="e", job_id=job.id, job_type="pipeline", job_version=1,
+        namespace=job.namespace, node_id=node,
+        status=ExecutionStatus(created_at=created, updated_at=created, revision=1,
+                               desired_state=DesiredState(state_type="running"),
+                               observed_state=ObservedState(state_type="running")),
+        job_spec=job.spec,
+    )
+
+
+def execution_events(jobs: list[Job], start: int, count: int, seq0: int) -> list[Event]:
+    """Events of executions start..start+count: round-robin over jobs, 1 ms apart, 1000 nodes."""
+    events = []
+    for i in range(start, start + count):
+        job = jobs[i % len(jobs)]
+        e = make_execution(job, f"node-{i % 1000:04d}", BASE + dt.timedelta(milliseconds=i))
+        subject = f"{s.EVENTS_EXECUTION}.{e.key}"
+        events.append(Event(subject, to_msgpack(e), False, seq0 + i))
+    return events
+
+
+# The SQL of QueryService._page (created_at order, ascending), with and without a job filter.
+def page_sql(job_filter: bool, keyset: bool, offset: bool = False) -> str:
+    where = ["namespace = ?"]
+    if job_filter:
+        where += ["job_id = ?", "job_version = ?"]
+    if keyset:
+        where.append("(created_at, id) > (?, ?)")
+    sql = (f"SELECT body, created_at, id FROM executions WHERE {' AND '.join(where)} "
+           f"ORDER BY created_at ASC, id ASC LIMIT ?")
+    return sql + (" OFFSET ?" if offset else "")
+
+
+async def timed_rows(view: View, sql: str, params: list, reps: int, budget: float) -> list[float]:
+    """Latencies (s) of `reps` reads through the view's reader (aiosqlite), stopping after `budget` s."""
+    out: list[float] = []
+    end = time.perf_counter() + budget
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        rows = await view.rows(sql, params)
+        out.append(time.perf_counter() - t0)
+        assert len(rows) == PAGE + 1, (len(rows), sql)
+        if time.perf_counter() > end:
+            break
+    return out
+
+
+def direct_rows(path: str, sql: str, params: list, reps: int) -> list[float]:
+    """The same read on a plain sqlite3 connection: the SQL cost without aiosqlite's thread hop."""
+    conn = sqlite3.connect(path)
+    try:
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            conn.execute(sql, params).fetchall()
+            out.append(time.perf_counter() - t0)
+        return out
+    finally:
+        conn.close()
+
+
+async def view_only(tmp, total: int, batch: int) -> list[Result]:
+    rows: list[Result] = []
+    jobs = [make_job(f"job-{j}") for j in range(10)]
+    path = str(tmp / "view-only.db")
+    view = View(path)
+    await view.open()
+    try:
+        # Job records first (ListJobExecutions resolves the job by name), then the executions.
+        job_events = [Event(f"{s.EVENTS_JOB}.{j.namespace}.{j.id}", to_msgpack(j), False, k + 1)
+                      for k, j in enumerate(jobs)]
+        await view.apply(job_events)
+        say(f"view only: applying {total:,} executions in batches of {batch:,}")
+        apply_time = 0.0
+        gen_time = 0.0
+        batch_times = []
+        with CpuMeter() as cpu:
+            for start in range(0, total, batch):
+                g0 = time.perf_counter()
+                events = execution_events(jobs, start, min(batch, total - start), seq0=100)
+                t0 = time.perf_counter()
+                await view.apply(events)
+                t1 = time.perf_counter()
+                gen_time += t0 - g0
+                apply_time += t1 - t0
+                batch_times.append(t1 - t0)
+        first_batches = sum(batch_times[:4]) / 4
+        last_batches = sum(batch_times[-4:]) / 4
+        rows.append(Result(
+            "view: apply 200k executions (batches of 5k)" if total == 200_000 else f"view: apply {total:,} executions",
+            total / apply_time, "rows/s",
+            f"{apply_time:.1f} s in View.apply (decode + JSON body + upsert + commit); a batch of {batch:,} took "
+            f"{ms(first_batches):.0f} ms at the start, {ms(last_batches):.0f} ms at the end (5 indexes grow); "
+            f"building the events took another {gen_time:.1f} s, not counted"))
+
+        # --- page latency -------------------------------------------------------------------------
+        job = jobs[3]
+        per_job = total // len(jobs)
+        deep_job = int(per_job * 0.75)
+        deep_ns = min(150_000, int(total * 0.75))
+        pos_job = await view.one(
+            "SELECT created_at, id FROM executions WHERE namespace = ? AND job_id = ? AND job_version = 1 "
+            "ORDER BY created_at, id LIMIT 1 OFFSET ?", (NAMESPACE, job.id, deep_job - 1))
+        pos_ns = await view.one(
+            "SELECT created_at, id FROM executions WHERE namespace = ? ORDER BY created_at, id LIMIT 1 OFFSET ?",
+            (NAMESPACE, deep_ns - 1))
+        assert pos_job is not None and pos_ns is not None
+        lim = PAGE + 1  # _page asks for one more row to know whether a next page exists
+
+        cases = {
+            # name: (sql, params, reps)
+            "job first": (page_sql(True, False), [NAMESPACE, job.id, 1, lim], 3000),
+            "job keyset deep": (page_sql(True, True), [NAMESPACE, job.id, 1, *pos_job, lim], 3000),
+            "job offset deep": (page_sql(True, False, True), [NAMESPACE, job.id, 1, lim, deep_job], 300),
+            "ns first": (page_sql(False, False), [NAMESPACE, lim], 3000),
+            "ns keyset deep": (page_sql(False, True), [NAMESPACE, *pos_ns, lim], 3000),
+            "ns offset deep": (page_sql(False, False, True), [NAMESPACE, lim, deep_ns], 100),
+        }
+        lat: dict[str, list[float]] = {}
+        for name, (sql, params, reps) in cases.items():
+            await timed_rows(view, sql, params, 20, 1.0)  # warm the page cache
+            lat[name] = await timed_rows(view, sql, params, reps, budget=6.0)
+            say(f"  {name}: p50 {ms(percentile(lat[name], 50)):.3f} ms over {len(lat[name])} reads")
+        direct = {name: direct_rows(path, cases[name][0], cases[name][1], 2000)
+                  for name in ("job keyset deep", "ns keyset deep")}
+
+        def p(name: str, q: float) -> float:
+            return ms(percentile(lat[name], q))
+
+        for scope, deep_row, label in (("job", deep_job, f"one job of {per_job:,}"),
+                                       ("ns", deep_ns, f"whole namespace, {total:,} rows")):
+            first, deep, off = f"{scope} first", f"{scope} keyset deep", f"{scope} offset deep"
+            rows.append(Result(f"view: keyset page of 50, first page ({label})", p(first, 50), "ms p50",
+                               f"p99 {p(first, 99):.3f} ms; {len(lat[first])} reads through aiosqlite"))
+            rows.append(Result(f"view: keyset page of 50 at row {deep_row:,} ({label})", p(deep, 50), "ms p50",
+                               f"p99 {p(deep, 99):.3f} ms; same read on plain sqlite3: p50 "
+                               f"{ms(percentile(direct[deep], 50)):.3f} ms"))
+            rows.append(Result(f"view: OFFSET page of 50 at row {deep_row:,} ({label})", p(off, 50), "ms p50",
+                               f"p99 {p(off, 99):.2f} ms; {len(lat[off])} reads"))
+            rows.append(Result(f"view: ratio deep keyset / first page ({scope})",
+                               percentile(lat[deep], 50) / percentile(lat[first], 50), "x", "p50 / p50; 1.0 = flat"))
+            rows.append(Result(f"view: ratio OFFSET deep / keyset deep ({scope})",
+                               percentile(lat[off], 50) / percentile(lat[deep], 50), "x", "p50 / p50"))
+
+        # --- reads while a writer inserts ---------------------------------------------------------
+        say("view only: deep keyset pages while 50,000 more rows are applied")
+        extra = 50_000
+        batches = [execution_events(jobs, total + k, batch, seq0=100) for k in range(0, extra, batch)]
+        sql, params, _ = cases["job keyset deep"]
+        during: list[float] = []
+        writing = True
+
+        async def writer() -> float:
+            nonlocal writing
+            t0 = time.perf_counter()
+            for events in batches:
+                await view.apply(events)
+            writing = False
+            return time.perf_counter() - t0
+
+        async def reader() -> None:
+            while writing:
+                t0 = time.perf_counter()
+                await view.rows(sql, params)
+                during.append(time.perf_counter() - t0)
+
+        write_time, _ = await asyncio.gather(writer(), reader())
+        rows.append(Result("view: keyset page of 50 at row 15,000 while inserting", ms(percentile(during, 50)),
+                           "ms p50",
+                           f"p99 {ms(percentile(during, 99)):.2f} ms over {len(during)} reads while {extra:,} rows "
+                           f"were applied at {extra / write_time:,.0f} rows/s (WAL: readers never wait for the "
+                           f"writer, but share the one Python thread and the GIL with it)"))
+    finally:
+        await view.close()
+    return rows
+
+
+async def over_nats(total: int, chunk: int, concurrency: int) -> list[Result]:
+    rows: list[Result] = []
+    async with Stack("pagination") as stack:
+        query = await stack.start("query")
+        bus = await stack.bus("bench-writer")
+        store = Store(bus)
+        jobs = [make_job(f"job-{j}") for j in range(10)]
+        for job in jobs:
+            await store.jobs.put(s.job_key(job.namespace, job.id), job)
+        per_job = total // len(jobs)
+        say(f"over NATS: writing {total:,} executions into the executions bucket (gather of {chunk})")
+
+        async def count() -> int:
+            row = await query.view.one("SELECT count(*) FROM executions", ())
+            return row[0] if row else 0
+
+        with CpuMeter(stack.server) as cpu:
+            t0 = time.perf_counter()
+            for start in range(0, total, chunk):
+                batch = [make_execution(jobs[i % len(jobs)], f"node-{i % 1000:04d}",
+                                        BASE + dt.timedelta(milliseconds=i))
+                         for i in range(start, min(total, start + chunk))]
+                await asyncio.gather(*(store.executions.put(e.key, e) for e in batch))
+            t_written = time.perf_counter()
+            written_count = await count()
+            while (n := await count()) < total:
+                await asyncio.sleep(0.02)
+            t_all = time.perf_counter()
+        write_s, e2e_s = t_written - t0, t_all - t0
+        rows.append(Result("NATS: Store.executions.put (gather of 1000)" if chunk == 1000 else
+                           f"NATS: Store.executions.put (gather of {chunk})", total / write_s, "puts/s",
+                           f"{total:,} KV puts, each awaiting its JetStream ack, in {write_s:.1f} s; "
+                           f"the view had {written_count:,} of them when the last ack came"))
+        rows.append(Result(f"NATS: end-to-end materialization ({total // 1000}k executions)", total / e2e_s,
+                           "events/s",
+                           f"first put to the last row in SQLite: {e2e_s:.1f} s (bucket -> EVENTS sourcing -> "
+                           f"pull consumer, batches of 512 -> View.apply); {cpu.note()}"))
+
+        client = await stack.client()
+        job_names = [j.name for j in jobs]
+
+        # --- serial pages of 50 -------------------------------------------------------------------
+        say("over NATS: serial pages of 50")
+        lat: list[float] = []
+        deadline = time.perf_counter() + 10.0
+        pages = 0
+        t0 = time.perf_counter()
+        k = 0
+        while pages < 600 and time.perf_counter() < deadline:
+            token = ""
+            name = job_names[k % len(job_names)]
+            k += 1
+            while True:
+                r0 = time.perf_counter()
+                _, page = await client.list_executions(ListJobExecutionsRequest(job=name, limit=PAGE, next_token=token))
+                lat.append(time.perf_counter() - r0)
+                pages += 1
+                token = page.next_token
+                if not token or pages >= 600:
+                    break
+        serial_s = time.perf_counter() - t0
+        rows.append(Result("NATS: ListJobExecutions page of 50, serial", pages / serial_s, "pages/s",
+                           f"p50 {ms(percentile(lat, 50)):.2f} ms, p99 {ms(percentile(lat, 99)):.2f} ms over {pages} "
+                           f"pages (client in the same process; includes decoding 50 Executions)"))
+
+        # --- concurrent requesters ----------------------------------------------------------------
+        say(f"over NATS: {concurrency} concurrent requesters")
+        clat: list[float] = []
+        stop_at = time.perf_counter() + 8.0
+
+        async def requester(i: int) -> int:
+            done = 0
+            token = ""
+            name = job_names[i % len(job_names)]
+            while time.perf_counter() < stop_at:
+                r0 = time.perf_counter()
+                _, page = await client.list_executions(ListJobExecutionsRequest(job=name, limit=PAGE, next_token=token))
+                clat.append(time.perf_counter() - r0)
+                done += 1
+                token = page.next_token
+            return done
+
+        with CpuMeter(stack.server) as cpu:
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(requester(i) for i in range(concurrency)))
+            conc_s = time.perf_counter() - t0
+        rows.append(Result(f"NATS: ListJobExecutions page of 50, {concurrency} concurrent", sum(counts) / conc_s,
+                           "pages/s",
+                           f"p50 {ms(percentile(clat, 50)):.1f} ms, p99 {ms(percentile(clat, 99)):.1f} ms; "
+                           f"{cpu.note()}"))
+
+        # --- a whole job with limit 1000 ----------------------------------------------------------
+        say(f"over NATS: walking a job of {per_job:,} with limit 1000")
+        walks = []
+        for name in job_names[:3]:
+            w0 = time.perf_counter()
+            items = await client.all_executions(name)
+            walks.append(time.perf_counter() - w0)
+            assert len(items) == per_job, (name, len(items))
+            assert len({e.id for e in items}) == per_job
+        best = min(walks)
+        rows.append(Result(f"NATS: walk a whole job ({per_job:,} executions, limit 1000)", ms(best), "ms",
+                           f"best of {len(walks)}: {per_job / best:,.0f} executions/s; runs "
+                           f"{', '.join(f'{ms(w):.0f}' for w in walks)} ms ({per_job // 1000} pages of ~1.2 MB JSON, "
+                           f"decoded into Execution structs by the client)"))
+    return rows
+
+
+async def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--rows", type=int, default=200_000, help="executions in the view-only part"),
+        p.add_argument("--batch", type=int, default=5_000),
+        p.add_argument("--nats-rows", type=int, default=100_000, help="executions in the NATS part"),
+        p.add_argument("--chunk", type=int, default=1_000, help="puts awaited together with asyncio.gather"),
+        p.add_argument("--concurrency", type=int, default=16),
+        p.add_argument("--skip-view", action="store_true"),
+        p.add_argument("--skip-nats", action="store_true"),
+    ))
+    import tempfile
+    from pathlib import Path
+
+    rows: list[Result] = []
+    t0 = time.perf_counter()
+    if not args.skip_view:
+        with tempfile.TemporaryDirectory(prefix="shoal-view-") as tmp:
+            rows += await view_only(Path(tmp), args.rows, args.batch)
+    if not args.skip_nats:
+        rows += await over_nats(args.nats_rows, args.chunk, args.concurrency)
+    say(f"pagination done in {time.perf_counter() - t0:.0f} s")
+    finish(rows, args, "pagination")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

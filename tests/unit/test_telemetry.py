@@ -1,0 +1,32 @@
+"""Trace context in NATS headers, and the JSON-lines exporter tests and demos read."""
+
+from __future__ import annotations
+
+import json
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from shared import telemetry
+
+
+def test_context_travels_through_header_dicts(tmp_path) -> None:
+    provider = TracerProvider()
+    exporter = telemetry.JsonLinesExporter(str(tmp_path / "spans.jsonl"))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("producer") as producer:
+        headers = telemetry.inject({"Nats-Msg-Id": "x"})
+        trace_id = format(producer.get_span_context().trace_id, "032x")
+    assert headers["Nats-Msg-Id"] == "x" and telemetry.trace_id_of(headers) == trace_id
+    assert telemetry.trace_headers({**headers, "other": "1"}).keys() == {"traceparent"}
+    with tracer.start_as_current_span("consumer", context=telemetry.extract(headers)) as consumer:
+        assert format(consumer.get_span_context().trace_id, "032x") == trace_id
+    spans = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
+    assert [s["name"] for s in spans] == ["producer", "consumer"]
+    assert spans[1]["parent_id"] == spans[0]["span_id"] and spans[1]["trace_id"] == trace_id
+
+
+def test_no_trace_means_no_traceparent() -> None:
+    assert telemetry.trace_id_of({}) is None
+    assert telemetry.trace_id_of({"traceparent": "garbage"}) is None
