@@ -80,13 +80,15 @@ async def _tour(stack: Stack, examples: list[Path]) -> int:
             if status.strategy != "immediate":
                 print(render_status(status))
                 print()
-        _, page = await client.list_executions(ListJobExecutionsRequest(job=names[0], limit=2))
-        print(f"executions of {names[0]} (first page of 2):")
+        counts = {name: len(await client.all_executions(name)) for name in names}
+        busiest = max(names, key=lambda n: counts[n])
+        _, page = await client.list_executions(ListJobExecutionsRequest(job=busiest, limit=2))
+        print(f"executions of {busiest} (first page of 2, of {counts[busiest]}):")
         print(table(("ID", "NODE", "VERSION", "WAVE", "OBSERVED", "CREATED"),
                     [(e.id, e.node_id, e.job_version, e.rollout_wave, e.observed, when(e.status.created_at))
                      for e in page.items]))
         if page.next_token:
-            print(f"\nmore results: shoal job executions {names[0]} --limit 2 --next-token {page.next_token}")
+            print(f"\nmore results: shoal job executions {busiest} --limit 2 --next-token {page.next_token}")
         for name in names:
             await client.stop_job(name, "demo finished")
         if not settled:

@@ -161,6 +161,10 @@ async def test_filters_versions_nodes_states_and_namespaces(query, cluster, wait
     assert {e.node_id for e in on_n0} == {"n0"} and len(on_n0) == 2
     failed = await walk(api, ListJobExecutionsRequest(job="etl", state="failed"))
     assert [e.id for e in failed] == [v2[0].id]
+    one = json.loads(await api.bus.request(s.api("prod", s.EXECUTIONS_GET), to_json({"id": v2[1].id})))
+    assert one["execution"]["id"] == v2[1].id and one["execution"]["node_id"] == "n1"
+    with pytest.raises(NotFound):  # another namespace's execution is not found here
+        await api.bus.request(s.api("prod", s.EXECUTIONS_GET), to_json({"id": staged[0].id}))
     # No job: the whole namespace, every version; never another namespace's executions.
     everything = await walk(api, ListJobExecutionsRequest())
     assert {e.id for e in everything} == {e.id for e in v1 + v2}
