@@ -1,8 +1,8 @@
 """Shared pieces of the benchmarks: a private nats-server, in-process components, percentiles, result rows.
 
 Every benchmark starts its own nats-server (JetStream in a temporary directory) and runs the services it
-needs in its own process, exactly as the test suite's `Cluster` does, but with the production-like
-timings the brief asks for (heartbeats every second, nodes timed out after 5 s, sweeps every 250 ms).
+needs in its own process, as the test suite's `Cluster` does, but with production-like timings
+(heartbeats every second, nodes timed out after 5 s, leader sweeps every 250 ms).
 Nothing here asserts on timing: benchmarks report figures, readers judge them.
 """
 
@@ -14,7 +14,9 @@ import json
 import logging
 import math
 import os
-import resource
+import re
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +36,12 @@ from services.query import QueryService  # noqa: E402
 from services.rollout import RolloutService  # noqa: E402
 from services.scheduler import SchedulerService  # noqa: E402
 from shared import topology  # noqa: E402
-from shared.natsserver import NatsServer  # noqa: E402
+from shared.natsserver import NatsServer, binary  # noqa: E402
 from shared.runtime import Component, start_component  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.transport import Bus  # noqa: E402
 
-# The timings of the brief: production-like liveness, fast leader sweeps.
+# Production-like liveness, fast leader sweeps.
 BENCH_TIMINGS = dict(heartbeat_interval=1.0, node_timeout=5.0, sweep_interval=0.25)
 
 
@@ -77,7 +79,7 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def markdown_table(rows: Sequence[Result], *, group: str | None = None) -> str:
+def markdown_table(rows: Sequence[Result]) -> str:
     lines = ["| benchmark | figure | unit | notes |", "| --- | ---: | --- | --- |"]
     for r in rows:
         notes = r.notes.replace("|", "\\|").replace("\n", " ")
@@ -151,13 +153,147 @@ class CpuMeter:
                 f"nats-server {100 * self.nats / self.wall:.0f}% of one core")
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{12,32}")
+_NODE = re.compile(r"sim-\d+")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?![\w.])")
+
+
+class LogCounter(logging.Handler):
+    """Counts the warnings and errors the services log, by a short key, so a table row can say what broke."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text = f"{text}: {record.exc_info[1]}"
+        key = f"{record.levelname} {record.name}: {text}"
+        # Ids make every message unique; keep its shape.
+        key = _UUID.sub("<id>", key)
+        key = _NODE.sub("<node>", key)
+        key = _NUMBER.sub("<n>", key)[:240]
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def top(self, n: int = 3) -> str:
+        items = sorted(self.counts.items(), key=lambda kv: -kv[1])[:n]
+        return "; ".join(f"{count}× {key}" for key, count in items)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __enter__(self) -> LogCounter:
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeHandler(self)
+
+
+class ScanCounter:
+    """Counts `Kv.scan` calls and the entries they read, per bucket, while active.
+
+    Every scan is a fresh ordered consumer on the server, which is why it is worth counting. The
+    wrapper only counts; it calls the original method unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.entries: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+
+    def __enter__(self) -> ScanCounter:
+        from shared.transport import _kv
+
+        self._kv = _kv
+        self._original = original = _kv.Kv.scan
+        counter = self
+
+        async def scan(kv: Any, pattern: str = ">") -> Any:
+            counter.calls[kv.bucket] = counter.calls.get(kv.bucket, 0) + 1
+            try:
+                result = await original(kv, pattern)
+            except Exception:
+                counter.failed[kv.bucket] = counter.failed.get(kv.bucket, 0) + 1
+                raise
+            counter.entries[kv.bucket] = counter.entries.get(kv.bucket, 0) + len(result)
+            return result
+
+        _kv.Kv.scan = scan  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._kv.Kv.scan = self._original  # type: ignore[method-assign]
+
+    def snapshot(self) -> tuple[dict[str, int], ...]:
+        return dict(self.calls), dict(self.entries), dict(self.failed)
+
+    def since(self, before: tuple[dict[str, int], ...] = ({}, {}, {})) -> str:
+        calls, entries, failed = before
+        parts = []
+        for bucket in sorted(self.calls):
+            n = self.calls[bucket] - calls.get(bucket, 0)
+            if n:
+                e = self.entries.get(bucket, 0) - entries.get(bucket, 0)
+                f = self.failed.get(bucket, 0) - failed.get(bucket, 0)
+                parts.append(f"{bucket.removeprefix('shoal_')} {n}× ({e:,} entries"
+                             + (f", {f} failed" if f else "") + ")")
+        return "Kv.scan: " + (", ".join(parts) if parts else "none")
+
+
+async def consumer_counts(bus: Bus, prefix: str = "KV_") -> dict[str, int]:
+    """Consumers the server holds per stream (ephemeral ones included): shows leaked watch consumers."""
+    out: dict[str, int] = {}
+    for info in await bus.js.streams_info():
+        if info.config.name.startswith(prefix) and info.state.consumer_count:
+            out[info.config.name] = info.state.consumer_count
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # A private nats-server and in-process components
 # --------------------------------------------------------------------------------------------------
+
+
+class BenchNatsServer(NatsServer):
+    """NatsServer with an optional per-stream consumer limit.
+
+    nats-server 2.15 gives every stream a default limit of 1000 consumers (a per-stream `max_consumers`
+    of -1 no longer means unlimited). `max_consumers` sets `jetstream.limits.default_max_consumers`, so a
+    benchmark can show how the system behaves without that limit; None keeps the server's default, as
+    shared/natsserver.py runs it.
+    """
+
+    def __init__(self, *args: Any, max_consumers: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_consumers = max_consumers
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        if self.max_consumers is None:
+            return super().start(timeout)
+        # Same as NatsServer.start, with one more JetStream setting.
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "nats-server.conf"
+        config.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            "max_payload: 4MB\n"
+            f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))}, "
+            f"limits: {{ default_max_consumers: {self.max_consumers} }} }}\n"
+        )
+        with open(self.log_file or os.devnull, "ab") as out:
+            self.proc = subprocess.Popen([binary(), "-c", str(config)], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"nats-server exited with {self.proc.returncode} (port {self.port})")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise SystemExit(f"nats-server did not listen on port {self.port} within {timeout}s")
 
 
 class Stack:
@@ -166,13 +302,15 @@ class Stack:
     `async with Stack() as stack:` ... `await stack.start("query")`, `await stack.client()`.
     """
 
-    def __init__(self, name: str = "bench", **timings: float) -> None:
+    def __init__(self, name: str = "bench", *, max_consumers: int | None = None, **timings: float) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix=f"shoal-{name}-")
         self.tmp = Path(self._tmp.name)
-        self.server = NatsServer(self.tmp / "nats", log_file=str(self.tmp / "nats.log"))
+        self.server = BenchNatsServer(self.tmp / "nats", log_file=str(self.tmp / "nats.log"),
+                                      max_consumers=max_consumers)
         self.settings: Settings | None = None
         self.timings = {**BENCH_TIMINGS, **timings}
         self.components: list[Component] = []
+        self.children: list[subprocess.Popen[bytes]] = []  # processes a benchmark started (agents)
         self._buses: list[Bus] = []
 
     async def __aenter__(self) -> Stack:
@@ -205,7 +343,20 @@ class Stack:
         for kind in kinds:
             await self.start(kind)
 
+    async def stop(self, component: Component) -> None:
+        await component.stop()
+        self.components.remove(component)
+
     async def close(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    await asyncio.to_thread(child.wait, 15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    await asyncio.to_thread(child.wait)
+        self.children.clear()
         for component in reversed(self.components):
             try:
                 await asyncio.wait_for(component.stop(), timeout=20)

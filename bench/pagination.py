@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sqlite3
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import msgspec
 from common import CpuMeter, Result, Stack, finish, ms, parse_args, percentile, say
@@ -33,10 +35,11 @@ from common import CpuMeter, Result, Stack, finish, ms, parse_args, percentile, 
 from services.query.view import Event, View
 from shared import subjects as s
 from shared.api import ListJobExecutionsRequest, ListJobExecutionsResponse
-from shared.codec import to_json, to_msgpack
+from shared.codec import from_json, to_json, to_msgpack
 from shared.errors import InvalidInput
 from shared.models import DesiredState, Execution, ExecutionStatus, Job, JobSpec, JobState, ObservedState
 from shared.store import Store
+from shared.transport import Consumer, ConsumerSpec
 
 BASE = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 NAMESPACE = "default"
@@ -127,20 +130,19 @@ async def view_only(tmp, total: int, batch: int) -> list[Result]:
         apply_time = 0.0
         gen_time = 0.0
         batch_times = []
-        with CpuMeter() as cpu:
-            for start in range(0, total, batch):
-                g0 = time.perf_counter()
-                events = execution_events(jobs, start, min(batch, total - start), seq0=100)
-                t0 = time.perf_counter()
-                await view.apply(events)
-                t1 = time.perf_counter()
-                gen_time += t0 - g0
-                apply_time += t1 - t0
-                batch_times.append(t1 - t0)
+        for start in range(0, total, batch):
+            g0 = time.perf_counter()
+            events = execution_events(jobs, start, min(batch, total - start), seq0=100)
+            t0 = time.perf_counter()
+            await view.apply(events)
+            t1 = time.perf_counter()
+            gen_time += t0 - g0
+            apply_time += t1 - t0
+            batch_times.append(t1 - t0)
         first_batches = sum(batch_times[:4]) / 4
         last_batches = sum(batch_times[-4:]) / 4
         rows.append(Result(
-            "view: apply 200k executions (batches of 5k)" if total == 200_000 else f"view: apply {total:,} executions",
+            f"view: apply {total // 1000}k executions (batches of {batch:,})",
             total / apply_time, "rows/s",
             f"{apply_time:.1f} s in View.apply (decode + JSON body + upsert + commit); a batch of {batch:,} took "
             f"{ms(first_batches):.0f} ms at the start, {ms(last_batches):.0f} ms at the end (5 indexes grow); "
@@ -218,7 +220,7 @@ async def view_only(tmp, total: int, batch: int) -> list[Result]:
                 during.append(time.perf_counter() - t0)
 
         write_time, _ = await asyncio.gather(writer(), reader())
-        rows.append(Result("view: keyset page of 50 at row 15,000 while inserting", ms(percentile(during, 50)),
+        rows.append(Result(f"view: keyset page of 50 at row {deep_job:,} while inserting", ms(percentile(during, 50)),
                            "ms p50",
                            f"p99 {ms(percentile(during, 99)):.2f} ms over {len(during)} reads while {extra:,} rows "
                            f"were applied at {extra / write_time:,.0f} rows/s (WAL: readers never wait for the "
@@ -266,6 +268,41 @@ async def over_nats(total: int, chunk: int, concurrency: int) -> list[Result]:
                            f"first put to the last row in SQLite: {e2e_s:.1f} s (bucket -> EVENTS sourcing -> "
                            f"pull consumer, batches of 512 -> View.apply); {cpu.note()}"))
 
+        # --- what limits materialization: replay into a fresh view, and the consumer alone ---------
+        say("over NATS: rebuilding a second view from the EVENTS stream")
+        with CpuMeter(stack.server) as cpu:
+            t0 = time.perf_counter()
+            fresh = await stack.start("query")
+            while (await fresh.view.one("SELECT count(*) FROM executions", ()))[0] < total:
+                await asyncio.sleep(0.02)
+            rebuild_s = time.perf_counter() - t0
+        await stack.stop(fresh)
+        rows.append(Result(f"NATS: rebuild a view from EVENTS ({total // 1000}k executions)", total / rebuild_s,
+                           "events/s",
+                           f"a new QueryService replaying the stream alone: {rebuild_s:.1f} s; {cpu.note()}"))
+        say("over NATS: the same consumer with a no-op handler")
+        consumer_bus = await stack.bus("bench-consumer")
+        got = 0
+        all_in = asyncio.Event()
+
+        async def noop(deliveries) -> None:
+            nonlocal got
+            got += len(deliveries)
+            if got >= total:
+                all_in.set()
+
+        consumer = Consumer(consumer_bus, ConsumerSpec(stream=s.STREAM_EVENTS, durable="bench-noop",
+                                                       filter_subject=f"{s.EVENTS_EXECUTION}.>",
+                                                       max_ack_pending=10_000), batch=512)
+        t0 = time.perf_counter()
+        await consumer.start_batch(noop)
+        await all_in.wait()
+        noop_s = time.perf_counter() - t0
+        await consumer.stop()
+        rows.append(Result("NATS: the view's consumer with a no-op handler", total / noop_s, "msgs/s",
+                           f"Consumer.start_batch (fetch 512, then ack each message) without View.apply: the "
+                           f"transport's share of the rebuild"))
+
         client = await stack.client()
         job_names = [j.name for j in jobs]
 
@@ -289,9 +326,32 @@ async def over_nats(total: int, chunk: int, concurrency: int) -> list[Result]:
                 if not token or pages >= 600:
                     break
         serial_s = time.perf_counter() - t0
+        # Where a page's time goes: the same request without the client's decode, and the decode alone.
+        subject = s.api(NAMESPACE, s.EXECUTIONS_LIST)
+        body = to_json(ListJobExecutionsRequest(job=job_names[0], limit=PAGE))
+        raw_lat = []
+        for _ in range(300):
+            r0 = time.perf_counter()
+            raw = await client.bus.request(subject, body)
+            raw_lat.append(time.perf_counter() - r0)
+        d0 = time.perf_counter()
+        for _ in range(300):
+            from_json(raw, ListJobExecutionsResponse)
+        decode_ms = ms((time.perf_counter() - d0) / 300)
+        sql_lat = []
+        for _ in range(300):
+            r0 = time.perf_counter()
+            await query.view.one("SELECT id, version FROM jobs WHERE namespace = ? AND (id = ? OR name = ?) "
+                                 "ORDER BY (id = ?) DESC, created_at DESC LIMIT 1", (NAMESPACE, job_names[0],
+                                                                                      job_names[0], job_names[0]))
+            await query.view.rows(page_sql(True, False), [NAMESPACE, jobs[0].id, 1, PAGE + 1])
+            sql_lat.append(time.perf_counter() - r0)
         rows.append(Result("NATS: ListJobExecutions page of 50, serial", pages / serial_s, "pages/s",
                            f"p50 {ms(percentile(lat, 50)):.2f} ms, p99 {ms(percentile(lat, 99)):.2f} ms over {pages} "
-                           f"pages (client in the same process; includes decoding 50 Executions)"))
+                           f"pages walked by token (client in the same process). Of that: reply without client "
+                           f"decode p50 {ms(percentile(raw_lat, 50)):.2f} ms; client decode of 50 Executions "
+                           f"{decode_ms:.2f} ms; the service's two SQL reads (resolve job + page) through aiosqlite "
+                           f"p50 {ms(percentile(sql_lat, 50)):.2f} ms"))
 
         # --- concurrent requesters ----------------------------------------------------------------
         say(f"over NATS: {concurrency} concurrent requesters")
@@ -370,9 +430,6 @@ async def main() -> None:
         p.add_argument("--skip-view", action="store_true"),
         p.add_argument("--skip-nats", action="store_true"),
     ))
-    import tempfile
-    from pathlib import Path
-
     rows: list[Result] = []
     t0 = time.perf_counter()
     if not args.skip_view:

@@ -79,9 +79,12 @@ def from_msgpack(data: bytes, tp: type[T]) -> T:
         raise Internal(f"undecodable internal message for {getattr(tp, '__name__', tp)}: {exc}") from exc
 
 
-def from_json(data: bytes, tp: type[T], *, prefix: str = "", max_bytes: int = MAX_REQUEST_BYTES) -> T:
-    """Decode a public request. Raises InvalidInput naming the field; `prefix` is prepended to paths."""
-    if len(data) > max_bytes:
+def from_json(data: bytes, tp: type[T], *, prefix: str = "", max_bytes: int | None = MAX_REQUEST_BYTES) -> T:
+    """Decode a public request. Raises InvalidInput naming the field; `prefix` is prepended to paths.
+
+    `max_bytes` guards services against oversized requests; clients decoding replies pass None.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
         raise InvalidInput(
             f"request body is {len(data)} bytes, more than the limit of {max_bytes}",
             field=prefix.rstrip(".") or None,

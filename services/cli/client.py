@@ -11,7 +11,7 @@ import asyncio
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import yaml
@@ -37,6 +37,9 @@ from shared.models import Job, JobSpec, SubmissionOutcome
 from shared.transport import Bus
 
 
+T = TypeVar("T")
+
+
 def load_spec(path: str) -> JobSpec:
     """A job spec from a YAML or JSON file, validated against the schema's types."""
     file = Path(path)
@@ -54,6 +57,11 @@ def load_spec(path: str) -> JobSpec:
     if not isinstance(data, dict):
         raise InvalidInput(f"{path} must hold a job spec (a mapping)", field="file")
     return convert(data, JobSpec, prefix="spec.")
+
+
+def decode_reply(data: bytes, tp: type[T]) -> T:
+    """Decode an API reply: replies may be far larger than requests (a page of 1000 executions)."""
+    return from_json(data, tp, max_bytes=None)
 
 
 class Client:
@@ -88,21 +96,21 @@ class Client:
                                          namespace)
             except NotFound:
                 return submission_id
-        return from_json(reply, SubmissionOutcome)
+        return decode_reply(reply, SubmissionOutcome)
 
     # -- reads -------------------------------------------------------------------------------------
 
     async def get_job(self, job: str) -> tuple[bytes, Job]:
         raw = await self._call(s.JOBS_GET, {"job": job})
-        return raw, from_json(raw, _JobReply).job
+        return raw, decode_reply(raw, _JobReply).job
 
     async def list_jobs(self, request: ListJobsRequest) -> tuple[bytes, ListJobsResponse]:
         raw = await self._call(s.JOBS_LIST, request)
-        return raw, from_json(raw, ListJobsResponse)
+        return raw, decode_reply(raw, ListJobsResponse)
 
     async def list_executions(self, request: ListJobExecutionsRequest) -> tuple[bytes, ListJobExecutionsResponse]:
         raw = await self._call(s.EXECUTIONS_LIST, request)
-        return raw, from_json(raw, ListJobExecutionsResponse)
+        return raw, decode_reply(raw, ListJobExecutionsResponse)
 
     async def all_executions(self, job: str, **filters: Any) -> list[Any]:
         """Every page of a job's executions."""
@@ -118,7 +126,7 @@ class Client:
 
     async def list_nodes(self, request: ListNodesRequest) -> tuple[bytes, ListNodesResponse]:
         raw = await self.bus.request(s.NODES_LIST, to_json(request), timeout=self.timeout)
-        return raw, from_json(raw, ListNodesResponse)
+        return raw, decode_reply(raw, ListNodesResponse)
 
     async def wait_ready(self, nodes: int, timeout: float = 60.0) -> None:
         """Until every service answers and at least `nodes` nodes are ready (a freshly started stack)."""
@@ -148,11 +156,11 @@ class Client:
     # -- control -----------------------------------------------------------------------------------
 
     async def stop_job(self, job: str, reason: str = "") -> StopJobResponse:
-        return from_json(await self._call(s.JOBS_STOP, StopJobRequest(job=job, reason=reason)), StopJobResponse)
+        return decode_reply(await self._call(s.JOBS_STOP, StopJobRequest(job=job, reason=reason)), StopJobResponse)
 
     async def rollout(self, operation: str, job: str, reason: str = "") -> tuple[bytes, RolloutStatus]:
         raw = await self._call(operation, RolloutRequest(job=job, reason=reason))
-        return raw, from_json(raw, RolloutStatus)
+        return raw, decode_reply(raw, RolloutStatus)
 
 
 class _JobReply(msgspec.Struct):

@@ -20,31 +20,19 @@ from nats.js import api
 
 from .. import telemetry
 from ..errors import ShoalError
-from ._bus import Bus, map_error
+from ._bus import Bus, Message, map_error
 
 log = logging.getLogger(__name__)
 
 
-class Delivery:
+class Delivery(Message):
     """One JetStream message, with its delivery count and explicit ack controls."""
 
-    __slots__ = ("_msg", "_done")
+    __slots__ = ("_done",)
 
     def __init__(self, msg: Msg) -> None:
-        self._msg = msg
+        super().__init__(msg)
         self._done = False
-
-    @property
-    def subject(self) -> str:
-        return self._msg.subject
-
-    @property
-    def data(self) -> bytes:
-        return self._msg.data
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return self._msg.headers or {}
 
     @property
     def msg_id(self) -> str:

@@ -313,3 +313,16 @@ def test_page_reply_is_valid_json() -> None:
 
     assert json.loads(page_reply([b'{"a":1}', b'{"b":2}'], "tok")) == {"items": [{"a": 1}, {"b": 2}], "next_token": "tok"}
     assert json.loads(page_reply([], "")) == {"items": []}
+
+
+async def test_a_page_of_a_thousand_is_larger_than_any_request_and_still_decodes(query, cluster, wait_for) -> None:
+    store, api = query, await cluster.api()
+    job = make_job("default", "big")
+    job.spec.description = "x" * 300
+    await put_job(store, job)
+    executions = [make_execution(job, f"n{i}") for i in range(900)]
+    for i in range(0, 900, 300):
+        await put_executions(store, executions[i:i + 300])
+    await until_visible(api, "big", 900, wait_for)
+    raw, page = await api.list_executions(ListJobExecutionsRequest(job="big", limit=1000))
+    assert len(raw) > 512 * 1024 and len(page.items) == 900 and not page.next_token
