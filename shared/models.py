@@ -112,6 +112,13 @@ class HealthCheck(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def error_rate_limit(self) -> float:
         return DEFAULT_MAX_ERROR_RATE if self.max_error_rate is None else self.max_error_rate
 
+    def judge(self, total: int, errors: int) -> tuple[str, float | None]:
+        """One interval's verdict: "unhealthy" when errors/total exceeds the limit, "no-data" without work."""
+        if total <= 0:
+            return "no-data", None
+        rate = min(1.0, errors / total)
+        return ("unhealthy" if rate > self.error_rate_limit else "healthy"), rate
+
 
 class Canary(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Size of the first (canary) wave: canary_count nodes when given, else canary_percent of the targets."""

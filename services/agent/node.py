@@ -156,21 +156,32 @@ class NodeAgent:
             self._report(execution, "failed", outcome.message, outcome.exit_code, details)
 
     async def _health_loop(self, local: LocalRun) -> None:
-        """Every health interval, report work done and errors for health-gated executions."""
+        """Every health interval, report work done and errors for health-gated executions.
+
+        A stable execution that stays healthy needs no news (only unhealthy streaks change it), so once
+        stable the agent reports an interval only if it, or the one before it, was not healthy, or the
+        execution is degraded: thousands of healthy nodes cost the health service nothing.
+        """
         spec = local.execution.job_spec
         check = spec.rollout.health_check if spec is not None else None
         if check is None or spec is None or spec.rollout.strategy == "immediate" or local.run is None:
             return
         interval = check.interval / 1e9
         start = utcnow()
+        previous = "healthy"
         while True:
             await asyncio.sleep(interval)
             end = utcnow()
             total, errors = local.run.health_sample()
+            verdict, _ = check.judge(total, errors)
             e = local.execution
-            self.reporter.send(HealthReport(namespace=e.namespace, job_id=e.job_id, node_id=e.node_id,
-                                            execution_id=e.id, interval_start=start, interval_end=end,
-                                            total=total, errors=errors, at=end))
+            quiet = (e.status.stable_at is not None and e.observed == "running"
+                     and verdict == "healthy" and previous == "healthy")
+            previous = verdict
+            if not quiet:
+                self.reporter.send(HealthReport(namespace=e.namespace, job_id=e.job_id, node_id=e.node_id,
+                                                execution_id=e.id, interval_start=start, interval_end=end,
+                                                total=total, errors=errors, at=end))
             start = end
 
     def _report(self, execution: Execution, state: str, message: str, exit_code: int | None = None,

@@ -14,11 +14,12 @@ import logging
 from shared import subjects as s
 from shared import telemetry
 from shared.codec import to_msgpack
-from shared.errors import ShoalError
 from shared.models import HealthReport, StateReport
 from shared.transport import Bus
 
 log = logging.getLogger(__name__)
+
+BATCH = 128
 
 
 class Reporter:
@@ -35,20 +36,35 @@ class Reporter:
         self._queue.put_nowait((s.report(report.node_id), to_msgpack(report), telemetry.capture()))
 
     async def _run(self) -> None:
+        """Publish in batches of up to BATCH at once (one connection keeps them in order on the wire);
+        what fails is retried before anything newer. Should a link drop in the middle of a batch, a later
+        report may land before an earlier one: the health service only ever moves a state forward."""
+        retry: list[tuple[str, bytes, object]] = []
+        delay = 0.1
         while True:
-            subject, data, ctx = await self._queue.get()
-            delay = 0.1
-            while True:
-                try:
-                    with telemetry.attached(ctx):  # type: ignore[arg-type]
-                        await self.bus.js_publish(subject, data)
-                    self.sent += 1
-                    break
-                except ShoalError as exc:
-                    log.info("report not delivered yet (%s); retrying in %.1fs", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            self._queue.task_done()
+            if retry:
+                batch = retry
+            else:
+                batch = [await self._queue.get()]
+                while len(batch) < BATCH and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+            results = await asyncio.gather(*(self._publish(item) for item in batch), return_exceptions=True)
+            retry = [item for item, result in zip(batch, results) if isinstance(result, BaseException)]
+            for _ in range(len(batch) - len(retry)):
+                self._queue.task_done()
+            self.sent += len(batch) - len(retry)
+            if retry:
+                error = next(r for r in results if isinstance(r, BaseException))
+                log.info("%d reports not delivered yet (%s); retrying in %.1fs", len(retry), error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                delay = 0.1
+
+    async def _publish(self, item: tuple[str, bytes, object]) -> None:
+        subject, data, ctx = item
+        with telemetry.attached(ctx):  # type: ignore[arg-type]
+            await self.bus.js_publish(subject, data)
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait until every queued report is delivered (or the timeout passes), then stop."""

@@ -31,6 +31,7 @@ from .reporter import Reporter
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
+HEARTBEAT_BATCH = 200
 DEFAULT_SIM_LABELS = ("simulated=true", "zone=zone-{i%3}")
 _TEMPLATE = re.compile(r"\{i(?::(\d+)d|%(\d+))?\}")
 
@@ -139,13 +140,14 @@ class AgentService(Component):
         while not await self.sleep(self.heartbeat_interval):
             seq += 1
             now = loop.time()
-            for node in self.nodes.values():
-                if self._offline(node, now):
-                    continue
-                try:
-                    await self._beat(node, seq)
-                except ShoalError as exc:
-                    log.info("heartbeat for %s not sent: %s", node.node_id, exc)
+            online = [node for node in self.nodes.values() if not self._offline(node, now)]
+            # A fleet's heartbeats go out together, not one round trip after another.
+            for i in range(0, len(online), HEARTBEAT_BATCH):
+                results = await asyncio.gather(*(self._beat(n, seq) for n in online[i:i + HEARTBEAT_BATCH]),
+                                               return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    log.info("%d heartbeats not sent: %s", len(errors), errors[0])
                     break
 
     def _offline(self, node: FleetNode, now: float) -> bool:

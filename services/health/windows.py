@@ -26,9 +26,6 @@ from shared.models import Execution, HealthCheck, HealthReport, Timestamp
 
 from .transitions import health_gated, set_observed
 
-Verdict = str  # "healthy" | "unhealthy" | "no-data"
-
-
 class HealthWindow(msgspec.Struct, kw_only=True, omit_defaults=True):
     execution_id: str
     deadline_at: Timestamp | None = None
@@ -39,13 +36,6 @@ class HealthWindow(msgspec.Struct, kw_only=True, omit_defaults=True):
     last_error_rate: float | None = None
 
 
-def verdict(report: HealthReport, check: HealthCheck) -> tuple[Verdict, float | None]:
-    if report.total <= 0:
-        return "no-data", None
-    rate = min(1.0, report.errors / report.total)
-    return ("unhealthy" if rate > check.error_rate_limit else "healthy"), rate
-
-
 def new_window(execution: Execution) -> HealthWindow:
     check = _check(execution)
     deadline = None
@@ -54,13 +44,13 @@ def new_window(execution: Execution) -> HealthWindow:
     return HealthWindow(execution_id=execution.id, deadline_at=deadline)
 
 
-def record_interval(window: HealthWindow, report: HealthReport, check: HealthCheck) -> Verdict | None:
+def record_interval(window: HealthWindow, report: HealthReport, check: HealthCheck) -> str | None:
     """Count one interval into the streaks; None if it is a replay of an interval already counted."""
     if window.last_interval_end is not None and report.interval_end <= window.last_interval_end:
         return None
     window.last_interval_end = report.interval_end
     window.intervals += 1
-    result, rate = verdict(report, check)
+    result, rate = check.judge(report.total, report.errors)
     window.last_error_rate = rate
     if result == "healthy":
         window.healthy_streak += 1

@@ -182,8 +182,8 @@ class View:
 
     async def rows(self, sql: str, params: Iterable[Any]) -> list[tuple[Any, ...]]:
         assert self.reader is not None
-        async with self.reader.execute(sql, tuple(params)) as cur:
-            return list(await cur.fetchall())
+        # One trip to the connection's thread (execute + fetchall + close), not three.
+        return list(await self.reader.execute_fetchall(sql, tuple(params)))
 
     async def one(self, sql: str, params: Iterable[Any]) -> tuple[Any, ...] | None:
         rows = await self.rows(sql, params)

@@ -12,10 +12,13 @@ See docs/ROLLOUTS.md for the rules and the choices behind them.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
 
 from shared import subjects as s
 from shared.codec import to_msgpack
@@ -42,12 +45,24 @@ from .waves import plan_waves
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 HEALTH_VERDICTS = frozenset({"unhealthy", "deadline"})
 ENDED_JOB_STATES = frozenset({"stopped", "completed", "failed"})
 
 
 def derived_id(*parts: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "shoal:" + ":".join(parts)))
+
+
+async def gather_bounded(coros: Iterable[Awaitable[T]], limit: int = 256) -> list[T]:
+    """Await many writes at once, at most `limit` in flight; results in order."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(coro: Awaitable[T]) -> T:
+        async with gate:
+            return await coro
+
+    return list(await asyncio.gather(*(one(c) for c in coros)))
 
 
 def budget_exceeded(failed: int, targets: int, max_nodes: int, max_percent: float) -> bool:
@@ -196,11 +211,14 @@ class Controller:
         started = rollout.started_targets()
         in_rollout = rollout.state in IN_PROGRESS
 
-        # 1. Executions for every node whose wave has started.
-        for index, node_id in enumerate(started):
-            if node_id not in latest and not (rollout.state == "failed" and not rollout.rollback_of):
-                latest[node_id] = await self._create(job, rollout, spec, node_id, rollout.wave_number(index),
-                                                     executions, now)
+        # 1. Executions for every node whose wave has started (written concurrently: a wave may be thousands).
+        if not (rollout.state == "failed" and not rollout.rollback_of):
+            missing = [(index, node_id) for index, node_id in enumerate(started) if node_id not in latest]
+            created = await gather_bounded(
+                self._create(job, rollout, spec, node_id, rollout.wave_number(index), executions, now)
+                for index, node_id in missing)
+            for (_, node_id), execution in zip(missing, created):
+                latest[node_id] = execution
 
         # 2. Failures against the budget.
         newly_failed = [
@@ -294,6 +312,7 @@ class Controller:
 
     async def _retire(self, executions: list[Execution], latest: dict[str, Execution], targets: set[str],
                       rollout: Rollout) -> None:
+        changes = []
         for execution in executions:
             if execution.desired == "stopped" or execution.observed in TERMINAL_STATES:
                 continue
@@ -311,7 +330,9 @@ class Controller:
             else:
                 continue
             next_id = replacement.id if replacement is not None else ""
-            await self.store.mutate_execution(execution, lambda e: _desire_stop(e, reason, next_id))
+            changes.append(self.store.mutate_execution(
+                execution, lambda e, reason=reason, next_id=next_id: _desire_stop(e, reason, next_id)))
+        await gather_bounded(changes)
 
     async def _advance(self, rollout: Rollout, revision: int, spec: JobSpec, latest: dict[str, Execution]) -> bool:
         """Start the next wave, await promotion, or finish; True if the record changed."""
@@ -511,9 +532,11 @@ class Controller:
         await self.store.jobs.mutate(s.job_key(job.namespace, job.id), change)
 
     async def _stop_all(self, executions: list[Execution], reason: str) -> None:
-        for execution in executions:
-            if execution.desired != "stopped" and execution.observed not in TERMINAL_STATES:
-                await self.store.mutate_execution(execution, lambda e: _desire_stop(e, reason, ""))
+        await gather_bounded(
+            self.store.mutate_execution(execution, lambda e: _desire_stop(e, reason, ""))
+            for execution in executions
+            if execution.desired != "stopped" and execution.observed not in TERMINAL_STATES
+        )
 
 
 # -- helpers -----------------------------------------------------------------------------------------

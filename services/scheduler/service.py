@@ -38,7 +38,7 @@ class SchedulerService(Component):
 
         await Consumer(
             self.bus, ConsumerSpec(stream=s.STREAM_SUBMISSIONS, durable=s.CONSUMER_SCHEDULER_SUBMISSIONS),
-            concurrency=8,
+            concurrency=32,  # each submission waits on several JetStream round trips: overlap them
         ).start_single(submissions.handle)
         await Consumer(
             self.bus, ConsumerSpec(stream=s.STREAM_EVALS, durable=s.CONSUMER_SCHEDULER_EVALS), concurrency=8,

@@ -298,6 +298,12 @@ class Bus:
             raise map_error(exc, f"consumer info {stream}/{durable}") from None
         return (info.num_pending or 0) + (info.num_ack_pending or 0)
 
+    async def consumer_count(self, stream: str) -> int:
+        try:
+            return (await self.js.stream_info(stream)).state.consumer_count
+        except Exception as exc:
+            raise map_error(exc, f"stream info {stream}") from None
+
     async def delete_consumer(self, stream: str, durable: str) -> bool:
         try:
             return await self.js.delete_consumer(stream, durable)

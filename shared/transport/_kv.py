@@ -8,6 +8,7 @@ stream sequence of the key's last write; `update(last=rev)` fails with Conflict 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -15,12 +16,13 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from ..errors import Conflict
+from ..errors import Conflict, Internal, ShoalError
 from ._bus import Bus, map_error
 
 log = logging.getLogger(__name__)
 
 KV_OPERATION = "KV-Operation"
+SCAN_BATCH = 1000
 MARKER_REASON = "Nats-Marker-Reason"
 
 
@@ -108,15 +110,49 @@ class Kv:
         return msg.seq if is_delete(dict(msg.headers or {})) else None
 
     async def scan(self, pattern: str = ">") -> list[Entry]:
-        """Current values of every key matching `pattern` (one pass, deletes skipped)."""
-        entries: list[Entry] = []
-        async with self.watch(pattern, updates=False) as stream:
-            async for entry in stream:
-                if entry is None:
+        """Current values of every key matching `pattern` (deletes skipped), in write order.
+
+        Uses batched direct gets (`next_by_subj` from a sequence) instead of a consumer: nothing is left
+        on the server, and any number of scans may run at once. A bucket keeps one message per key, so
+        walking its stream by sequence sees each key once; a key rewritten during the walk may show up
+        twice, and the later revision wins.
+        """
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        found: dict[str, Entry] = {}
+        api_subject = f"$JS.API.DIRECT.GET.{self.stream}"
+        seq = 0
+        try:
+            while True:
+                request = json.dumps({"seq": seq, "next_by_subj": self._prefix + pattern, "batch": SCAN_BATCH})
+                await nc.publish(api_subject, request.encode(), reply=inbox)
+                pending = 0
+                while True:
+                    msg = await sub.next_msg(timeout=5.0)
+                    headers = dict(msg.headers or {})
+                    status = headers.get("Status")
+                    if status == "204":  # end of this batch
+                        pending = int(headers.get("Nats-Num-Pending", "0"))
+                        break
+                    if status == "404":  # nothing (more) matches
+                        break
+                    if status:
+                        raise Internal(f"scan {self.bucket}/{pattern}: {status} {msg.data.decode(errors='replace')}")
+                    revision = int(headers["Nats-Sequence"])
+                    key = headers["Nats-Subject"][len(self._prefix):]
+                    found.pop(key, None)
+                    found[key] = Entry(key, msg.data or b"", revision, headers, is_delete(headers))
+                    seq = revision + 1
+                if not pending:
                     break
-                if not entry.deleted:
-                    entries.append(entry)
-        return entries
+        except ShoalError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"scan {self.bucket}/{pattern}") from None
+        finally:
+            await sub.unsubscribe()
+        return [e for e in found.values() if not e.deleted]
 
     def watch(self, pattern: str = ">", *, updates: bool = True) -> Watch:
         """Current values of matching keys, then None, then (if `updates`) every later change."""
@@ -154,13 +190,15 @@ class Watch:
                 cb=on_msg,
                 ordered_consumer=True,
                 deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                inactive_threshold=300,
+                inactive_threshold=60,
             )
             info = await self._sub.consumer_info()
         except Exception as exc:
             await self._stop()
             raise map_error(exc, f"watch {kv.bucket}/{self._pattern}") from None
-        if info.num_pending == 0 and self._sub.delivered == 0 and not self._init_done:
+        # Nothing to deliver at all: say so now. Otherwise the message carrying num_pending 0 says it.
+        # (The server's delivered count, not the client's: a message may be on its way to the callback.)
+        if info.num_pending == 0 and info.delivered.consumer_seq == 0 and not self._init_done:
             self._init_done = True
             await self._queue.put(None)
         return self
@@ -173,7 +211,9 @@ class Watch:
             sub, self._sub = self._sub, None
             try:
                 await sub.unsubscribe()
-            except Exception:  # connection already closing
+                # Remove the server-side consumer now rather than when its inactivity threshold passes.
+                await self._kv.bus.js.delete_consumer(self._kv.stream, sub._consumer)
+            except Exception:  # connection closing, or the consumer is already gone
                 pass
 
     def __aiter__(self) -> AsyncIterator[Entry | None]:

@@ -108,3 +108,22 @@ async def test_connect_to_nowhere_is_unavailable() -> None:
 async def test_not_found_is_not_unavailable(bus: Bus) -> None:
     assert await Kv(bus, "shoal_config").get("missing") is None
     assert NotFound("x").code == 404
+
+
+async def test_scan_pages_through_many_keys_and_leaves_nothing_on_the_server(bus: Bus) -> None:
+    kv = Kv(bus, "shoal_config")
+    await asyncio.gather(*(kv.put(f"big.k{i:05d}", str(i).encode()) for i in range(2500)))
+    await kv.put("big.k00007", b"rewritten")
+    await kv.delete("big.k00008")
+    await kv.put("other.k1", b"x")
+    entries = await kv.scan("big.*")
+    assert len(entries) == 2499
+    values = {e.key: e.value for e in entries}
+    assert values["big.k00007"] == b"rewritten" and "big.k00008" not in values
+    assert await kv.scan("nothing.*") == []
+    # Far more scans than a stream allows consumers: none is left behind to hit that limit.
+    results = await asyncio.gather(*(kv.scan("other.*") for _ in range(1200)))
+    assert all(len(r) == 1 for r in results)
+    async with kv.watch("other.*") as watch:
+        assert (await watch.__aiter__().__anext__()).key == "other.k1"
+    assert await bus.consumer_count(kv.stream) == 0

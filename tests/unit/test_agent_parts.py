@@ -72,6 +72,7 @@ async def test_health_file_lines_are_counted_per_interval(tmp_path) -> None:
         fh.write("\n")
     assert run.health_sample() == (1, 0)
     await run.stop(grace=1)
+    assert (await asyncio.wait_for(run.wait(), 5)).reason == "stopped"
 
 
 def test_config_files_are_written_atomically_inside_the_root(tmp_path) -> None:
