@@ -255,17 +255,21 @@ class Controller:
             derived_id(rollout.deployment_id, node_id), job, spec, rollout.job_version, node_id, wave,
             rollout.deployment_id, previous.id if previous else "", 0, now,
         )
-        await self._write_new(execution)
+        execution = await self._write_new(execution)
         if previous is not None:
             await self._link(previous, execution.id)
         executions.append(execution)
         return execution
 
-    async def _write_new(self, execution: Execution) -> None:
+    async def _write_new(self, execution: Execution) -> Execution:
+        """Create it; if another pass or replica already did (ids are deterministic), that one is the truth."""
         try:
             await self.store.executions.create(execution.key, execution)
         except Conflict:
-            pass  # created by another pass or replica: ids are deterministic
+            existing = await self.store.executions.get(execution.key)
+            if existing is not None:
+                return existing.value
+        return execution
 
     async def _link(self, previous: Execution, next_id: str) -> None:
         """previous.next = next (the newest attempt to replace an execution is the one it points to)."""
@@ -305,7 +309,7 @@ class Controller:
             derived_id(execution.id, "restart"), job, spec, execution.job_version, execution.node_id,
             execution.rollout_wave, rollout.deployment_id, execution.id, restarts + 1, now,
         )
-        await self._write_new(successor)
+        successor = await self._write_new(successor)
         await self._link(execution, successor.id)
         executions.append(successor)
         return successor
