@@ -85,6 +85,9 @@ class ConsumerSpec:
     inactive_threshold: float | None = None  # seconds before an unused durable is removed
 
 
+FETCH_WAIT = 0.5  # seconds a fetch waits for messages; also the longest a stop waits for the loop
+
+
 def retry_delay(attempt: int) -> float:
     """Backoff between redeliveries of a failing message: 0.1 s doubling to 10 s."""
     return min(10.0, 0.1 * 2 ** max(0, attempt - 1))
@@ -101,7 +104,6 @@ class Consumer:
         self._sub = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._fetching = False
 
     async def start_single(self, handler: Handler) -> None:
         await self._bind()
@@ -137,9 +139,8 @@ class Consumer:
 
     async def _fetch(self) -> list[Msg]:
         assert self._sub is not None
-        self._fetching = True
         try:
-            return await self._sub.fetch(self.batch, timeout=1.0)
+            return await self._sub.fetch(self.batch, timeout=FETCH_WAIT)
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
             return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
@@ -153,8 +154,6 @@ class Consumer:
             log.warning("fetch from %s failed: %s", self.spec.durable, exc or type(exc).__name__)
             await asyncio.sleep(0.5)
             return []
-        finally:
-            self._fetching = False
 
     async def _rebind(self) -> None:
         try:
@@ -216,11 +215,9 @@ class Consumer:
             pass
 
     async def stop(self) -> None:
+        # Let the loop finish its fetch (at most FETCH_WAIT) and handle what it got: cancelling a fetch
+        # could strand messages the server already sent until their ack_wait runs out.
         self._stopping.set()
-        if self._task is not None and self._fetching:
-            # Waiting for messages, holding none: no need to sit out the fetch timeout. Anything the server
-            # had already sent is redelivered after ack_wait.
-            self._task.cancel()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=10)
