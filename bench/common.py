@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from services.query import QueryService  # noqa: E402
 from services.rollout import RolloutService  # noqa: E402
 from services.scheduler import SchedulerService  # noqa: E402
 from shared import topology  # noqa: E402
-from shared.natsserver import NatsServer, binary  # noqa: E402
+from shared.natsserver import NatsServer  # noqa: E402
 from shared.runtime import Component, start_component  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.transport import Bus  # noqa: E402
@@ -256,46 +255,6 @@ async def consumer_counts(bus: Bus, prefix: str = "KV_") -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-class BenchNatsServer(NatsServer):
-    """NatsServer with an optional per-stream consumer limit.
-
-    nats-server 2.15 gives every stream a default limit of 1000 consumers (a per-stream `max_consumers`
-    of -1 no longer means unlimited). `max_consumers` sets `jetstream.limits.default_max_consumers`, so a
-    benchmark can show how the system behaves without that limit; None keeps the server's default, as
-    shared/natsserver.py runs it.
-    """
-
-    def __init__(self, *args: Any, max_consumers: int | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_consumers = max_consumers
-
-    def start(self, timeout: float = 10.0) -> NatsServer:
-        if self.max_consumers is None:
-            return super().start(timeout)
-        # Same as NatsServer.start, with one more JetStream setting.
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        config = self.data_dir / "nats-server.conf"
-        config.write_text(
-            f"listen: 127.0.0.1:{self.port}\n"
-            "max_payload: 4MB\n"
-            f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))}, "
-            f"limits: {{ default_max_consumers: {self.max_consumers} }} }}\n"
-        )
-        with open(self.log_file or os.devnull, "ab") as out:
-            self.proc = subprocess.Popen([binary(), "-c", str(config)], stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"nats-server exited with {self.proc.returncode} (port {self.port})")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise SystemExit(f"nats-server did not listen on port {self.port} within {timeout}s")
-
-
 class Stack:
     """A nats-server in a temporary directory and components started in this process.
 
@@ -305,8 +264,9 @@ class Stack:
     def __init__(self, name: str = "bench", *, max_consumers: int | None = None, **timings: float) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix=f"shoal-{name}-")
         self.tmp = Path(self._tmp.name)
-        self.server = BenchNatsServer(self.tmp / "nats", log_file=str(self.tmp / "nats.log"),
-                                      max_consumers=max_consumers)
+        # max_consumers lifts nats-server's default limit of 1000 consumers per stream (None keeps it).
+        limits = {"default_max_consumers": max_consumers} if max_consumers is not None else None
+        self.server = NatsServer(self.tmp / "nats", log_file=str(self.tmp / "nats.log"), jetstream_limits=limits)
         self.settings: Settings | None = None
         self.timings = {**BENCH_TIMINGS, **timings}
         self.components: list[Component] = []

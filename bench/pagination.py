@@ -300,8 +300,8 @@ async def over_nats(total: int, chunk: int, concurrency: int) -> list[Result]:
         noop_s = time.perf_counter() - t0
         await consumer.stop()
         rows.append(Result("NATS: the view's consumer with a no-op handler", total / noop_s, "msgs/s",
-                           f"Consumer.start_batch (fetch 512, then ack each message) without View.apply: the "
-                           f"transport's share of the rebuild"))
+                           "Consumer.start_batch (fetch 512, then ack each message) without View.apply: the "
+                           "transport's share of the rebuild"))
 
         client = await stack.client()
         job_names = [j.name for j in jobs]

@@ -10,7 +10,7 @@ from typing import Literal
 
 import msgspec
 
-from .models import Execution, Job, JobSpec, Node, ObservedStateType, Selector
+from .models import Execution, Job, JobSpec, JobStateType, JobType, Node, ObservedStateType, Selector
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 1000
@@ -67,8 +67,8 @@ class ListJobsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     next_token: str = ""
     order_by: JobsOrderBy = "created_at"
     reverse: bool = False
-    state: str | None = None
-    type: str | None = None
+    state: JobStateType | None = None
+    type: JobType | None = None
 
 
 class ListJobsResponse(msgspec.Struct, omit_defaults=True):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-import time
 
 NANOSECOND = 1
 MICROSECOND = 1_000
@@ -115,10 +114,6 @@ def to_ns(ts: _dt.datetime) -> int:
 
 def from_ns(ns: int) -> _dt.datetime:
     return _EPOCH + _dt.timedelta(microseconds=ns // MICROSECOND)
-
-
-def monotonic() -> float:
-    return time.monotonic()
 
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)

@@ -26,7 +26,6 @@ Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
 JobType = Literal["pipeline", "query", "update", "config"]
-JOB_TYPES: tuple[str, ...] = ("pipeline", "query", "update", "config")
 # Long-running job types that also go to nodes that join later (a daemon in Bacalhau's words).
 DAEMON_JOB_TYPES = frozenset({"pipeline", "config"})
 # Job types whose executions run to completion (a config push completes once its files are written).
@@ -39,20 +38,7 @@ DesiredStateType = Literal["pending", "running", "stopped"]
 ObservedStateType = Literal[
     "pending", "starting", "validating", "running", "degraded", "completed", "failed", "lost", "stopping", "stopped"
 ]
-OBSERVED_STATES: tuple[str, ...] = (
-    "pending",
-    "starting",
-    "validating",
-    "running",
-    "degraded",
-    "completed",
-    "failed",
-    "lost",
-    "stopping",
-    "stopped",
-)
 TERMINAL_STATES = frozenset({"completed", "failed", "stopped"})
-ACTIVE_STATES = frozenset({"pending", "starting", "validating", "running", "degraded", "lost", "stopping"})
 
 JobStateType = Literal[
     "pending",
@@ -66,18 +52,8 @@ JobStateType = Literal[
     "failed",
     "stopped",
 ]
-JOB_STATES: tuple[str, ...] = (
-    "pending",
-    "queued",
-    "deploying",
-    "running",
-    "degraded",
-    "rollout_paused",
-    "rollout_failed",
-    "completed",
-    "failed",
-    "stopped",
-)
+# A job in one of these has finished; submitting it again runs it again, even with the same spec.
+ENDED_JOB_STATES = frozenset({"stopped", "completed", "failed"})
 NodeStateType = Literal["ready", "disconnected"]
 
 DEFAULT_NAMESPACE = "default"

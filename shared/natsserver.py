@@ -35,10 +35,13 @@ def free_port() -> int:
 class NatsServer:
     """A nats-server child process with JetStream in `data_dir`, on loopback."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None, log_file: str | None = None) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None, log_file: str | None = None,
+                 jetstream_limits: dict[str, int] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.log_file = log_file
+        # Extra `jetstream.limits` settings (the benchmarks lift the per-stream consumer limit with them).
+        self.jetstream_limits = dict(jetstream_limits or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,10 +51,13 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> NatsServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "nats-server.conf"
+        limits = ", ".join(f"{k}: {v}" for k, v in self.jetstream_limits.items())
         config.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
             "max_payload: 4MB\n"
-            f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))} }}\n"
+            f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))}"
+            + (f", limits: {{ {limits} }}" if limits else "")
+            + " }\n"
         )
         args = [binary(), "-c", str(config)]
         if self.log_file:

@@ -146,10 +146,6 @@ def kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
-def kv_subject(bucket: str, key: str) -> str:
-    return f"$KV.{bucket}.{key}"
-
-
 def job_key(namespace: str, job_id: str) -> str:
     return f"{namespace}.{job_id}"
 

@@ -166,6 +166,3 @@ class Client:
 class _JobReply(msgspec.Struct):
     job: Job
 
-
-def describe_error(exc: ShoalError) -> str:
-    return f"error: {exc}"

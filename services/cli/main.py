@@ -15,6 +15,7 @@ from typing import Any
 
 from shared import runtime
 from shared.errors import ShoalError
+from shared.models import DEFAULT_NAMESPACE
 from shared.settings import DEFAULT_NATS_URL, from_env
 
 EXIT_ERROR = 1
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Job orchestration for fleets of edge nodes.")
     parser.add_argument("--nats-url", default=None,
                         help=f"NATS server (default: $SHOAL_NATS_URL or {DEFAULT_NATS_URL})")
-    parser.add_argument("-n", "--namespace", default=os.environ.get("SHOAL_NAMESPACE", "default"),
+    parser.add_argument("-n", "--namespace", default=os.environ.get("SHOAL_NAMESPACE", DEFAULT_NAMESPACE),
                         help="namespace (default: $SHOAL_NAMESPACE or 'default')")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -16,7 +16,6 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
-from collections import defaultdict
 from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
@@ -25,6 +24,7 @@ from shared.codec import to_msgpack
 from shared.durations import utcnow
 from shared.errors import Conflict
 from shared.models import (
+    ENDED_JOB_STATES,
     ONE_SHOT_JOB_TYPES,
     TERMINAL_STATES,
     DesiredState,
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HEALTH_VERDICTS = frozenset({"unhealthy", "deadline"})
-ENDED_JOB_STATES = frozenset({"stopped", "completed", "failed"})
 
 
 def derived_id(*parts: str) -> str:
@@ -607,12 +606,12 @@ def _active_other(executions: list[Execution], node_id: str, version: int) -> Ex
 
 def _rollback_targets(rollout: Rollout, executions: list[Execution], stable: int) -> list[str]:
     """Nodes the failed version reached, plus those still running the stable version (kept, not touched)."""
-    running_stable = defaultdict(bool)
-    for e in executions:
-        if e.job_version == stable and e.desired == "running" and e.observed not in TERMINAL_STATES:
-            running_stable[e.node_id] = True
+    running_stable = {
+        e.node_id for e in executions
+        if e.job_version == stable and e.desired == "running" and e.observed not in TERMINAL_STATES
+    }
     reached = set(rollout.started_targets())
-    return [n for n in rollout.targets if n in reached or running_stable[n]]
+    return [n for n in rollout.targets if n in reached or n in running_stable]
 
 
 def _finished_message(rollout: Rollout) -> str:

@@ -21,7 +21,7 @@ from shared.api import PutJobRequest
 from shared.codec import from_json, to_canonical_json, to_json, to_msgpack
 from shared.durations import utcnow
 from shared.errors import Conflict, Internal, InvalidInput, ShoalError
-from shared.models import Evaluation, Job, JobSpec, JobState, JobVersion, SubmissionOutcome
+from shared.models import ENDED_JOB_STATES, Evaluation, Job, JobSpec, JobState, JobVersion, SubmissionOutcome
 from shared.store import Store
 from shared.transport import Bus, Delivery
 from shared.validation import check_namespace, validate_spec
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 # After this many failed attempts a submission is answered with an internal error instead of retried forever.
 MAX_ATTEMPTS = 8
-ENDED_JOB_STATES = frozenset({"stopped", "completed", "failed"})
 
 
 def spec_hash(spec: JobSpec) -> str:

@@ -91,7 +91,7 @@ async def test_update_replaces_old_executions_wave_by_wave_and_links_them(cluste
     await submit(api, job("svc", max_parallel=50))
     await until(wait_for, api, "svc", lambda s: s.state == "succeeded")
     await submit(api, job("svc", max_parallel=50, extra={"description": "v2"}))
-    st = await until(wait_for, api, "svc", lambda s: s.job_version == 2 and s.current_wave == 1
+    await until(wait_for, api, "svc", lambda s: s.job_version == 2 and s.current_wave == 1
                      and s.waves[0].states.get("validating", 0) + s.waves[0].states.get("running", 0) == 2)
     items = await api.all_executions("svc", all_job_versions=True)
     # While wave 1 validates, wave 2's nodes still run version 1.

@@ -13,10 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # lets the file run before the repo has a conftest or an install
-    sys.path.insert(0, str(ROOT))
 
-from shared.selector import (  # noqa: E402
+from shared.selector import (
     CompiledSelector,
     Requirement,
     SelectorError,
