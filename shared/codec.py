@@ -7,6 +7,7 @@ offending value (`spec.rollout.max_parallel`), so every bad request gets a struc
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -15,6 +16,8 @@ import msgspec
 
 from .durations import Duration, parse_duration
 from .errors import Internal, InvalidInput
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _INT64_MAX = 2**63 - 1
@@ -77,6 +80,16 @@ def from_msgpack(data: bytes, tp: type[T]) -> T:
         return _msgpack_decoder(tp).decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise Internal(f"undecodable internal message for {getattr(tp, '__name__', tp)}: {exc}") from exc
+
+
+def from_msgpack_or_none(data: bytes, tp: type[T], what: str) -> T | None:
+    """Decode an internal message, or log and return None: a message that cannot be decoded would fail
+    the same way on every redelivery, so its consumer drops it instead of retrying it forever."""
+    try:
+        return from_msgpack(data, tp)
+    except Internal as exc:
+        log.error("dropping undecodable %s: %s", what, exc)
+        return None
 
 
 def from_json(data: bytes, tp: type[T], *, prefix: str = "", max_bytes: int | None = MAX_REQUEST_BYTES) -> T:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from . import subjects as s
-from .codec import from_msgpack, to_msgpack
+from .codec import from_msgpack, from_msgpack_or_none, to_msgpack
 from .durations import utcnow
 from .errors import Conflict, Internal, NotFound, Unavailable
 from .models import Evaluation, Execution, Job, JobVersion, Node, SubmissionOutcome
@@ -88,8 +88,14 @@ class Bucket(Generic[T]):
             return Record(key, record.value, rev, headers or {})
         raise Internal(f"{self.kv.bucket}/{key}: too many concurrent writers")
 
+    def decode_or_none(self, entry: Entry) -> Record[T] | None:
+        """For reads of many entries: one undecodable entry is logged and skipped, not fatal to all."""
+        value = from_msgpack_or_none(entry.value, self.tp, f"{self.kv.bucket}/{entry.key}")
+        return None if value is None else Record(entry.key, value, entry.revision, entry.headers)
+
     async def scan(self, pattern: str = ">") -> list[Record[T]]:
-        return [self.decode(e) for e in await self.kv.scan(pattern)]
+        records = (self.decode_or_none(e) for e in await self.kv.scan(pattern))
+        return [r for r in records if r is not None]
 
 
 class Mirror(Generic[T]):
@@ -114,8 +120,8 @@ class Mirror(Generic[T]):
                     self.ready.set()
                 elif entry.deleted:
                     self.items.pop(entry.key, None)
-                else:
-                    self.items[entry.key] = self.bucket.decode(entry).value
+                elif (record := self.bucket.decode_or_none(entry)) is not None:
+                    self.items[entry.key] = record.value
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from shared import subjects as s
 from shared.api import RegisterNodeRequest, RegisterNodeResponse
-from shared.codec import from_json, from_msgpack, to_json, to_msgpack
+from shared.codec import from_json, from_msgpack_or_none, to_json, to_msgpack
 from shared.durations import utcnow
 from shared.errors import InvalidInput, ShoalError
 from shared.models import Execution, Heartbeat
@@ -179,7 +179,9 @@ class AgentService(Component):
                 node = self.nodes.get(node_id)
                 if node is None:
                     continue
-                execution = from_msgpack(entry.value, Execution)
+                execution = from_msgpack_or_none(entry.value, Execution, f"assignment {entry.key}")
+                if execution is None:
+                    continue
                 if node.offline_until and loop.time() < node.offline_until:
                     node.backlog[execution.id] = (execution, entry.headers)
                     continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from shared import subjects as s
-from shared.codec import from_msgpack
+from shared.codec import from_msgpack_or_none
 from shared.durations import utcnow
 from shared.errors import Conflict
 from shared.lease import Lease, run_as_leader
@@ -56,7 +56,9 @@ class HealthService(Component):
     # -- reports -----------------------------------------------------------------------------------
 
     async def on_report(self, delivery: Delivery) -> None:
-        report = from_msgpack(delivery.data, Report)  # type: ignore[arg-type]
+        report = from_msgpack_or_none(delivery.data, Report, f"report on {delivery.subject}")  # type: ignore[arg-type]
+        if report is None:
+            return
         sender = delivery.subject.rsplit(".", 1)[-1]
         if report.node_id != sender:
             log.warning("dropping report for node %s sent on %s", report.node_id, delivery.subject)

@@ -17,7 +17,7 @@ from typing import Any
 import aiosqlite
 
 from shared import subjects as s
-from shared.codec import from_msgpack, to_json
+from shared.codec import from_msgpack_or_none, to_json
 from shared.durations import to_ns
 from shared.models import Execution, Job, Node
 
@@ -151,11 +151,14 @@ class View:
             if event.deleted:
                 deletes.append(_delete_target(subject))
             elif subject.startswith(_EXEC_PREFIX):
-                executions.append(_execution_row(from_msgpack(event.data, Execution)))
+                if (execution := from_msgpack_or_none(event.data, Execution, subject)) is not None:
+                    executions.append(_execution_row(execution))
             elif subject.startswith(_JOB_PREFIX):
-                jobs.append(_job_row(from_msgpack(event.data, Job)))
+                if (job := from_msgpack_or_none(event.data, Job, subject)) is not None:
+                    jobs.append(_job_row(job))
             elif subject.startswith(_NODE_PREFIX):
-                nodes.append(_node_row(from_msgpack(event.data, Node)))
+                if (node := from_msgpack_or_none(event.data, Node, subject)) is not None:
+                    nodes.append(_node_row(node))
         db = self.writer
         before = db.total_changes
         await db.execute("BEGIN")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from shared import subjects as s
 from shared.api import RolloutRequest, RolloutStatus, WaveStatus
-from shared.codec import from_json, from_msgpack, to_json
+from shared.codec import from_json, from_msgpack_or_none, to_json
 from shared.durations import utcnow
 from shared.errors import Conflict, NotFound
 from shared.models import Plan
@@ -61,7 +61,9 @@ class RolloutService(Component):
     # -- triggers ----------------------------------------------------------------------------------
 
     async def on_plan(self, delivery: Delivery) -> None:
-        await self.controller.apply_plan(from_msgpack(delivery.data, Plan))
+        plan = from_msgpack_or_none(delivery.data, Plan, f"plan on {delivery.subject}")
+        if plan is not None:
+            await self.controller.apply_plan(plan)
 
     async def on_execution_events(self, deliveries: Sequence[Delivery]) -> None:
         """Coalesce a batch of execution events into one reconcile per job; acked only after it."""
@@ -74,7 +76,9 @@ class RolloutService(Component):
             await self.controller.reconcile(namespace, job_id)
 
     async def on_timer(self, delivery: Delivery) -> None:
-        timer = from_msgpack(delivery.data, Timer)
+        timer = from_msgpack_or_none(delivery.data, Timer, f"timer on {delivery.subject}")
+        if timer is None:
+            return
         remaining = (timer.due - utcnow()).total_seconds()
         if remaining > 0:
             await delivery.nak(delay=remaining)

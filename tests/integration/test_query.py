@@ -282,6 +282,11 @@ async def test_jobs_and_nodes_reads(query, cluster, bus, wait_for) -> None:
     assert by_name.id == by_id.id == jobs[3].id
     with pytest.raises(NotFound):
         await api.get_job("job-99")
+    with pytest.raises(InvalidInput) as bad_state:
+        await api.list_jobs(ListJobsRequest(state="sleeping"))  # type: ignore[arg-type]
+    assert bad_state.value.field == "state" and "rollout_failed" in bad_state.value.message
+    _, running = await api.list_jobs(ListJobsRequest(state="running", type="pipeline", limit=100))
+    assert len(running.items) == 7
 
     async def nodes(selector: Selector | None = None, state=None, limit=None) -> list[str]:
         out, token = [], ""
@@ -326,3 +331,17 @@ async def test_a_page_of_a_thousand_is_larger_than_any_request_and_still_decodes
     await until_visible(api, "big", 900, wait_for)
     raw, page = await api.list_executions(ListJobExecutionsRequest(job="big", limit=1000))
     assert len(raw) > 512 * 1024 and len(page.items) == 900 and not page.next_token
+
+
+async def test_an_undecodable_event_is_dropped_and_the_view_keeps_up(query, cluster, bus, wait_for, caplog) -> None:
+    from shared.transport import Kv
+
+    store, api = query, await cluster.api()
+    job = make_job("default", "poison")
+    await put_job(store, job)
+    await Kv(bus, s.BUCKET_EXECUTIONS).put(f"default.{job.id}.n.not-an-execution", b"\xc1 not msgpack")
+    await put_executions(store, [make_execution(job, "n") for _ in range(3)])
+    await until_visible(api, "poison", 3, wait_for)
+    assert any("dropping undecodable" in r.message for r in caplog.records)
+    # Readers of the bucket skip it as well instead of failing on it.
+    assert len(await store.executions_of_job("default", job.id)) == 3
