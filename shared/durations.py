@@ -106,6 +106,23 @@ def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
+def rfc3339(ts: _dt.datetime | None) -> str:
+    """A timestamp as our API writes it: RFC 3339 in UTC with a Z ("" for None)."""
+    if ts is None:
+        return ""
+    return ts.astimezone(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: object) -> _dt.datetime | None:
+    """The timestamp in an RFC 3339 string (as kept in execution details), or None if there is none."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 def to_ns(ts: _dt.datetime) -> int:
     """A timestamp as integer nanoseconds since the epoch: exact, sortable, used as a keyset column."""
     delta = ts - _EPOCH

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from shared.durations import utcnow
+from shared.durations import parse_rfc3339, rfc3339, utcnow
 from shared.models import TERMINAL_STATES, Execution, StateReport
 
 # Order of progress; a report that would move an execution to a lower rank is stale and ignored.
@@ -85,10 +85,6 @@ def set_observed(execution: Execution, state: str, message: str = "") -> None:
         execution.status.details["finished_at"] = rfc3339(utcnow())
 
 
-def rfc3339(ts: dt.datetime) -> str:
-    return ts.isoformat().replace("+00:00", "Z")
-
-
 def mark_lost(execution: Execution, now: dt.datetime, node_id: str) -> bool:
     status = execution.status
     current = status.observed_state.state_type
@@ -101,7 +97,6 @@ def mark_lost(execution: Execution, now: dt.datetime, node_id: str) -> bool:
 
 
 def lost_since(execution: Execution) -> dt.datetime | None:
-    raw = execution.status.details.get("lost_at")
-    if execution.status.observed_state.state_type != "lost" or not isinstance(raw, str):
+    if execution.status.observed_state.state_type != "lost":
         return None
-    return dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    return parse_rfc3339(execution.status.details.get("lost_at"))

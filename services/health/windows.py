@@ -26,6 +26,7 @@ from shared.models import Execution, HealthCheck, HealthReport, Timestamp
 
 from .transitions import health_gated, set_observed
 
+
 class HealthWindow(msgspec.Struct, kw_only=True, omit_defaults=True):
     execution_id: str
     deadline_at: Timestamp | None = None

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from shared import subjects as s
 from shared.codec import to_msgpack
-from shared.durations import utcnow
+from shared.durations import parse_rfc3339, utcnow
 from shared.errors import Conflict
 from shared.models import (
     ENDED_JOB_STATES,
@@ -547,13 +547,7 @@ class Controller:
 
 def finished_at(execution: Execution) -> dt.datetime:
     """When the execution reached its terminal state (recorded by the health service)."""
-    raw = execution.status.details.get("finished_at")
-    if isinstance(raw, str):
-        try:
-            return dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        except ValueError:
-            pass
-    return execution.status.updated_at
+    return parse_rfc3339(execution.status.details.get("finished_at")) or execution.status.updated_at
 
 
 def _mark_stopped(rollout: Rollout) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from shared import subjects as s
 from shared.api import RolloutRequest, RolloutStatus, WaveStatus
 from shared.codec import from_json, from_msgpack_or_none, to_json
-from shared.durations import utcnow
+from shared.durations import rfc3339, utcnow
 from shared.errors import Conflict, NotFound
 from shared.models import Plan
 from shared.runtime import Component
@@ -126,7 +126,7 @@ class RolloutService(Component):
             max_failed_nodes=spec.rollout.max_failed_nodes,
             max_failed_nodes_percent=spec.rollout.max_failed_nodes_percent,
             rollback_of=rollout.rollback_of, previous_version=rollout.previous_version, message=rollout.message,
-            started_at=_iso(rollout.created_at), finished_at=_iso(rollout.finished_at),
+            started_at=rfc3339(rollout.created_at), finished_at=rfc3339(rollout.finished_at),
         )
 
     async def _transition(self, req: ApiRequest, allowed: set[str], change) -> bytes:
@@ -183,6 +183,3 @@ class RolloutService(Component):
         job = await self.store.jobs.get(job_record.key)
         return to_json(await self._status(job or job_record, fresh.value if fresh else rollout))
 
-
-def _iso(value) -> str:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else ""

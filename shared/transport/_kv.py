@@ -154,18 +154,17 @@ class Kv:
             await sub.unsubscribe()
         return [e for e in found.values() if not e.deleted]
 
-    def watch(self, pattern: str = ">", *, updates: bool = True) -> Watch:
-        """Current values of matching keys, then None, then (if `updates`) every later change."""
-        return Watch(self, pattern, updates)
+    def watch(self, pattern: str = ">") -> Watch:
+        """Current values of matching keys, then None, then every later change."""
+        return Watch(self, pattern)
 
 
 class Watch:
     """`async with kv.watch("a.*") as w: async for entry in w: ...` — stops cleanly on exit."""
 
-    def __init__(self, kv: Kv, pattern: str, updates: bool) -> None:
+    def __init__(self, kv: Kv, pattern: str) -> None:
         self._kv = kv
         self._pattern = pattern
-        self._updates = updates
         self._queue: asyncio.Queue[Entry | None] = asyncio.Queue()
         self._sub = None
         self._init_done = False
@@ -220,15 +219,6 @@ class Watch:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Entry | None]:
-        seen_end = False
+        # The end-of-current-values None is queued exactly once (guarded by _init_done).
         while True:
-            entry = await self._queue.get()
-            if entry is None:
-                if seen_end:
-                    continue
-                seen_end = True
-                yield None
-                if not self._updates:
-                    return
-                continue
-            yield entry
+            yield await self._queue.get()
