@@ -50,6 +50,11 @@ async def test_simulated_nodes_drop_off_and_come_back_without_failing_work(clust
     await api.wait_ready(6)
     assert (await api.submit({"name": "flaky-net", "type": "pipeline", "restart_policy": "never",
                               "config": {"simulate": {}}})).accepted
+
+    async def placed() -> bool:  # the query view follows the buckets a moment behind
+        return len(await api.all_executions("flaky-net")) == 6
+
+    await wait_for(placed)
     saw_lost = False
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 6
