@@ -137,10 +137,14 @@ class Client:
             missing = [name for name in missing if not await self._answers(s.service_ping(name))]
             ready = 0
             if not missing:
-                _, page = await self.list_nodes(ListNodesRequest(state="ready", limit=1000))
-                ready = len(page.items)
-                if ready >= nodes:
-                    return
+                try:
+                    _, page = await self.list_nodes(ListNodesRequest(state="ready", limit=1000))
+                except Unavailable:  # the query replica that answered the ping went away; ask again
+                    missing = [s.SERVICE_QUERY]
+                else:
+                    ready = len(page.items)
+                    if ready >= nodes:
+                        return
             if loop.time() > deadline:
                 raise Unavailable(f"stack not ready after {timeout:.0f}s: services not answering {missing}, "
                                   f"{ready} of {nodes} nodes ready")

@@ -39,9 +39,9 @@ class HealthService(Component):
         self.spawn(self.liveness.watch_heartbeats(self.stopping), "watch-heartbeats")
         self.spawn(self.liveness.mirror.run(self.stopping), "watch-nodes")
 
-        api = await ApiService.start(self.bus, s.SERVICE_HEALTH, VERSION, "Node registration and liveness",
-                                     queue_group=s.QUEUE_GROUP)
-        await api.add_endpoint("nodes-register", s.NODES_REGISTER, registry.register)
+        await ApiService.start(self.bus, s.SERVICE_HEALTH, VERSION, "Node registration and liveness",
+                               queue_group=s.QUEUE_GROUP,
+                               endpoints=[("nodes-register", s.NODES_REGISTER, registry.register)])
 
         reports = Consumer(
             self.bus,

@@ -89,13 +89,14 @@ class QueryService(Component):
             batch=512,
         ).start_batch(self.on_events)
 
-        api = await ApiService.start(self.bus, s.SERVICE_QUERY, VERSION, "Paginated reads of jobs, executions, nodes",
-                                     queue_group=s.QUEUE_GROUP)
-        await api.add_endpoint("executions-list", s.api("*", s.EXECUTIONS_LIST), self.list_executions)
-        await api.add_endpoint("executions-get", s.api("*", s.EXECUTIONS_GET), self.get_execution)
-        await api.add_endpoint("jobs-get", s.api("*", s.JOBS_GET), self.get_job)
-        await api.add_endpoint("jobs-list", s.api("*", s.JOBS_LIST), self.list_jobs)
-        await api.add_endpoint("nodes-list", s.NODES_LIST, self.list_nodes)
+        await ApiService.start(self.bus, s.SERVICE_QUERY, VERSION, "Paginated reads of jobs, executions, nodes",
+                               queue_group=s.QUEUE_GROUP, endpoints=[
+                                   ("executions-list", s.api("*", s.EXECUTIONS_LIST), self.list_executions),
+                                   ("executions-get", s.api("*", s.EXECUTIONS_GET), self.get_execution),
+                                   ("jobs-get", s.api("*", s.JOBS_GET), self.get_job),
+                                   ("jobs-list", s.api("*", s.JOBS_LIST), self.list_jobs),
+                                   ("nodes-list", s.NODES_LIST, self.list_nodes),
+                               ])
 
     async def stop(self) -> None:
         await super().stop()

@@ -36,16 +36,15 @@ class RolloutService(Component):
         self.store = Store(self.bus)
         self.controller = Controller(self.bus, self.store, self.settings)
 
-        api = await ApiService.start(self.bus, s.SERVICE_ROLLOUT, VERSION, "Rollouts: waves, canaries, rollback",
-                                     queue_group=s.QUEUE_GROUP)
-        for op, handler in (
-            (s.ROLLOUT_STATUS, self.status),
-            (s.ROLLOUT_PROMOTE, self.promote),
-            (s.ROLLOUT_PAUSE, self.pause),
-            (s.ROLLOUT_RESUME, self.resume),
-            (s.ROLLOUT_ABORT, self.abort),
-        ):
-            await api.add_endpoint(op.replace(".", "-"), s.api("*", op), handler)
+        await ApiService.start(self.bus, s.SERVICE_ROLLOUT, VERSION, "Rollouts: waves, canaries, rollback",
+                               queue_group=s.QUEUE_GROUP, endpoints=[
+                                   (op.replace(".", "-"), s.api("*", op), handler) for op, handler in (
+                                       (s.ROLLOUT_STATUS, self.status),
+                                       (s.ROLLOUT_PROMOTE, self.promote),
+                                       (s.ROLLOUT_PAUSE, self.pause),
+                                       (s.ROLLOUT_RESUME, self.resume),
+                                       (s.ROLLOUT_ABORT, self.abort),
+                                   )])
 
         await Consumer(self.bus, ConsumerSpec(stream=s.STREAM_PLANS, durable=s.CONSUMER_ROLLOUT_PLANS),
                        concurrency=8).start_single(self.on_plan)

@@ -31,10 +31,11 @@ class SchedulerService(Component):
         submissions = Submissions(self.bus, self.store)
         evaluations = Evaluations(self.bus, self.store, self.nodes)
 
-        api = await ApiService.start(self.bus, s.SERVICE_SCHEDULER, VERSION, "Job submission and scheduling",
-                                     queue_group=s.QUEUE_GROUP)
-        await api.add_endpoint("jobs-stop", s.api("*", s.JOBS_STOP), self.stop_job)
-        await api.add_endpoint("submissions-get", s.api("*", s.SUBMISSIONS_GET), self.get_submission)
+        await ApiService.start(self.bus, s.SERVICE_SCHEDULER, VERSION, "Job submission and scheduling",
+                               queue_group=s.QUEUE_GROUP, endpoints=[
+                                   ("jobs-stop", s.api("*", s.JOBS_STOP), self.stop_job),
+                                   ("submissions-get", s.api("*", s.SUBMISSIONS_GET), self.get_submission),
+                               ])
 
         await Consumer(
             self.bus, ConsumerSpec(stream=s.STREAM_SUBMISSIONS, durable=s.CONSUMER_SCHEDULER_SUBMISSIONS),

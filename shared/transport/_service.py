@@ -1,7 +1,8 @@
 """Request-reply endpoints through the NATS Services API (`nats.micro`).
 
 Each endpoint is discoverable with `$SRV.PING|INFO|STATS`, and replicas share requests through the
-service's queue group. Handlers return the reply body; a `ShoalError` becomes a structured JSON error
+service's queue group. Every endpoint is subscribed before the discovery subjects are, so a service
+that answers `$SRV.PING` answers all of its endpoints (readiness checks rely on it). Handlers return the reply body; a `ShoalError` becomes a structured JSON error
 reply (with the Services API error headers), anything else a 500 — the service keeps serving. The
 micro library runs one handler at a time per endpoint, so requests are handed to bounded tasks.
 """
@@ -10,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
-from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import Service
+from nats.micro.service import Service, ServiceConfig
 
 from .. import telemetry
 from ..codec import to_json
@@ -54,10 +54,14 @@ class ApiService:
 
     @classmethod
     async def start(cls, bus: Bus, name: str, version: str, description: str, *, queue_group: str,
-                    concurrency: int = 64) -> ApiService:
-        service = await add_service(bus.nc, name=name, version=version, description=description,
-                                    queue_group=queue_group)
+                    endpoints: Sequence[tuple[str, str, ApiHandler]], concurrency: int = 64) -> ApiService:
+        """Subscribe every `(name, subject, handler)` endpoint, then start answering discovery."""
+        service = Service(bus.nc, ServiceConfig(name=name, version=version, description=description,
+                                                queue_group=queue_group))
         api = cls(bus, service, concurrency)
+        for endpoint, subject, handler in endpoints:
+            await api.add_endpoint(endpoint, subject, handler)
+        await service.start()
         bus.on_close(api.stop)
         return api
 

@@ -65,6 +65,9 @@ def dev(tmp_path_factory):
             url = match.group(1)
     if url is None:
         proc.kill()
+        proc.wait()
+        lines.append(proc.stdout.read())
+        proc.stdout.close()
         raise AssertionError("shoal dev did not become ready:\n" + "".join(lines))
     try:
         yield url, tmp_path / "dev"

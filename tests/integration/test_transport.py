@@ -73,8 +73,6 @@ async def test_consumer_redelivers_until_handled(bus: Bus) -> None:
 
 
 async def test_endpoint_structured_errors_and_recovery(bus: Bus, nats_url: str) -> None:
-    service = await ApiService.start(bus, "t-svc", "0.0.1", "test", queue_group="t")
-
     async def handler(req: ApiRequest) -> bytes:
         if req.data == b"bad":
             raise InvalidInput("limit must be 1-1000", field="limit")
@@ -82,7 +80,8 @@ async def test_endpoint_structured_errors_and_recovery(bus: Bus, nats_url: str) 
             raise RuntimeError("bug")
         return b'{"ok":true,"ns":"' + req.token(2).encode() + b'"}'
 
-    await service.add_endpoint("echo", "shoal.v1.*.echo", handler)
+    await ApiService.start(bus, "t-svc", "0.0.1", "test", queue_group="t",
+                           endpoints=[("echo", "shoal.v1.*.echo", handler)])
     client = await Bus.connect(nats_url, name="client")
     try:
         with pytest.raises(InvalidInput) as err:
@@ -127,3 +126,35 @@ async def test_scan_pages_through_many_keys_and_leaves_nothing_on_the_server(bus
     async with kv.watch("other.*") as watch:
         assert (await watch.__aiter__().__anext__()).key == "other.k1"
     assert await bus.consumer_count(kv.stream) == 0
+
+
+async def test_a_service_that_answers_ping_answers_every_endpoint(bus: Bus, nats_url: str) -> None:
+    """Readiness checks ping a service and then use it: discovery must not come up before the endpoints."""
+    names = [f"e{i}" for i in range(8)]
+
+    def answer(name: str):
+        async def handler(req: ApiRequest) -> bytes:
+            return name.encode()
+        return handler
+
+    client = await Bus.connect(nats_url, name="client")
+    try:
+        async def first_ping() -> None:
+            while True:
+                try:
+                    await client.request("$SRV.PING.t-ready", b"", timeout=0.2)
+                    return
+                except Unavailable:
+                    await asyncio.sleep(0)
+
+        pinger = asyncio.create_task(first_ping())
+        await asyncio.sleep(0.05)
+        starting = asyncio.create_task(ApiService.start(
+            bus, "t-ready", "0.0.1", "test", queue_group="t",
+            endpoints=[(name, f"shoal.v1.t.{name}", answer(name)) for name in names]))
+        await asyncio.wait_for(pinger, 10)
+        replies = await asyncio.gather(*(client.request(f"shoal.v1.t.{name}", b"", timeout=1) for name in names))
+        assert list(replies) == [name.encode() for name in names]
+        await starting
+    finally:
+        await client.close()
