@@ -32,7 +32,7 @@ from pathlib import Path
 import msgspec
 from common import CpuMeter, Result, Stack, finish, ms, parse_args, percentile, say
 
-from services.query.view import Event, View
+from services.query.view import Event, View, as_of
 from shared import subjects as s
 from shared.api import ListJobExecutionsRequest, ListJobExecutionsResponse
 from shared.codec import from_json, to_json, to_msgpack
@@ -75,16 +75,20 @@ def execution_events(jobs: list[Job], start: int, count: int, seq0: int) -> list
     return events
 
 
-# The SQL of QueryService._page (created_at order, ascending), with and without a job filter.
-def page_sql(job_filter: bool, keyset: bool, offset: bool = False) -> str:
-    where = ["namespace = ?"]
-    if job_filter:
+# The reads of QueryService._page (created_at order, ascending), with and without a job filter: keyset
+# pages read as of a snapshot sequence (`as_of`), and the OFFSET read they are compared with.
+def page_query(job: Job | None, position: tuple | None, seq: int, offset: int | None = None) -> tuple[str, list]:
+    where, params = ["namespace = ?"], [NAMESPACE]
+    if job is not None:
         where += ["job_id = ?", "job_version = ?"]
-    if keyset:
+        params += [job.id, 1]
+    if offset is not None:
+        return (f"SELECT body, created_at, id FROM executions WHERE {' AND '.join(where)} "
+                f"ORDER BY created_at ASC, id ASC LIMIT ? OFFSET ?", [*params, PAGE + 1, offset])
+    if position is not None:
         where.append("(created_at, id) > (?, ?)")
-    sql = (f"SELECT body, created_at, id FROM executions WHERE {' AND '.join(where)} "
-           f"ORDER BY created_at ASC, id ASC LIMIT ?")
-    return sql + (" OFFSET ?" if offset else "")
+        params += list(position)
+    return as_of("executions", "body, created_at, id", where, params, "created_at ASC, id ASC", seq, PAGE + 1)
 
 
 async def timed_rows(view: View, sql: str, params: list, reps: int, budget: float) -> list[float]:
@@ -160,16 +164,15 @@ async def view_only(tmp, total: int, batch: int) -> list[Result]:
             "SELECT created_at, id FROM executions WHERE namespace = ? ORDER BY created_at, id LIMIT 1 OFFSET ?",
             (NAMESPACE, deep_ns - 1))
         assert pos_job is not None and pos_ns is not None
-        lim = PAGE + 1  # _page asks for one more row to know whether a next page exists
-
+        seq = view.last_seq
         cases = {
-            # name: (sql, params, reps)
-            "job first": (page_sql(True, False), [NAMESPACE, job.id, 1, lim], 3000),
-            "job keyset deep": (page_sql(True, True), [NAMESPACE, job.id, 1, *pos_job, lim], 3000),
-            "job offset deep": (page_sql(True, False, True), [NAMESPACE, job.id, 1, lim, deep_job], 300),
-            "ns first": (page_sql(False, False), [NAMESPACE, lim], 3000),
-            "ns keyset deep": (page_sql(False, True), [NAMESPACE, *pos_ns, lim], 3000),
-            "ns offset deep": (page_sql(False, False, True), [NAMESPACE, lim, deep_ns], 100),
+            # name: (sql, params, reps); _page asks for one more row to know whether a next page exists
+            "job first": (*page_query(job, None, seq), 3000),
+            "job keyset deep": (*page_query(job, pos_job, seq), 3000),
+            "job offset deep": (*page_query(job, None, seq, offset=deep_job), 300),
+            "ns first": (*page_query(None, None, seq), 3000),
+            "ns keyset deep": (*page_query(None, pos_ns, seq), 3000),
+            "ns offset deep": (*page_query(None, None, seq, offset=deep_ns), 100),
         }
         lat: dict[str, list[float]] = {}
         for name, (sql, params, reps) in cases.items():
@@ -225,6 +228,33 @@ async def view_only(tmp, total: int, batch: int) -> list[Result]:
                            f"p99 {ms(percentile(during, 99)):.2f} ms over {len(during)} reads while {extra:,} rows "
                            f"were applied at {extra / write_time:,.0f} rows/s (WAL: readers never wait for the "
                            f"writer, but share the one Python thread and the GIL with it)"))
+
+        # --- updates: each moves the replaced version to executions_past ----------------------------
+        say("view only: 50,000 updates, then a deep page as of the snapshot before them")
+        updated = 50_000
+        next_seq = 100 + total + extra
+        existing = await view.rows("SELECT body FROM executions ORDER BY created_at LIMIT ?", (updated,))
+        events = []
+        for n, (body,) in enumerate(existing):
+            e = from_json(body, Execution)
+            e.status.revision = 2
+            e.status.observed_state = ObservedState(state_type="completed")
+            events.append(Event(f"{s.EVENTS_EXECUTION}.{e.key}", to_msgpack(e), False, next_seq + n))
+        update_batches = [events[k:k + batch] for k in range(0, updated, batch)]
+        u0 = time.perf_counter()
+        for events in update_batches:
+            await view.apply(events)
+        update_s = time.perf_counter() - u0
+        rows.append(Result(f"view: apply {updated // 1000}k updates (batches of {batch:,})", updated / update_s,
+                           "rows/s", f"{update_s:.1f} s; each update also copies the replaced version to "
+                           f"executions_past (a trigger), which a walk begun earlier reads"))
+        before_updates = (*page_query(job, pos_job, seq_before_updates := next_seq - 1), 3000)
+        await timed_rows(view, before_updates[0], before_updates[1], 20, 1.0)
+        snap = await timed_rows(view, before_updates[0], before_updates[1], 3000, budget=6.0)
+        rows.append(Result(f"view: keyset page of 50 at row {deep_job:,}, as of before {updated // 1000}k updates",
+                           ms(percentile(snap, 50)), "ms p50",
+                           f"p99 {ms(percentile(snap, 99)):.3f} ms; snapshot {seq_before_updates:,}: current rows "
+                           f"and {updated:,} past versions merged, each half limited to the page"))
     finally:
         await view.close()
     return rows
@@ -344,7 +374,7 @@ async def over_nats(total: int, chunk: int, concurrency: int) -> list[Result]:
             await query.view.one("SELECT id, version FROM jobs WHERE namespace = ? AND (id = ? OR name = ?) "
                                  "ORDER BY (id = ?) DESC, created_at DESC LIMIT 1", (NAMESPACE, job_names[0],
                                                                                       job_names[0], job_names[0]))
-            await query.view.rows(page_sql(True, False), [NAMESPACE, jobs[0].id, 1, PAGE + 1])
+            await query.view.rows(*page_query(jobs[0], None, query.view.last_seq))
             sql_lat.append(time.perf_counter() - r0)
         rows.append(Result("NATS: ListJobExecutions page of 50, serial", pages / serial_s, "pages/s",
                            f"p50 {ms(percentile(lat, 50)):.2f} ms, p99 {ms(percentile(lat, 99)):.2f} ms over {pages} "

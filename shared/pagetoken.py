@@ -19,7 +19,7 @@ import msgspec
 
 from .errors import InvalidInput
 
-_VERSION = 1
+_VERSION = 2  # 2: positions start with the snapshot sequence of the walk
 _SIG_BYTES = 16
 
 

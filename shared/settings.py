@@ -27,6 +27,8 @@ class Settings(msgspec.Struct, kw_only=True):
     restart_backoff_max: float = 60.0
     # The query service's SQLite view (one file per replica).
     query_db: str = "shoal-query.db"
+    # How long a next_token stays good: the view keeps the rows a walk's snapshot needs this long.
+    page_retention: float = 600.0
     traces_exporter: str = "none"
     traces_file: str = ""
     log_level: str = "INFO"
@@ -54,6 +56,7 @@ def from_env(**overrides: object) -> Settings:
         restart_backoff_base=_float("SHOAL_RESTART_BACKOFF_BASE", 1.0),
         restart_backoff_max=_float("SHOAL_RESTART_BACKOFF_MAX", 60.0),
         query_db=env.get("SHOAL_QUERY_DB") or "shoal-query.db",
+        page_retention=_float("SHOAL_PAGE_RETENTION", 600.0),
         traces_exporter=env.get("SHOAL_TRACES_EXPORTER") or env.get("OTEL_TRACES_EXPORTER") or "none",
         traces_file=env.get("SHOAL_TRACES_FILE", ""),
         log_level=env.get("SHOAL_LOG_LEVEL", "INFO"),

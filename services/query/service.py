@@ -1,8 +1,9 @@
 """The query service: keeps its SQLite view current from the EVENTS stream and answers the read API.
 
 ListJobExecutions is keyset-paginated: a page is one SQL read ordered by (created_at|updated_at, id),
-and the next_token holds the last row's (value, id), so walking all pages returns every execution
-exactly once even while new ones are inserted. Replies are assembled from the stored JSON bodies
+and the next_token holds the last row's (value, id). Every page of a walk reads the view as of the
+stream sequence of its first page (carried in the token), so a walk returns exactly the executions
+that matched at that moment, each once, whatever is inserted, updated or deleted in between. Replies are assembled from the stored JSON bodies
 without decoding them.
 """
 
@@ -26,7 +27,7 @@ from shared.api import (
     ListNodesRequest,
 )
 from shared.codec import from_json
-from shared.errors import InvalidInput, NotFound
+from shared.errors import InvalidInput, NotFound, Unavailable
 from shared.runtime import Component
 from shared.selector import SelectorError, compile_selector
 from shared.settings import Settings
@@ -34,7 +35,7 @@ from shared.store import Store
 from shared.transport import ApiRequest, ApiService, Bus, Consumer, ConsumerSpec, Delivery, is_delete
 from shared.validation import check_namespace
 
-from .view import Event, View
+from .view import Event, SnapshotGone, View, as_of
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class QueryService(Component):
         if self.numbered:
             stem, dot, ext = path.rpartition(".")
             path = f"{stem}-{self.replica}.{ext}" if dot else f"{path}-{self.replica}"
-        self.view = View(path)
+        self.view = View(path, retention=self.settings.page_retention)
         await self.view.open()
         self.token_key = await self.store.shared_secret(TOKEN_KEY, lambda: os.urandom(32))
         # The view's own durable; if it is gone (expired while this replica was away), resume after the last
@@ -124,52 +125,78 @@ class QueryService(Component):
         namespace = check_namespace(req.token(2))
         q = from_json(req.data, ListJobExecutionsRequest)
         limit = page_limit(q.limit)
+        if q.job_version is not None:
+            if not q.job:
+                raise InvalidInput("job_version needs job", field="job_version")
+            if q.all_job_versions:
+                raise InvalidInput("give job_version or all_job_versions, not both", field="job_version")
+            if q.job_version < 1:
+                raise InvalidInput("job_version starts at 1", field="job_version")
+        scope = pagetoken.scope("executions", namespace, q.job, q.job_version, q.all_job_versions, q.node_id,
+                                q.state, q.order_by, q.reverse)
+        position = self._position(q.next_token, scope, 5)
+        job_id = ""
+        version: int | None = None
+        if position is not None:
+            # The job as the first page resolved it: a new version submitted mid-walk changes nothing.
+            job_id, version = position[3], position[4]
+        elif q.job:
+            job_id, latest = await self._resolve_job(namespace, q.job)
+            if not q.all_job_versions:
+                version = q.job_version if q.job_version is not None else latest
         where = ["namespace = ?"]
         params: list[Any] = [namespace]
-        job_id = ""
-        version: int | str | None = None
-        if q.job:
-            job_id, latest = await self._resolve_job(namespace, q.job)
+        if job_id:
             where.append("job_id = ?")
             params.append(job_id)
-            if q.all_job_versions:
-                if q.job_version is not None:
-                    raise InvalidInput("give job_version or all_job_versions, not both", field="job_version")
-                version = "all"
-            else:
-                if q.job_version is not None and q.job_version < 1:
-                    raise InvalidInput("job_version starts at 1", field="job_version")
-                version = q.job_version if q.job_version is not None else latest
-                where.append("job_version = ?")
-                params.append(version)
-        elif q.job_version is not None:
-            raise InvalidInput("job_version needs job", field="job_version")
+        if version is not None:
+            where.append("job_version = ?")
+            params.append(version)
         if q.node_id:
             where.append("node_id = ?")
             params.append(q.node_id)
         if q.state is not None:
             where.append("state = ?")
             params.append(q.state)
-        scope = pagetoken.scope("executions", namespace, job_id, version, q.node_id, q.state, q.order_by, q.reverse)
-        return await self._page("executions", q.order_by, where, params, limit, q.reverse, q.next_token, scope)
+        return await self._page("executions", q.order_by, where, params, limit, q.reverse, position, scope,
+                                carry=[job_id, version])
+
+    def _position(self, token: str, scope: bytes, size: int) -> list[Any] | None:
+        """The position inside a next_token: [snapshot sequence, sort value, id, ...what the page carries]."""
+        if not token:
+            return None
+        position = pagetoken.decode(self.token_key, token, scope)
+        if len(position) != size or not isinstance(position[0], int):
+            raise InvalidInput("next_token is malformed", field="next_token")
+        return position
+
+    async def _snapshot(self, position: list[Any] | None) -> int:
+        try:
+            return await self.view.snapshot(position[0] if position is not None else None)
+        except SnapshotGone:
+            raise InvalidInput(
+                f"next_token has expired: the listing it continues is older than the "
+                f"{self.view.retention:.0f}s this service keeps; list again without it", field="next_token",
+            ) from None
+        except TimeoutError:
+            raise Unavailable("this query replica has not caught up with the page before; retry") from None
 
     async def _page(self, table: str, column: str, where: list[str], params: list[Any], limit: int, reverse: bool,
-                    token: str, scope: bytes) -> bytes:
-        if token:
-            position = pagetoken.decode(self.token_key, token, scope)
-            if len(position) != 2:
-                raise InvalidInput("next_token is malformed", field="next_token")
-            where.append(f"({column}, id) {'<' if reverse else '>'} (?, ?)")
-            params.extend(position)
+                    position: list[Any] | None, scope: bytes, carry: Sequence[Any] = ()) -> bytes:
+        """One keyset page of `table` as of the walk's snapshot; the token carries both on."""
+        seq = await self._snapshot(position)
+        if position is not None:
+            where = [*where, f"({column}, id) {'<' if reverse else '>'} (?, ?)"]
+            params = [*params, position[1], position[2]]
         direction = "DESC" if reverse else "ASC"
-        sql = (f"SELECT body, {column}, id FROM {table} WHERE {' AND '.join(where)} "
-               f"ORDER BY {column} {direction}, id {direction} LIMIT ?")
-        rows = await self.view.rows(sql, [*params, limit + 1])
+        sql, sql_params = as_of(table, f"body, {column}, id", where, params,
+                                f"{column} {direction}, id {direction}", seq, limit + 1)
+        rows = await self.view.rows(sql, sql_params)
         next_token = ""
         if len(rows) > limit:
             rows = rows[:limit]
             last = rows[-1]
-            next_token = pagetoken.encode(self.token_key, scope, [last[1], last[2]])
+            next_token = pagetoken.encode(self.token_key, scope, [seq, last[1], last[2], *carry])
         return page_reply([r[0] for r in rows], next_token)
 
     async def get_execution(self, req: ApiRequest) -> bytes:
@@ -203,7 +230,8 @@ class QueryService(Component):
             where.append("type = ?")
             params.append(q.type)
         scope = pagetoken.scope("jobs", namespace, q.state, q.type, q.order_by, q.reverse)
-        return await self._page("jobs", q.order_by, where, params, limit, q.reverse, q.next_token, scope)
+        position = self._position(q.next_token, scope, 3)
+        return await self._page("jobs", q.order_by, where, params, limit, q.reverse, position, scope)
 
     # -- nodes -------------------------------------------------------------------------------------
 
@@ -220,19 +248,15 @@ class QueryService(Component):
         scope = pagetoken.scope("nodes", json.dumps(q.selector and [q.selector.match_labels,
                                                                     q.selector.match_expressions,
                                                                     q.selector.match_ids]), q.state)
-        after = ""
-        if q.next_token:
-            position = pagetoken.decode(self.token_key, q.next_token, scope)
-            if len(position) != 1 or not isinstance(position[0], str):
-                raise InvalidInput("next_token is malformed", field="next_token")
-            after = position[0]
+        position = self._position(q.next_token, scope, 2)
+        seq = await self._snapshot(position)
+        after = str(position[1]) if position is not None else ""
         bodies: list[bytes] = []
         last_id = ""
         more = False
         # Labels are matched here, in Python: scan in id order, in chunks, until the page is full.
         while not more:
-            rows = await self.view.rows(
-                "SELECT id, state, labels, body FROM nodes WHERE id > ? ORDER BY id LIMIT 1000", (after,))
+            rows = await self.view.rows(*as_of("nodes", "id, state, labels, body", ["id > ?"], [after], "id", seq, 1000))
             if not rows:
                 break
             for node_id, state, labels, body in rows:
@@ -246,5 +270,5 @@ class QueryService(Component):
                     break
                 bodies.append(body)
                 last_id = node_id
-        next_token = pagetoken.encode(self.token_key, scope, [last_id]) if more else ""
+        next_token = pagetoken.encode(self.token_key, scope, [seq, last_id]) if more else ""
         return page_reply(bodies, next_token)

@@ -4,12 +4,23 @@ Each row keeps the API's JSON body ready to send, plus the columns that filters 
 need. An event is applied only if its revision is newer than the row's, and the stream sequence of the
 last applied event is committed in the same transaction, so replays and redeliveries change nothing
 and a restarted replica resumes exactly where it stopped. Deleting the file and restarting rebuilds
-the view from the stream.
+the view from the stream (a file of an older schema is rebuilt the same way).
+
+Reads are snapshots: a row replaced or deleted by an event is kept in `<table>_past` with the
+sequence that ended it, for `retention` seconds. A listing that reads as of sequence S takes the
+current rows written at or before S and the past versions that were current at S, so every page of
+one walk sees the same moment, whatever changes in between.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import os
+import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -21,72 +32,73 @@ from shared.codec import from_msgpack_or_none, to_json
 from shared.durations import to_ns
 from shared.models import Execution, Job, Node
 
-SCHEMA = """
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS executions (
-    id TEXT PRIMARY KEY,
-    namespace TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    job_version INTEGER NOT NULL,
-    node_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    revision INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS executions_job_created ON executions (namespace, job_id, job_version, created_at, id);
-CREATE INDEX IF NOT EXISTS executions_job_updated ON executions (namespace, job_id, job_version, updated_at, id);
-CREATE INDEX IF NOT EXISTS executions_ns_created ON executions (namespace, created_at, id);
-CREATE INDEX IF NOT EXISTS executions_ns_updated ON executions (namespace, updated_at, id);
-CREATE INDEX IF NOT EXISTS executions_node ON executions (namespace, node_id, created_at, id);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    namespace TEXT NOT NULL,
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    modified_at INTEGER NOT NULL,
-    revision INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_name ON jobs (namespace, name);
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs (namespace, created_at, id);
-CREATE INDEX IF NOT EXISTS jobs_modified ON jobs (namespace, modified_at, id);
-CREATE TABLE IF NOT EXISTS nodes (
-    id TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    revision INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-"""
+log = logging.getLogger(__name__)
 
-_UPSERT_EXECUTION = """
-INSERT INTO executions (id, namespace, job_id, job_version, node_id, state, created_at, updated_at, revision, body)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    state = excluded.state, updated_at = excluded.updated_at, revision = excluded.revision, body = excluded.body
-WHERE excluded.revision > executions.revision
-"""
-_UPSERT_JOB = """
-INSERT INTO jobs (id, namespace, name, version, type, state, created_at, modified_at, revision, body)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    name = excluded.name, version = excluded.version, type = excluded.type, state = excluded.state,
-    modified_at = excluded.modified_at, revision = excluded.revision, body = excluded.body
-WHERE excluded.revision > jobs.revision
-"""
-_UPSERT_NODE = """
-INSERT INTO nodes (id, state, labels, revision, body) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    state = excluded.state, labels = excluded.labels, revision = excluded.revision, body = excluded.body
-WHERE excluded.revision > nodes.revision
-"""
+SCHEMA_VERSION = "2"
+
+# Columns of each materialized table, in row order; every table also has `seq`, the stream sequence of
+# the event that wrote the row, and a `<table>_past` twin holding the versions it replaced.
+COLUMNS = {
+    "executions": ("id", "namespace", "job_id", "job_version", "node_id", "state", "created_at", "updated_at",
+                   "revision", "body"),
+    "jobs": ("id", "namespace", "name", "version", "type", "state", "created_at", "modified_at", "revision", "body"),
+    "nodes": ("id", "state", "labels", "revision", "body"),
+}
+_TYPES = {"job_version": "INTEGER", "created_at": "INTEGER", "updated_at": "INTEGER", "modified_at": "INTEGER",
+          "revision": "INTEGER", "version": "INTEGER", "body": "BLOB"}
+
+
+def _schema() -> str:
+    parts = [
+        "PRAGMA journal_mode = WAL;",
+        "PRAGMA synchronous = NORMAL;",
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        # When each batch was committed: pruning the past keeps what was replaced within the retention.
+        "CREATE TABLE IF NOT EXISTS commits (seq INTEGER PRIMARY KEY, at REAL NOT NULL);",
+    ]
+    for table, columns in COLUMNS.items():
+        defs = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')} NOT NULL" for c in columns[1:])
+        parts.append(f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, {defs}, seq INTEGER NOT NULL);")
+        parts.append(f"CREATE TABLE IF NOT EXISTS {table}_past (id TEXT NOT NULL, {defs}, seq INTEGER NOT NULL, "
+                     "until_seq INTEGER NOT NULL);")
+        old = ", ".join(f"OLD.{c}" for c in columns)
+        parts.append(f"CREATE TRIGGER IF NOT EXISTS {table}_superseded AFTER UPDATE ON {table} BEGIN "
+                     f"INSERT INTO {table}_past VALUES ({old}, OLD.seq, NEW.seq); END;")
+        parts.append(f"CREATE INDEX IF NOT EXISTS {table}_past_until ON {table}_past (until_seq);")
+    parts += [
+        "CREATE INDEX IF NOT EXISTS executions_job_created ON executions (namespace, job_id, job_version, created_at, id);",
+        "CREATE INDEX IF NOT EXISTS executions_job_updated ON executions (namespace, job_id, job_version, updated_at, id);",
+        "CREATE INDEX IF NOT EXISTS executions_ns_created ON executions (namespace, created_at, id);",
+        "CREATE INDEX IF NOT EXISTS executions_ns_updated ON executions (namespace, updated_at, id);",
+        "CREATE INDEX IF NOT EXISTS executions_node ON executions (namespace, node_id, created_at, id);",
+        "CREATE INDEX IF NOT EXISTS executions_past_job ON executions_past (namespace, job_id, job_version, until_seq);",
+        "CREATE INDEX IF NOT EXISTS jobs_name ON jobs (namespace, name);",
+        "CREATE INDEX IF NOT EXISTS jobs_created ON jobs (namespace, created_at, id);",
+        "CREATE INDEX IF NOT EXISTS jobs_modified ON jobs (namespace, modified_at, id);",
+    ]
+    return "\n".join(parts)
+
+
+SCHEMA = _schema()
+
+
+def _upsert(table: str) -> str:
+    columns = COLUMNS[table]
+    keep = ("id", "namespace", "created_at", "job_id", "job_version", "node_id")  # never change for one id
+    changed = [c for c in columns if c not in keep] + ["seq"]
+    return (f"INSERT INTO {table} ({', '.join(columns)}, seq) VALUES ({', '.join('?' * (len(columns) + 1))}) "
+            f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in changed)} "
+            f"WHERE excluded.revision > {table}.revision")
+
+
+def _retire(table: str) -> str:
+    """Move a deleted row to the past (its version stays readable by snapshots taken before the delete)."""
+    columns = ", ".join(COLUMNS[table])
+    return f"INSERT INTO {table}_past SELECT {columns}, seq, ? FROM {table} WHERE id = ?"
+
+
+_UPSERT = {table: _upsert(table) for table in COLUMNS}
+_RETIRE = {table: _retire(table) for table in COLUMNS}
 
 _EXEC_PREFIX = s.EVENTS_EXECUTION + "."
 _JOB_PREFIX = s.EVENTS_JOB + "."
@@ -105,23 +117,38 @@ class Event:
         self.seq = seq
 
 
+class SnapshotGone(Exception):
+    """The versions a snapshot needs were pruned (it is older than the retention)."""
+
+
 class View:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, retention: float = 600.0) -> None:
         self.path = path
+        self.retention = retention
         self.writer: aiosqlite.Connection | None = None
         self.reader: aiosqlite.Connection | None = None
         self.view_id = ""
         self.last_seq = 0
+        self.pruned_through = 0  # snapshots older than this sequence can no longer be read
+        self._next_prune = 0.0
+        self._caught_up = asyncio.Condition()
 
     async def open(self) -> None:
+        if os.path.exists(self.path) and await _schema_version(self.path) != SCHEMA_VERSION:
+            log.warning("query view %s has an older schema; rebuilding it from the stream", self.path)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path + suffix)
         # Autocommit mode: transactions are explicit (BEGIN ... COMMIT) around each batch.
         self.writer = await aiosqlite.connect(self.path, isolation_level=None)
         await self.writer.executescript(SCHEMA)
+        await self.writer.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         self.view_id = await self._meta("view_id") or ""
         if not self.view_id:
             self.view_id = uuid.uuid4().hex[:12]
             await self.writer.execute("INSERT INTO meta (key, value) VALUES ('view_id', ?)", (self.view_id,))
         self.last_seq = int(await self._meta("last_seq") or 0)
+        self.pruned_through = int(await self._meta("pruned_through") or 0)
         self.reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self.reader.execute("PRAGMA query_only = ON")
 
@@ -137,51 +164,94 @@ class View:
             row = await cur.fetchone()
         return row[0] if row else None
 
-    async def apply(self, events: Sequence[Event]) -> int:
-        """Apply a batch in one transaction; returns how many rows changed. Idempotent."""
+    async def apply(self, events: Sequence[Event]) -> None:
+        """Apply a batch in one transaction. Idempotent: an older or equal revision changes nothing.
+
+        A row that an event replaces or deletes moves to `<table>_past` (by trigger, or by `_RETIRE`),
+        so a read as of any sequence since `pruned_through` sees exactly the rows of that moment.
+        """
         assert self.writer is not None
-        executions: list[tuple[Any, ...]] = []
-        jobs: list[tuple[Any, ...]] = []
-        nodes: list[tuple[Any, ...]] = []
-        deletes: list[tuple[str, str]] = []
+        upserts: dict[str, list[tuple[Any, ...]]] = {table: [] for table in COLUMNS}
         last = self.last_seq
-        for event in events:
-            last = max(last, event.seq)
-            subject = event.subject
-            if event.deleted:
-                deletes.append(_delete_target(subject))
-            elif subject.startswith(_EXEC_PREFIX):
-                if (execution := from_msgpack_or_none(event.data, Execution, subject)) is not None:
-                    executions.append(_execution_row(execution))
-            elif subject.startswith(_JOB_PREFIX):
-                if (job := from_msgpack_or_none(event.data, Job, subject)) is not None:
-                    jobs.append(_job_row(job))
-            elif subject.startswith(_NODE_PREFIX):
-                if (node := from_msgpack_or_none(event.data, Node, subject)) is not None:
-                    nodes.append(_node_row(node))
         db = self.writer
-        before = db.total_changes
         await db.execute("BEGIN")
         try:
-            if executions:
-                await db.executemany(_UPSERT_EXECUTION, executions)
-            if jobs:
-                await db.executemany(_UPSERT_JOB, jobs)
-            if nodes:
-                await db.executemany(_UPSERT_NODE, nodes)
-            for table, key in deletes:
-                if table:
-                    await db.execute(f"DELETE FROM {table} WHERE id = ?", (key,))
+            for event in events:
+                last = max(last, event.seq)
+                subject = event.subject
+                if event.deleted:
+                    table, key = _delete_target(subject)
+                    if table:
+                        await self._flush(upserts)  # a put then a delete of one key in a batch keep their order
+                        await db.execute(_RETIRE[table], (event.seq, key))
+                        await db.execute(f"DELETE FROM {table} WHERE id = ?", (key,))
+                elif subject.startswith(_EXEC_PREFIX):
+                    if (execution := from_msgpack_or_none(event.data, Execution, subject)) is not None:
+                        upserts["executions"].append((*_execution_row(execution), event.seq))
+                elif subject.startswith(_JOB_PREFIX):
+                    if (job := from_msgpack_or_none(event.data, Job, subject)) is not None:
+                        upserts["jobs"].append((*_job_row(job), event.seq))
+                elif subject.startswith(_NODE_PREFIX):
+                    if (node := from_msgpack_or_none(event.data, Node, subject)) is not None:
+                        upserts["nodes"].append((*_node_row(node), event.seq))
+            await self._flush(upserts)
             await db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(last),))
+            now = time.time()
+            await db.execute("INSERT OR REPLACE INTO commits (seq, at) VALUES (?, ?)", (last, now))
+            pruned = await self._prune(now) if now >= self._next_prune else None
             await db.execute("COMMIT")
         except BaseException:
             await db.execute("ROLLBACK")
             raise
+        if pruned is not None:
+            self.pruned_through = pruned
+            self._next_prune = now + self.retention / 10  # a token lives between 1 and 1.1 retentions
         self.last_seq = last
-        return db.total_changes - before - 1  # minus the meta row
+        async with self._caught_up:
+            self._caught_up.notify_all()
+
+    async def _flush(self, upserts: dict[str, list[tuple[Any, ...]]]) -> None:
+        assert self.writer is not None
+        for table, rows in upserts.items():
+            if rows:
+                await self.writer.executemany(_UPSERT[table], rows)
+                rows.clear()
+
+    async def _prune(self, now: float) -> int:
+        """Forget versions replaced before the retention; returns the oldest sequence still readable."""
+        assert self.writer is not None
+        async with self.writer.execute("SELECT max(seq) FROM commits WHERE at < ?", (now - self.retention,)) as cur:
+            row = await cur.fetchone()
+        horizon = row[0] if row and row[0] is not None else 0
+        if horizon <= self.pruned_through:
+            return self.pruned_through
+        for table in COLUMNS:
+            await self.writer.execute(f"DELETE FROM {table}_past WHERE until_seq <= ?", (horizon,))
+        await self.writer.execute("DELETE FROM commits WHERE seq < ?", (horizon,))
+        await self.writer.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', ?) "
+                                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(horizon),))
+        return horizon
 
     # -- reads -------------------------------------------------------------------------------------
+
+    async def snapshot(self, seq: int | None, *, wait: float = 2.0) -> int:
+        """The sequence a listing reads as of: now for a first page, the token's for the next ones.
+
+        Another replica may have issued the token a moment ahead of this one: wait up to `wait` seconds
+        for this view to reach it. A snapshot older than the retention is gone.
+        """
+        if seq is None:
+            return self.last_seq
+        if seq < self.pruned_through:
+            raise SnapshotGone
+        if seq > self.last_seq:
+            async with self._caught_up:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._caught_up.wait_for(lambda: self.last_seq >= seq), wait)
+            if seq > self.last_seq:
+                raise TimeoutError
+        return seq
 
     async def rows(self, sql: str, params: Iterable[Any]) -> list[tuple[Any, ...]]:
         assert self.reader is not None
@@ -191,6 +261,30 @@ class View:
     async def one(self, sql: str, params: Iterable[Any]) -> tuple[Any, ...] | None:
         rows = await self.rows(sql, params)
         return rows[0] if rows else None
+
+
+def as_of(table: str, columns: str, where: Sequence[str], params: Sequence[Any], order: str, seq: int,
+          limit: int) -> tuple[str, list[Any]]:
+    """SQL and parameters for `table`'s rows as they were at sequence `seq`: filtered, ordered, limited.
+
+    Each half (the current rows, the past versions) is limited on its own before they are merged, so a
+    page still reads about `limit` rows of an index, however deep into the listing it is.
+    """
+    cond = " AND ".join(where) or "1"
+    now = f"SELECT {columns} FROM {table} WHERE seq <= ? AND {cond} ORDER BY {order} LIMIT ?"
+    past = f"SELECT {columns} FROM {table}_past WHERE seq <= ? AND until_seq > ? AND {cond} ORDER BY {order} LIMIT ?"
+    sql = f"SELECT * FROM ({now}) UNION ALL SELECT * FROM ({past}) ORDER BY {order} LIMIT ?"
+    return sql, [seq, *params, limit, seq, seq, *params, limit, limit]
+
+
+async def _schema_version(path: str) -> str | None:
+    async with aiosqlite.connect(path) as db:
+        try:
+            async with db.execute("SELECT value FROM meta WHERE key = 'schema'") as cur:
+                row = await cur.fetchone()
+        except sqlite3.OperationalError:  # no meta table: an empty file or the first schema
+            return None
+    return row[0] if row else None
 
 
 def _execution_row(e: Execution) -> tuple[Any, ...]:

@@ -1,4 +1,9 @@
-"""The query service against a real server and a real SQLite file: the view, keyset pages, tokens, restarts."""
+"""The query service against a real server and a real SQLite file: the view, keyset pages, tokens, restarts.
+
+The second half checks consistent pages: every page of one walk reads the view as of the walk's first
+page. The changes between pages go through the buckets, exactly as the services make them, and each
+test waits until the view has applied them before it asks for the next page.
+"""
 
 from __future__ import annotations
 
@@ -345,3 +350,183 @@ async def test_an_undecodable_event_is_dropped_and_the_view_keeps_up(query, clus
     assert any("dropping undecodable" in r.message for r in caplog.records)
     # Readers of the bucket skip it as well instead of failing on it.
     assert len(await store.executions_of_job("default", job.id)) == 3
+
+
+# -- consistent pages -------------------------------------------------------------------------------
+
+
+async def revision_visible(api, execution: Execution, wait_for) -> None:
+    async def check() -> bool:
+        raw = await api.bus.request(s.api(api.namespace, s.EXECUTIONS_GET), to_json({"id": execution.id}))
+        return json.loads(raw)["execution"]["status"]["revision"] == execution.status.revision
+
+    await wait_for(check)
+
+
+async def change(store: Store, api, execution: Execution, wait_for, state: str) -> None:
+    execution.status.revision += 1
+    execution.status.updated_at = utcnow()
+    execution.status.observed_state = ObservedState(state_type=state)  # type: ignore[arg-type]
+    await store.executions.put(execution.key, execution)
+    await revision_visible(api, execution, wait_for)
+
+
+async def gone(api, execution: Execution, wait_for) -> None:
+    async def check() -> bool:
+        try:
+            await api.bus.request(s.api(api.namespace, s.EXECUTIONS_GET), to_json({"id": execution.id}))
+        except Exception as exc:
+            return getattr(exc, "code", None) == 404
+        return False
+
+    await wait_for(check)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+async def test_a_walk_by_updated_at_sees_its_first_moment_while_rows_change(cluster, bus, wait_for,
+                                                                           reverse: bool) -> None:
+    await cluster.start("query")
+    store, api = Store(bus), await cluster.api()
+    job = make_job("default", "moving")
+    await put_job(store, job)
+    executions = [make_execution(job, f"n{i}", created=BASE + dt.timedelta(seconds=i)) for i in range(40)]
+    await put_executions(store, executions)
+    await until_visible(api, "moving", 40, wait_for)
+    before = {e.id: e.status.revision for e in executions}
+    by_update = sorted(executions, key=lambda e: (e.status.updated_at, e.id), reverse=reverse)
+
+    request = ListJobExecutionsRequest(job="moving", limit=6, order_by="updated_at", reverse=reverse,
+                                       state="running")
+    seen: list[Execution] = []
+    _, page = await api.list_executions(request)
+    seen += page.items
+    pages = 1
+    while page.next_token:
+        done = {e.id for e in seen}
+        # Between pages: one row already seen and one not yet seen change state (each moves to the
+        # newest end of the order and leaves the `running` filter), one unseen row is deleted, and a
+        # new row is inserted.
+        ahead = [e for e in by_update if e.id not in done]
+        behind = [e for e in by_update if e.id in done]
+        await change(store, api, behind[pages % len(behind)], wait_for, "failed")
+        if len(ahead) > 2:
+            await change(store, api, ahead[-1], wait_for, "completed")
+            await store.executions.kv.delete(ahead[-2].key)
+            await gone(api, ahead[-2], wait_for)
+        await put_executions(store, [make_execution(job, "late")])
+        request.next_token = page.next_token
+        _, page = await api.list_executions(request)
+        seen += page.items
+        pages += 1
+
+    assert pages == 7
+    assert [e.id for e in seen] == [e.id for e in by_update], "not exactly the rows of the first moment, in order"
+    assert all(e.observed == "running" and e.status.revision == before[e.id] for e in seen), \
+        "a page showed a row as it is now, not as it was when the walk began"
+    # A new walk sees the present: fewer running rows, and the inserted ones.
+    now = await api.all_executions("moving", state="running")
+    assert len(now) < 40 and any(e.node_id == "late" for e in now)
+
+
+async def test_a_new_job_version_mid_walk_does_not_break_the_walk(cluster, bus, wait_for) -> None:
+    await cluster.start("query")
+    store, api = Store(bus), await cluster.api()
+    job = make_job("default", "upgrading")
+    await put_job(store, job)
+    v1 = [make_execution(job, f"n{i}", created=BASE + dt.timedelta(seconds=i)) for i in range(12)]
+    await put_executions(store, v1)
+    await until_visible(api, "upgrading", 12, wait_for)
+
+    _, first = await api.list_executions(ListJobExecutionsRequest(job="upgrading", limit=5))
+    job.version, job.revision = 2, 2
+    await put_job(store, job)
+    v2 = [make_execution(job, f"n{i}", version=2) for i in range(12)]
+    await put_executions(store, v2)
+    await until_visible(api, "upgrading", 12, wait_for, job_version=2)
+
+    seen = list(first.items)
+    token = first.next_token
+    while token:
+        _, page = await api.list_executions(ListJobExecutionsRequest(job="upgrading", limit=5, next_token=token))
+        seen += page.items
+        token = page.next_token
+    assert [e.id for e in seen] == [e.id for e in v1]
+    # A new walk lists the version that is latest now.
+    assert {e.id for e in await api.all_executions("upgrading")} == {e.id for e in v2}
+
+
+async def test_job_and_node_listings_are_snapshots_too(cluster, bus, wait_for) -> None:
+    await cluster.start("query")
+    store, api = Store(bus), await cluster.api()
+    jobs = [make_job("default", f"j{i:02d}") for i in range(6)]
+    for i, job in enumerate(jobs):
+        job.created_at = job.modified_at = BASE + dt.timedelta(seconds=i)
+        await put_job(store, job)
+    now = utcnow()
+    nodes = [Node(id=f"edge-{i:02d}", labels={"site": "a"}, state=NodeState(state_type="ready"), revision=1,
+                  registered_at=now, updated_at=now) for i in range(6)]
+    for node in nodes:
+        await store.nodes.put(node.id, node)
+
+    async def listed() -> bool:
+        _, js = await api.list_jobs(ListJobsRequest(limit=100))
+        _, ns = await api.list_nodes(ListNodesRequest(limit=100))
+        return len(js.items) == 6 and len(ns.items) == 6
+
+    await wait_for(listed)
+    _, jobs_page = await api.list_jobs(ListJobsRequest(limit=2, order_by="modified_at"))
+    _, nodes_page = await api.list_nodes(ListNodesRequest(limit=2, state="ready"))
+    # Touch a job that was already listed (it moves to the end of modified_at) and drain a node not yet
+    # listed (it leaves the ready filter).
+    jobs[0].modified_at, jobs[0].revision = utcnow(), 2
+    await put_job(store, jobs[0])
+    nodes[4].state, nodes[4].revision = NodeState(state_type="disconnected"), 2
+    await store.nodes.put(nodes[4].id, nodes[4])
+
+    async def applied() -> bool:
+        _, js = await api.list_jobs(ListJobsRequest(limit=100, order_by="modified_at"))
+        _, ns = await api.list_nodes(ListNodesRequest(limit=100, state="ready"))
+        return js.items[-1].id == jobs[0].id and len(ns.items) == 5
+
+    await wait_for(applied)
+    job_ids = [j.id for j in jobs_page.items]
+    token = jobs_page.next_token
+    while token:
+        _, page = await api.list_jobs(ListJobsRequest(limit=2, order_by="modified_at", next_token=token))
+        job_ids += [j.id for j in page.items]
+        token = page.next_token
+    node_ids = [n.id for n in nodes_page.items]
+    token = nodes_page.next_token
+    while token:
+        _, page = await api.list_nodes(ListNodesRequest(limit=2, state="ready", next_token=token))
+        node_ids += [n.id for n in page.items]
+        token = page.next_token
+    assert job_ids == [j.id for j in jobs]
+    assert node_ids == [n.id for n in nodes]
+
+
+async def test_a_token_older_than_the_retention_is_a_400_and_a_fresh_walk_works(cluster, bus, wait_for) -> None:
+    cluster.settings.page_retention = 0.5
+    await cluster.start("query")
+    store, api = Store(bus), await cluster.api()
+    job = make_job("default", "old")
+    await put_job(store, job)
+    executions = [make_execution(job, "a", created=BASE + dt.timedelta(seconds=i)) for i in range(10)]
+    await put_executions(store, executions)
+    await until_visible(api, "old", 10, wait_for)
+    _, first = await api.list_executions(ListJobExecutionsRequest(job="old", limit=3))
+    assert first.next_token
+
+    # Keep changing rows for longer than the retention: the view forgets what the token needs.
+    async def expired() -> bool:
+        await change(store, api, executions[-1], wait_for, "running")
+        try:
+            await api.list_executions(ListJobExecutionsRequest(job="old", limit=3, next_token=first.next_token))
+        except InvalidInput as exc:
+            assert exc.field == "next_token" and "expired" in exc.message
+            return True
+        await asyncio.sleep(0.3)
+        return False
+
+    await wait_for(expired, timeout=20)
+    assert len(await api.all_executions("old")) == 10

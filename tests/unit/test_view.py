@@ -1,0 +1,151 @@
+"""The query view's snapshots against a model, on a real SQLite file (no bus needed).
+
+A random history of puts, updates, stale redeliveries and deletes is applied in random batches; then,
+for every sequence the view still keeps, the rows read "as of" it must be exactly the rows a plain
+dictionary replaying the same history held at that point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.query.view import SCHEMA_VERSION, Event, SnapshotGone, View, as_of
+from shared import subjects as s
+from shared.codec import to_msgpack
+from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState
+
+BASE = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+SPEC = JobSpec(name="j", type="pipeline")
+IDS = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(6)]
+
+
+def execution(exec_id: str, revision: int, state: str) -> Execution:
+    return Execution(
+        id=exec_id, eval_id="e", job_id="job", job_type="pipeline", job_version=1, namespace="default",
+        node_id="n", job_spec=SPEC,
+        status=ExecutionStatus(created_at=BASE, updated_at=BASE + dt.timedelta(seconds=revision), revision=revision,
+                               desired_state=DesiredState(state_type="running"),
+                               observed_state=ObservedState(state_type=state)),  # type: ignore[arg-type]
+    )
+
+
+def subject(exec_id: str) -> str:
+    return f"{s.EVENTS_EXECUTION}.default.job.n.{exec_id}"
+
+
+# One step of history: (which id, what happens). "put" writes the next revision, "stale" redelivers an
+# older one (must change nothing), "delete" removes the key.
+steps = st.lists(st.tuples(st.integers(0, len(IDS) - 1), st.sampled_from(["put", "put", "stale", "delete"])),
+                 min_size=1, max_size=40)
+
+
+async def replay(path: str, history: list[tuple[int, str]], cuts: list[int]) -> None:
+    view = View(path)
+    await view.open()
+    try:
+        model: dict[str, int] = {}  # id -> revision currently stored
+        revisions: dict[str, int] = {}  # id -> highest revision ever written
+        states: dict[int, dict[str, int]] = {0: {}}
+        events: list[Event] = []
+        for seq, (index, op) in enumerate(history, start=1):
+            exec_id = IDS[index]
+            if op == "delete":
+                events.append(Event(subject(exec_id), b"", True, seq))
+                model.pop(exec_id, None)
+            elif op == "stale" and exec_id in model and model[exec_id] > 1:
+                events.append(Event(subject(exec_id), to_msgpack(execution(exec_id, model[exec_id] - 1, "failed")),
+                                    False, seq))
+            else:
+                revisions[exec_id] = revisions.get(exec_id, 0) + 1
+                events.append(Event(subject(exec_id), to_msgpack(execution(exec_id, revisions[exec_id], "running")),
+                                    False, seq))
+                model[exec_id] = revisions[exec_id]
+            states[seq] = dict(model)
+        # Snapshots exist at batch boundaries: apply in the batches the cuts give.
+        bounds = sorted({min(c, len(events)) for c in cuts} | {len(events)})
+        start = 0
+        for end in bounds:
+            if end > start:
+                await view.apply(events[start:end])
+            start = end
+        for seq in [0, *bounds]:
+            sql, params = as_of("executions", "id, revision", ["namespace = ?"], ["default"], "id", seq, 1000)
+            got = [tuple(r) for r in await view.rows(sql, params)]
+            assert got == sorted(states[seq].items()), f"as of {seq}"
+        # The current rows are the last snapshot, and never hold two versions of one id.
+        assert sorted(await view.rows("SELECT id, revision FROM executions", ())) == sorted(model.items())
+    finally:
+        await view.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history=steps, cuts=st.lists(st.integers(1, 40), max_size=6))
+def test_every_kept_snapshot_reads_exactly_the_rows_of_its_moment(tmp_path: Path, history, cuts) -> None:
+    path = tmp_path / "view.db"
+    path.unlink(missing_ok=True)
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    asyncio.run(replay(str(path), history, cuts))
+
+
+async def test_snapshots_older_than_the_retention_are_gone_and_newer_ones_kept(tmp_path: Path) -> None:
+    view = View(str(tmp_path / "v.db"), retention=0.2)
+    await view.open()
+    try:
+        await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 1, "running")), False, 1)])
+        await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 2, "running")), False, 2)])
+        assert await view.snapshot(1) == 1
+        await asyncio.sleep(0.5)
+        await view.apply([Event(subject(IDS[1]), to_msgpack(execution(IDS[1], 1, "running")), False, 3)])
+        assert view.pruned_through == 2
+        with pytest.raises(SnapshotGone):
+            await view.snapshot(1)
+        assert await view.snapshot(2) == 2
+        past = await view.rows("SELECT count(*) FROM executions_past", ())
+        assert past[0][0] == 0  # the version only snapshot 1 needed is pruned
+    finally:
+        await view.close()
+
+
+async def test_a_snapshot_ahead_of_this_view_waits_for_it_then_gives_up(tmp_path: Path) -> None:
+    view = View(str(tmp_path / "v.db"))
+    await view.open()
+    try:
+        waiting = asyncio.create_task(view.snapshot(5, wait=5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 1, "running")), False, 5)])
+        assert await asyncio.wait_for(waiting, 2) == 5
+        with pytest.raises(TimeoutError):
+            await view.snapshot(9, wait=0.05)
+    finally:
+        await view.close()
+
+
+async def test_a_view_file_of_an_older_schema_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                       "INSERT INTO meta VALUES ('view_id', 'oldview'), ('last_seq', '77');"
+                       "CREATE TABLE executions (id TEXT PRIMARY KEY, body BLOB);")
+    conn.close()
+    view = View(str(path))
+    await view.open()
+    try:
+        assert view.last_seq == 0 and view.view_id != "oldview"  # a new durable replays the stream
+        assert await view.rows("SELECT value FROM meta WHERE key = 'schema'", ()) == [(SCHEMA_VERSION,)]
+    finally:
+        await view.close()
+    reopened = View(str(path))
+    await reopened.open()
+    try:
+        assert reopened.view_id == view.view_id  # the current schema is kept as it is
+    finally:
+        await reopened.close()
