@@ -104,7 +104,7 @@ class QueryService(Component):
         await self.view.close()
 
     async def on_events(self, deliveries: Sequence[Delivery]) -> None:
-        events = [Event(d.subject, d.data, is_delete(d.headers), d.stream_seq) for d in deliveries
+        events = [Event(d.subject, d.data, is_delete(d.headers), d.stream_seq, d.stored_at) for d in deliveries
                   if d.stream_seq > self.view.last_seq]
         if events:
             await self.view.apply(events)
@@ -174,12 +174,18 @@ class QueryService(Component):
         try:
             return await self.view.snapshot(position[0] if position is not None else None)
         except SnapshotGone:
-            raise InvalidInput(
-                f"next_token has expired: the listing it continues is older than the "
-                f"{self.view.retention:.0f}s this service keeps; list again without it", field="next_token",
-            ) from None
+            raise self._expired() from None
         except TimeoutError:
             raise Unavailable("this query replica has not caught up with the page before; retry") from None
+
+    def _still_readable(self, seq: int) -> None:
+        """After a read: a prune that committed while it ran may have taken versions it needed."""
+        if seq < self.view.pruned_through:
+            raise self._expired()
+
+    def _expired(self) -> InvalidInput:
+        return InvalidInput(f"next_token has expired: the view keeps what a listing began with for "
+                            f"{self.view.retention:.0f}s; list again without it", field="next_token")
 
     async def _page(self, table: str, column: str, where: list[str], params: list[Any], limit: int, reverse: bool,
                     position: list[Any] | None, scope: bytes, carry: Sequence[Any] = ()) -> bytes:
@@ -192,6 +198,7 @@ class QueryService(Component):
         sql, sql_params = as_of(table, f"body, {column}, id", where, params,
                                 f"{column} {direction}, id {direction}", seq, limit + 1)
         rows = await self.view.rows(sql, sql_params)
+        self._still_readable(seq)
         next_token = ""
         if len(rows) > limit:
             rows = rows[:limit]
@@ -257,6 +264,7 @@ class QueryService(Component):
         # Labels are matched here, in Python: scan in id order, in chunks, until the page is full.
         while not more:
             rows = await self.view.rows(*as_of("nodes", "id, state, labels, body", ["id > ?"], [after], "id", seq, 1000))
+            self._still_readable(seq)
             if not rows:
                 break
             for node_id, state, labels, body in rows:

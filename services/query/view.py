@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -35,6 +34,7 @@ from shared.models import Execution, Job, Node
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "2"
+MAX_WAIT_LAG = 5_000  # a token this many events ahead of the view is answered 503 at once
 
 # Columns of each materialized table, in row order; every table also has `seq`, the stream sequence of
 # the event that wrote the row, and a `<table>_past` twin holding the versions it replaced.
@@ -71,11 +71,14 @@ def _schema() -> str:
         "CREATE INDEX IF NOT EXISTS executions_ns_created ON executions (namespace, created_at, id);",
         "CREATE INDEX IF NOT EXISTS executions_ns_updated ON executions (namespace, updated_at, id);",
         "CREATE INDEX IF NOT EXISTS executions_node ON executions (namespace, node_id, created_at, id);",
-        "CREATE INDEX IF NOT EXISTS executions_past_job ON executions_past (namespace, job_id, job_version, until_seq);",
         "CREATE INDEX IF NOT EXISTS jobs_name ON jobs (namespace, name);",
         "CREATE INDEX IF NOT EXISTS jobs_created ON jobs (namespace, created_at, id);",
         "CREATE INDEX IF NOT EXISTS jobs_modified ON jobs (namespace, modified_at, id);",
     ]
+    # The past tables get the same keyset indexes, so their half of a page is an ordered, limited scan too.
+    for index in [p for p in parts if p.startswith("CREATE INDEX") and "_past" not in p]:
+        parts.append(index.replace(" ON executions ", " ON executions_past ").replace(" ON jobs ", " ON jobs_past ")
+                     .replace("EXISTS executions_", "EXISTS executions_past_").replace("EXISTS jobs_", "EXISTS jobs_past_"))
     return "\n".join(parts)
 
 
@@ -108,13 +111,14 @@ _NODE_PREFIX = s.EVENTS_NODE + "."
 class Event:
     """One message of the EVENTS stream, as the view needs it."""
 
-    __slots__ = ("subject", "data", "deleted", "seq")
+    __slots__ = ("subject", "data", "deleted", "seq", "at")
 
-    def __init__(self, subject: str, data: bytes, deleted: bool, seq: int) -> None:
+    def __init__(self, subject: str, data: bytes, deleted: bool, seq: int, at: float = 0.0) -> None:
         self.subject = subject
         self.data = data
         self.deleted = deleted
         self.seq = seq
+        self.at = at  # when the stream stored it; 0 = now
 
 
 class SnapshotGone(Exception):
@@ -122,9 +126,10 @@ class SnapshotGone(Exception):
 
 
 class View:
-    def __init__(self, path: str, *, retention: float = 600.0) -> None:
+    def __init__(self, path: str, *, retention: float = 600.0, prune_every: float | None = None) -> None:
         self.path = path
         self.retention = retention
+        self.prune_every = retention / 10 if prune_every is None else prune_every
         self.writer: aiosqlite.Connection | None = None
         self.reader: aiosqlite.Connection | None = None
         self.view_id = ""
@@ -134,8 +139,9 @@ class View:
         self._caught_up = asyncio.Condition()
 
     async def open(self) -> None:
-        if os.path.exists(self.path) and await _schema_version(self.path) != SCHEMA_VERSION:
-            log.warning("query view %s has an older schema; rebuilding it from the stream", self.path)
+        if os.path.exists(self.path) and (found := await _schema_version(self.path)) != SCHEMA_VERSION:
+            log.warning("query view %s has schema %s, this build uses %s: rebuilding it from the stream",
+                        self.path, found or 1, SCHEMA_VERSION)
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path + suffix)
@@ -197,8 +203,10 @@ class View:
             await self._flush(upserts)
             await db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(last),))
+            # Versions are kept by stream time, so a view rebuilt from an old stream prunes what is old.
             now = time.time()
-            await db.execute("INSERT OR REPLACE INTO commits (seq, at) VALUES (?, ?)", (last, now))
+            at = min(max((event.at for event in events), default=0.0) or now, now)
+            await db.execute("INSERT OR REPLACE INTO commits (seq, at) VALUES (?, ?)", (last, at))
             pruned = await self._prune(now) if now >= self._next_prune else None
             await db.execute("COMMIT")
         except BaseException:
@@ -206,7 +214,7 @@ class View:
             raise
         if pruned is not None:
             self.pruned_through = pruned
-            self._next_prune = now + self.retention / 10  # a token lives between 1 and 1.1 retentions
+            self._next_prune = now + self.prune_every
         self.last_seq = last
         async with self._caught_up:
             self._caught_up.notify_all()
@@ -235,16 +243,18 @@ class View:
 
     # -- reads -------------------------------------------------------------------------------------
 
-    async def snapshot(self, seq: int | None, *, wait: float = 2.0) -> int:
+    async def snapshot(self, seq: int | None, *, wait: float = 1.0) -> int:
         """The sequence a listing reads as of: now for a first page, the token's for the next ones.
 
         Another replica may have issued the token a moment ahead of this one: wait up to `wait` seconds
-        for this view to reach it. A snapshot older than the retention is gone.
+        for this view to reach it, unless it is far behind. A snapshot older than the retention is gone.
         """
         if seq is None:
             return self.last_seq
         if seq < self.pruned_through:
             raise SnapshotGone
+        if seq > self.last_seq + MAX_WAIT_LAG:
+            raise TimeoutError  # far behind (rebuilding): do not hold a request slot for it
         if seq > self.last_seq:
             async with self._caught_up:
                 with contextlib.suppress(TimeoutError):
@@ -272,18 +282,22 @@ def as_of(table: str, columns: str, where: Sequence[str], params: Sequence[Any],
     """
     cond = " AND ".join(where) or "1"
     now = f"SELECT {columns} FROM {table} WHERE seq <= ? AND {cond} ORDER BY {order} LIMIT ?"
-    past = f"SELECT {columns} FROM {table}_past WHERE seq <= ? AND until_seq > ? AND {cond} ORDER BY {order} LIMIT ?"
+    # The first term is constant: when nothing was replaced after the snapshot (a first page, mostly),
+    # SQLite checks it once, on the until_seq index, and skips the past half without scanning it.
+    past = (f"SELECT {columns} FROM {table}_past WHERE ? < (SELECT max(until_seq) FROM {table}_past) "
+            f"AND seq <= ? AND until_seq > ? AND {cond} ORDER BY {order} LIMIT ?")
     sql = f"SELECT * FROM ({now}) UNION ALL SELECT * FROM ({past}) ORDER BY {order} LIMIT ?"
-    return sql, [seq, *params, limit, seq, seq, *params, limit, limit]
+    return sql, [seq, *params, limit, seq, seq, seq, *params, limit, limit]
 
 
 async def _schema_version(path: str) -> str | None:
+    """The schema a view file was built with; None for an empty file or the first schema (no record)."""
     async with aiosqlite.connect(path) as db:
-        try:
-            async with db.execute("SELECT value FROM meta WHERE key = 'schema'") as cur:
-                row = await cur.fetchone()
-        except sqlite3.OperationalError:  # no meta table: an empty file or the first schema
-            return None
+        async with db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'") as cur:
+            if await cur.fetchone() is None:
+                return None
+        async with db.execute("SELECT value FROM meta WHERE key = 'schema'") as cur:
+            row = await cur.fetchone()
     return row[0] if row else None
 
 

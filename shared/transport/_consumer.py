@@ -47,6 +47,11 @@ class Delivery(Message):
         return self._msg.metadata.sequence.stream
 
     @property
+    def stored_at(self) -> float:
+        """When the stream stored the message (seconds since the epoch), the same on every redelivery."""
+        return self._msg.metadata.timestamp.timestamp()
+
+    @property
     def done(self) -> bool:
         return self._done
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.query.view import SCHEMA_VERSION, Event, SnapshotGone, View, as_of
+from services.query.view import MAX_WAIT_LAG, SCHEMA_VERSION, Event, SnapshotGone, View, as_of
 from shared import subjects as s
 from shared.codec import to_msgpack
 from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState
@@ -125,6 +126,11 @@ async def test_a_snapshot_ahead_of_this_view_waits_for_it_then_gives_up(tmp_path
         assert await asyncio.wait_for(waiting, 2) == 5
         with pytest.raises(TimeoutError):
             await view.snapshot(9, wait=0.05)
+        # Far behind (a rebuild): no wait at all, the request gets its 503 at once.
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await view.snapshot(view.last_seq + MAX_WAIT_LAG + 1, wait=30)
+        assert time.monotonic() - started < 1
     finally:
         await view.close()
 
@@ -149,3 +155,21 @@ async def test_a_view_file_of_an_older_schema_is_rebuilt(tmp_path: Path) -> None
         assert reopened.view_id == view.view_id  # the current schema is kept as it is
     finally:
         await reopened.close()
+
+
+async def test_a_view_rebuilt_from_an_old_stream_keeps_only_what_is_recent_by_stream_time(tmp_path: Path) -> None:
+    view = View(str(tmp_path / "v.db"), retention=60, prune_every=0)
+    await view.open()
+    try:
+        long_ago = time.time() - 3600
+        for r in range(1, 6):  # replayed one batch at a time, as a rebuild might
+            await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], r, "running")), False, r,
+                                    long_ago + r)])
+        assert view.pruned_through == 5  # an hour old by the stream's clock: nothing to keep
+        assert (await view.rows("SELECT count(*) FROM executions_past", ()))[0][0] == 0
+        await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 6, "running")), False, 6, time.time())])
+        assert await view.snapshot(5) == 5  # replaced just now: kept for the retention
+        sql, params = as_of("executions", "revision", ["1"], [], "revision", 5, 10)
+        assert await view.rows(sql, params) == [(5,)]
+    finally:
+        await view.close()
