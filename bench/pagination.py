@@ -247,7 +247,7 @@ async def view_only(tmp, total: int, batch: int) -> list[Result]:
         update_s = time.perf_counter() - u0
         rows.append(Result(f"view: apply {updated // 1000}k updates (batches of {batch:,})", updated / update_s,
                            "rows/s", f"{update_s:.1f} s; each update also copies the replaced version to "
-                           f"executions_past (a trigger), which a walk begun earlier reads"))
+                           f"executions_past, which a walk begun earlier reads"))
         before_updates = (*page_query(job, pos_job, seq_before_updates := next_seq - 1), 3000)
         await timed_rows(view, before_updates[0], before_updates[1], 20, 1.0)
         snap = await timed_rows(view, before_updates[0], before_updates[1], 3000, budget=6.0)

@@ -61,9 +61,6 @@ def _schema() -> str:
         parts.append(f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, {defs}, seq INTEGER NOT NULL);")
         parts.append(f"CREATE TABLE IF NOT EXISTS {table}_past (id TEXT NOT NULL, {defs}, seq INTEGER NOT NULL, "
                      "until_seq INTEGER NOT NULL);")
-        old = ", ".join(f"OLD.{c}" for c in columns)
-        parts.append(f"CREATE TRIGGER IF NOT EXISTS {table}_superseded AFTER UPDATE ON {table} BEGIN "
-                     f"INSERT INTO {table}_past VALUES ({old}, OLD.seq, NEW.seq); END;")
         parts.append(f"CREATE INDEX IF NOT EXISTS {table}_past_until ON {table}_past (until_seq);")
     parts += [
         "CREATE INDEX IF NOT EXISTS executions_job_created ON executions (namespace, job_id, job_version, created_at, id);",
@@ -94,6 +91,16 @@ def _upsert(table: str) -> str:
             f"WHERE excluded.revision > {table}.revision")
 
 
+def _supersede(table: str) -> str:
+    """Copy the row that an upsert of a newer revision is about to replace into the past.
+
+    (An explicit statement, not a trigger: with an UPDATE trigger on the table SQLite runs every upsert,
+    inserts included, about 30% slower.)
+    """
+    columns = ", ".join(COLUMNS[table])
+    return f"INSERT INTO {table}_past SELECT {columns}, seq, ? FROM {table} WHERE id = ? AND revision < ?"
+
+
 def _retire(table: str) -> str:
     """Move a deleted row to the past (its version stays readable by snapshots taken before the delete)."""
     columns = ", ".join(COLUMNS[table])
@@ -101,7 +108,9 @@ def _retire(table: str) -> str:
 
 
 _UPSERT = {table: _upsert(table) for table in COLUMNS}
+_SUPERSEDE = {table: _supersede(table) for table in COLUMNS}
 _RETIRE = {table: _retire(table) for table in COLUMNS}
+_REVISION = {table: COLUMNS[table].index("revision") for table in COLUMNS}
 
 _EXEC_PREFIX = s.EVENTS_EXECUTION + "."
 _JOB_PREFIX = s.EVENTS_JOB + "."
@@ -173,7 +182,7 @@ class View:
     async def apply(self, events: Sequence[Event]) -> None:
         """Apply a batch in one transaction. Idempotent: an older or equal revision changes nothing.
 
-        A row that an event replaces or deletes moves to `<table>_past` (by trigger, or by `_RETIRE`),
+        A row that an event replaces or deletes moves to `<table>_past` (`_SUPERSEDE`, `_RETIRE`),
         so a read as of any sequence since `pruned_through` sees exactly the rows of that moment.
         """
         assert self.writer is not None
@@ -220,11 +229,26 @@ class View:
             self._caught_up.notify_all()
 
     async def _flush(self, upserts: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Write buffered upserts, each replaced row copied to the past first.
+
+        Rows go in rounds of distinct ids (nearly always one round), so that two versions of one id in
+        a batch are applied in order, each superseding the one before.
+        """
         assert self.writer is not None
-        for table, rows in upserts.items():
-            if rows:
-                await self.writer.executemany(_UPSERT[table], rows)
-                rows.clear()
+        for table, buffered in upserts.items():
+            rows = list(buffered)
+            buffered.clear()
+            revision = _REVISION[table]
+            while rows:
+                ids: set[str] = set()
+                now: list[tuple[Any, ...]] = []
+                later: list[tuple[Any, ...]] = []
+                for row in rows:
+                    (later if row[0] in ids else now).append(row)
+                    ids.add(row[0])
+                await self.writer.executemany(_SUPERSEDE[table], [(r[-1], r[0], r[revision]) for r in now])
+                await self.writer.executemany(_UPSERT[table], now)
+                rows = later
 
     async def _prune(self, now: float) -> int:
         """Forget versions replaced before the retention; returns the oldest sequence still readable."""
