@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -61,6 +62,8 @@ def _schema() -> str:
         parts.append(f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, {defs}, seq INTEGER NOT NULL);")
         parts.append(f"CREATE TABLE IF NOT EXISTS {table}_past (id TEXT NOT NULL, {defs}, seq INTEGER NOT NULL, "
                      "until_seq INTEGER NOT NULL);")
+        # The one index of a past table: a read as of S looks only at versions replaced after S (the
+        # changes since its walk began), whatever else the retention holds; and pruning goes by it.
         parts.append(f"CREATE INDEX IF NOT EXISTS {table}_past_until ON {table}_past (until_seq);")
     parts += [
         "CREATE INDEX IF NOT EXISTS executions_job_created ON executions (namespace, job_id, job_version, created_at, id);",
@@ -72,10 +75,7 @@ def _schema() -> str:
         "CREATE INDEX IF NOT EXISTS jobs_created ON jobs (namespace, created_at, id);",
         "CREATE INDEX IF NOT EXISTS jobs_modified ON jobs (namespace, modified_at, id);",
     ]
-    # The past tables get the same keyset indexes, so their half of a page is an ordered, limited scan too.
-    for index in [p for p in parts if p.startswith("CREATE INDEX") and "_past" not in p]:
-        parts.append(index.replace(" ON executions ", " ON executions_past ").replace(" ON jobs ", " ON jobs_past ")
-                     .replace("EXISTS executions_", "EXISTS executions_past_").replace("EXISTS jobs_", "EXISTS jobs_past_"))
+
     return "\n".join(parts)
 
 
@@ -135,48 +135,55 @@ class SnapshotGone(Exception):
 
 
 class View:
+    """The view's file: one writer (a plain sqlite3 connection driven from a worker thread, one hop per
+    batch) and one aiosqlite reader; WAL lets the reader read while the writer writes."""
+
     def __init__(self, path: str, *, retention: float = 600.0, prune_every: float | None = None) -> None:
         self.path = path
         self.retention = retention
         self.prune_every = retention / 10 if prune_every is None else prune_every
-        self.writer: aiosqlite.Connection | None = None
+        self.writer: sqlite3.Connection | None = None
         self.reader: aiosqlite.Connection | None = None
         self.view_id = ""
         self.last_seq = 0
         self.pruned_through = 0  # snapshots older than this sequence can no longer be read
         self._next_prune = 0.0
+        self._writing = asyncio.Lock()
         self._caught_up = asyncio.Condition()
 
     async def open(self) -> None:
-        if os.path.exists(self.path) and (found := await _schema_version(self.path)) != SCHEMA_VERSION:
+        await asyncio.to_thread(self._open)
+        self.reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self.reader.execute("PRAGMA query_only = ON")
+
+    def _open(self) -> None:
+        if os.path.exists(self.path) and (found := _schema_version(self.path)) != SCHEMA_VERSION:
             log.warning("query view %s has schema %s, this build uses %s: rebuilding it from the stream",
                         self.path, found or 1, SCHEMA_VERSION)
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path + suffix)
-        # Autocommit mode: transactions are explicit (BEGIN ... COMMIT) around each batch.
-        self.writer = await aiosqlite.connect(self.path, isolation_level=None)
-        await self.writer.executescript(SCHEMA)
-        await self.writer.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        self.view_id = await self._meta("view_id") or ""
-        if not self.view_id:
-            self.view_id = uuid.uuid4().hex[:12]
-            await self.writer.execute("INSERT INTO meta (key, value) VALUES ('view_id', ?)", (self.view_id,))
-        self.last_seq = int(await self._meta("last_seq") or 0)
-        self.pruned_through = int(await self._meta("pruned_through") or 0)
-        self.reader = await aiosqlite.connect(self.path, isolation_level=None)
-        await self.reader.execute("PRAGMA query_only = ON")
+        # Autocommit mode: transactions are explicit (BEGIN ... COMMIT) around each batch. The connection
+        # is used by one thread at a time (`_writing`), whichever worker thread that is.
+        db = self.writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.executescript(SCHEMA)
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('view_id', ?)", (uuid.uuid4().hex[:12],))
+        self.view_id = self._meta("view_id") or ""
+        self.last_seq = int(self._meta("last_seq") or 0)
+        self.pruned_through = int(self._meta("pruned_through") or 0)
 
     async def close(self) -> None:
-        for conn in (self.reader, self.writer):
-            if conn is not None:
-                await conn.close()
+        if self.reader is not None:
+            await self.reader.close()
+        if self.writer is not None:
+            async with self._writing:
+                self.writer.close()
         self.reader = self.writer = None
 
-    async def _meta(self, key: str) -> str | None:
+    def _meta(self, key: str) -> str | None:
         assert self.writer is not None
-        async with self.writer.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
-            row = await cur.fetchone()
+        row = self.writer.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     async def apply(self, events: Sequence[Event]) -> None:
@@ -184,43 +191,31 @@ class View:
 
         A row that an event replaces or deletes moves to `<table>_past` (`_SUPERSEDE`, `_RETIRE`),
         so a read as of any sequence since `pruned_through` sees exactly the rows of that moment.
+        Events are decoded here; the SQL runs in a worker thread, the whole batch in one hop.
         """
-        assert self.writer is not None
-        upserts: dict[str, list[tuple[Any, ...]]] = {table: [] for table in COLUMNS}
+        ops: list[tuple[str, Any, int]] = []  # (table, row or deleted key, seq) in stream order
         last = self.last_seq
-        db = self.writer
-        await db.execute("BEGIN")
-        try:
-            for event in events:
-                last = max(last, event.seq)
-                subject = event.subject
-                if event.deleted:
-                    table, key = _delete_target(subject)
-                    if table:
-                        await self._flush(upserts)  # a put then a delete of one key in a batch keep their order
-                        await db.execute(_RETIRE[table], (event.seq, key))
-                        await db.execute(f"DELETE FROM {table} WHERE id = ?", (key,))
-                elif subject.startswith(_EXEC_PREFIX):
-                    if (execution := from_msgpack_or_none(event.data, Execution, subject)) is not None:
-                        upserts["executions"].append((*_execution_row(execution), event.seq))
-                elif subject.startswith(_JOB_PREFIX):
-                    if (job := from_msgpack_or_none(event.data, Job, subject)) is not None:
-                        upserts["jobs"].append((*_job_row(job), event.seq))
-                elif subject.startswith(_NODE_PREFIX):
-                    if (node := from_msgpack_or_none(event.data, Node, subject)) is not None:
-                        upserts["nodes"].append((*_node_row(node), event.seq))
-            await self._flush(upserts)
-            await db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
-                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(last),))
-            # Versions are kept by stream time, so a view rebuilt from an old stream prunes what is old.
-            now = time.time()
-            at = min(max((event.at for event in events), default=0.0) or now, now)
-            await db.execute("INSERT OR REPLACE INTO commits (seq, at) VALUES (?, ?)", (last, at))
-            pruned = await self._prune(now) if now >= self._next_prune else None
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
+        for event in events:
+            last = max(last, event.seq)
+            subject = event.subject
+            if event.deleted:
+                table, key = _delete_target(subject)
+                if table:
+                    ops.append((table, key, event.seq))
+            elif subject.startswith(_EXEC_PREFIX):
+                if (execution := from_msgpack_or_none(event.data, Execution, subject)) is not None:
+                    ops.append(("executions", (*_execution_row(execution), event.seq), event.seq))
+            elif subject.startswith(_JOB_PREFIX):
+                if (job := from_msgpack_or_none(event.data, Job, subject)) is not None:
+                    ops.append(("jobs", (*_job_row(job), event.seq), event.seq))
+            elif subject.startswith(_NODE_PREFIX):
+                if (node := from_msgpack_or_none(event.data, Node, subject)) is not None:
+                    ops.append(("nodes", (*_node_row(node), event.seq), event.seq))
+        now = time.time()
+        # Versions are kept by stream time, so a view rebuilt from an old stream prunes what is old.
+        at = min(max((event.at for event in events), default=0.0) or now, now)
+        async with self._writing:
+            pruned = await asyncio.to_thread(self._write, ops, last, at, now)
         if pruned is not None:
             self.pruned_through = pruned
             self._next_prune = now + self.prune_every
@@ -228,7 +223,33 @@ class View:
         async with self._caught_up:
             self._caught_up.notify_all()
 
-    async def _flush(self, upserts: dict[str, list[tuple[Any, ...]]]) -> None:
+    def _write(self, ops: list[tuple[str, Any, int]], last: int, at: float, now: float) -> int | None:
+        db = self.writer
+        assert db is not None
+        upserts: dict[str, list[tuple[Any, ...]]] = {table: [] for table in COLUMNS}
+        pruned = None
+        db.execute("BEGIN")
+        try:
+            for table, item, seq in ops:
+                if isinstance(item, str):  # a delete
+                    self._flush(upserts)  # a put then a delete of one key in a batch keep their order
+                    db.execute(_RETIRE[table], (seq, item))
+                    db.execute(f"DELETE FROM {table} WHERE id = ?", (item,))
+                else:
+                    upserts[table].append(item)
+            self._flush(upserts)
+            db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(last),))
+            db.execute("INSERT OR REPLACE INTO commits (seq, at) VALUES (?, ?)", (last, at))
+            if now >= self._next_prune:
+                pruned = self._prune(now)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return pruned
+
+    def _flush(self, upserts: dict[str, list[tuple[Any, ...]]]) -> None:
         """Write buffered upserts, each replaced row copied to the past first.
 
         Rows go in rounds of distinct ids (nearly always one round), so that two versions of one id in
@@ -246,23 +267,22 @@ class View:
                 for row in rows:
                     (later if row[0] in ids else now).append(row)
                     ids.add(row[0])
-                await self.writer.executemany(_SUPERSEDE[table], [(r[-1], r[0], r[revision]) for r in now])
-                await self.writer.executemany(_UPSERT[table], now)
+                self.writer.executemany(_SUPERSEDE[table], [(r[-1], r[0], r[revision]) for r in now])
+                self.writer.executemany(_UPSERT[table], now)
                 rows = later
 
-    async def _prune(self, now: float) -> int:
+    def _prune(self, now: float) -> int:
         """Forget versions replaced before the retention; returns the oldest sequence still readable."""
         assert self.writer is not None
-        async with self.writer.execute("SELECT max(seq) FROM commits WHERE at < ?", (now - self.retention,)) as cur:
-            row = await cur.fetchone()
+        row = self.writer.execute("SELECT max(seq) FROM commits WHERE at < ?", (now - self.retention,)).fetchone()
         horizon = row[0] if row and row[0] is not None else 0
         if horizon <= self.pruned_through:
             return self.pruned_through
         for table in COLUMNS:
-            await self.writer.execute(f"DELETE FROM {table}_past WHERE until_seq <= ?", (horizon,))
-        await self.writer.execute("DELETE FROM commits WHERE seq < ?", (horizon,))
-        await self.writer.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', ?) "
-                                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(horizon),))
+            self.writer.execute(f"DELETE FROM {table}_past WHERE until_seq <= ?", (horizon,))
+        self.writer.execute("DELETE FROM commits WHERE seq < ?", (horizon,))
+        self.writer.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', ?) "
+                            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(horizon),))
         return horizon
 
     # -- reads -------------------------------------------------------------------------------------
@@ -314,14 +334,12 @@ def as_of(table: str, columns: str, where: Sequence[str], params: Sequence[Any],
     return sql, [seq, *params, limit, seq, seq, seq, *params, limit, limit]
 
 
-async def _schema_version(path: str) -> str | None:
+def _schema_version(path: str) -> str | None:
     """The schema a view file was built with; None for an empty file or the first schema (no record)."""
-    async with aiosqlite.connect(path) as db:
-        async with db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'") as cur:
-            if await cur.fetchone() is None:
-                return None
-        async with db.execute("SELECT value FROM meta WHERE key = 'schema'") as cur:
-            row = await cur.fetchone()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+            return None
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     return row[0] if row else None
 
 
