@@ -254,7 +254,8 @@ async def view_only(tmp, total: int, batch: int) -> list[Result]:
         rows.append(Result(f"view: keyset page of 50 at row {deep_job:,}, as of before {updated // 1000}k updates",
                            ms(percentile(snap, 50)), "ms p50",
                            f"p99 {ms(percentile(snap, 99)):.3f} ms; snapshot {seq_before_updates:,}: current rows "
-                           f"and {updated:,} past versions merged, each half limited to the page"))
+                           f"and the {updated:,} versions replaced since (found by the until_seq index, then sorted): a "
+                           f"page of a walk costs in proportion to the changes since the walk began"))
     finally:
         await view.close()
     return rows
