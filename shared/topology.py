@@ -3,7 +3,8 @@
 Each service calls `ensure(bus)` at start; creation is idempotent, so replicas and restarts are
 harmless. The EVENTS stream is filled by the server itself from the job, execution and node buckets
 (stream sourcing): every committed state change becomes an event with no second write that a crash
-could lose, and the query service's view can be rebuilt by replaying it.
+could lose, and the query service's view can be rebuilt by replaying it (once it has dropped events
+older than its 30 days, a new view starts from the buckets' current state and follows it from there).
 """
 
 from __future__ import annotations

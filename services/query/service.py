@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 TOKEN_KEY = "page-token-key"
+FILL_BATCH = 5_000
 
 
 def page_limit(limit: int | None) -> int:
@@ -76,6 +77,8 @@ class QueryService(Component):
         self.view = View(path, retention=self.settings.page_retention)
         await self.view.open()
         self.token_key = await self.store.shared_secret(TOKEN_KEY, lambda: os.urandom(32))
+        if self.view.last_seq == 0:
+            await self._fill_from_buckets()
         # The view's own durable; if it is gone (expired while this replica was away), resume after the last
         # event the view committed.
         await Consumer(
@@ -102,6 +105,28 @@ class QueryService(Component):
     async def stop(self) -> None:
         await super().stop()
         await self.view.close()
+
+    async def _fill_from_buckets(self) -> None:
+        """A new view whose stream no longer holds every event starts from the buckets' current state.
+
+        EVENTS keeps 30 days, the buckets keep everything: replaying the stream alone would build a
+        replica without the older jobs, executions and nodes. So: note the stream's last sequence, read
+        every record of the three buckets, apply them as of that sequence, and follow the stream from
+        there. Records written meanwhile come again as events, and only newer revisions win.
+        """
+        info = await self.bus.stream_info(s.STREAM_EVENTS)
+        if info["first_seq"] <= 1:
+            return  # the stream still holds every event since the first: replaying it is the rebuild
+        mark = info["last_seq"]
+        log.info("the events stream starts at %d: filling the view from the buckets as of %d",
+                 info["first_seq"], mark)
+        for bucket, prefix in ((self.store.jobs, s.EVENTS_JOB), (self.store.executions, s.EVENTS_EXECUTION),
+                               (self.store.nodes, s.EVENTS_NODE)):
+            entries = await bucket.kv.scan()
+            for start in range(0, len(entries), FILL_BATCH):
+                await self.view.apply([Event(f"{prefix}.{e.key}", e.value, False, mark)
+                                       for e in entries[start:start + FILL_BATCH]])
+        await self.view.complete_from(mark)
 
     async def on_events(self, deliveries: Sequence[Delivery]) -> None:
         events = [Event(d.subject, d.data, is_delete(d.headers), d.stream_seq, d.stored_at) for d in deliveries

@@ -4,7 +4,8 @@ Each row keeps the API's JSON body ready to send, plus the columns that filters 
 need. An event is applied only if its revision is newer than the row's, and the stream sequence of the
 last applied event is committed in the same transaction, so replays and redeliveries change nothing
 and a restarted replica resumes exactly where it stopped. Deleting the file and restarting rebuilds
-the view from the stream (a file of an older schema is rebuilt the same way).
+the view (a file of an older schema is rebuilt the same way): from the stream, or from the buckets
+when the stream no longer holds every event (`QueryService._fill_from_buckets`).
 
 Reads are snapshots: a row replaced or deleted by an event is kept in `<table>_past` with the
 sequence that ended it, for `retention` seconds. A listing that reads as of sequence S takes the
@@ -158,7 +159,7 @@ class View:
 
     def _open(self) -> None:
         if os.path.exists(self.path) and (found := _schema_version(self.path)) != SCHEMA_VERSION:
-            log.warning("query view %s has schema %s, this build uses %s: rebuilding it from the stream",
+            log.warning("query view %s has schema %s, this build uses %s: rebuilding it",
                         self.path, found or 1, SCHEMA_VERSION)
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
@@ -249,6 +250,22 @@ class View:
             raise
         return pruned
 
+    async def complete_from(self, seq: int) -> None:
+        """Record that this view holds everything as of `seq`, and nothing older: it was filled from the
+        buckets then, not from the events before, so it follows the stream after `seq` and snapshots
+        before it are gone."""
+        last, now = max(self.last_seq, seq), time.time()
+        async with self._writing:
+            await asyncio.to_thread(self._write, [], last, now, now)
+            await asyncio.to_thread(self._set_pruned, seq)
+        self.pruned_through = max(self.pruned_through, seq)
+        self.last_seq = last
+
+    def _set_pruned(self, seq: int) -> None:
+        assert self.writer is not None
+        self.writer.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', ?) "
+                            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(seq),))
+
     def _flush(self, upserts: dict[str, list[tuple[Any, ...]]]) -> None:
         """Write buffered upserts, each replaced row copied to the past first.
 
@@ -281,8 +298,7 @@ class View:
         for table in COLUMNS:
             self.writer.execute(f"DELETE FROM {table}_past WHERE until_seq <= ?", (horizon,))
         self.writer.execute("DELETE FROM commits WHERE seq < ?", (horizon,))
-        self.writer.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', ?) "
-                            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(horizon),))
+        self._set_pruned(horizon)
         return horizon
 
     # -- reads -------------------------------------------------------------------------------------

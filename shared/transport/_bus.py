@@ -281,6 +281,13 @@ class Bus:
         except nats.js.errors.NotFoundError:
             return False
 
+    async def purge_stream(self, name: str) -> None:
+        """Drop every message of a stream (its sequence numbers go on from where they were)."""
+        try:
+            await self.js.purge_stream(name)
+        except Exception as exc:
+            raise map_error(exc, f"purge stream {name}") from None
+
     async def stream_info(self, name: str) -> dict[str, Any]:
         try:
             info = await self.js.stream_info(name)

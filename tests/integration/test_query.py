@@ -530,3 +530,47 @@ async def test_a_token_older_than_the_retention_is_a_400_and_a_fresh_walk_works(
 
     await wait_for(expired, timeout=20)
     assert len(await api.all_executions("old")) == 10
+
+
+async def test_a_new_replica_fills_from_the_buckets_when_the_stream_no_longer_holds_everything(
+        cluster, bus, wait_for, tmp_path) -> None:
+    """EVENTS keeps 30 days, the buckets keep everything: a replica started later must still see it all."""
+    store = Store(bus)
+    first = await cluster.start("query", db=str(tmp_path / "first.db"))
+    api = await cluster.api()
+    job = make_job("default", "longlived")
+    await put_job(store, job)
+    old = [make_execution(job, f"n{i}", created=BASE + dt.timedelta(seconds=i)) for i in range(30)]
+    await put_executions(store, old)
+    await until_visible(api, "longlived", 30, wait_for)
+    await store.executions.kv.delete(old[0].key)  # gone before the stream lost its history
+    await gone(api, old[0], wait_for)
+    _, before = await api.list_executions(ListJobExecutionsRequest(job="longlived", limit=5))
+    await cluster.stop(first)
+
+    await bus.purge_stream(s.STREAM_EVENTS)  # what max_age does to events older than 30 days
+    changed = old[1]
+    changed.status.revision += 1
+    changed.status.observed_state = ObservedState(state_type="completed")
+    await store.executions.put(changed.key, changed)  # an event after the purge, on an old record
+    new = [make_execution(job, "later", created=utcnow()) for _ in range(5)]
+    await put_executions(store, new)
+
+    second = await cluster.start("query", db=str(tmp_path / "second.db"))
+    await until_visible(api, "longlived", 34, wait_for)
+    items = {e.id: e for e in await api.all_executions("longlived")}
+    assert set(items) == {e.id for e in old[1:] + new}  # nothing lost, the deleted one not back
+    assert items[changed.id].observed == "completed"
+    _, job_page = await api.list_jobs(ListJobsRequest())
+    assert [j.id for j in job_page.items] == [job.id]
+    # It follows the stream from where it filled in: a later change arrives as usual.
+    later = old[2]
+    later.status.revision += 1
+    later.status.observed_state = ObservedState(state_type="failed")
+    await store.executions.put(later.key, later)
+    await revision_visible(api, later, wait_for)
+    # A walk begun before the fill cannot be continued here (its moment is not in this view), and says so.
+    with pytest.raises(InvalidInput) as info:
+        await api.list_executions(ListJobExecutionsRequest(job="longlived", limit=5, next_token=before.next_token))
+    assert info.value.field == "next_token" and "expired" in info.value.message
+    await cluster.stop(second)
