@@ -382,16 +382,22 @@ async def gone(api, execution: Execution, wait_for) -> None:
     await wait_for(check)
 
 
+async def seeded(cluster, bus, wait_for, name: str, count: int):
+    """A query service, and a job with `count` executions (created a second apart) that it lists."""
+    await cluster.start("query")
+    store, api = Store(bus), await cluster.api()
+    job = make_job("default", name)
+    await put_job(store, job)
+    executions = [make_execution(job, f"n{i}", created=BASE + dt.timedelta(seconds=i)) for i in range(count)]
+    await put_executions(store, executions)
+    await until_visible(api, name, count, wait_for)
+    return store, api, job, executions
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 async def test_a_walk_by_updated_at_sees_its_first_moment_while_rows_change(cluster, bus, wait_for,
                                                                            reverse: bool) -> None:
-    await cluster.start("query")
-    store, api = Store(bus), await cluster.api()
-    job = make_job("default", "moving")
-    await put_job(store, job)
-    executions = [make_execution(job, f"n{i}", created=BASE + dt.timedelta(seconds=i)) for i in range(40)]
-    await put_executions(store, executions)
-    await until_visible(api, "moving", 40, wait_for)
+    store, api, job, executions = await seeded(cluster, bus, wait_for, "moving", 40)
     before = {e.id: e.status.revision for e in executions}
     by_update = sorted(executions, key=lambda e: (e.status.updated_at, e.id), reverse=reverse)
 
@@ -429,13 +435,7 @@ async def test_a_walk_by_updated_at_sees_its_first_moment_while_rows_change(clus
 
 
 async def test_a_new_job_version_mid_walk_does_not_break_the_walk(cluster, bus, wait_for) -> None:
-    await cluster.start("query")
-    store, api = Store(bus), await cluster.api()
-    job = make_job("default", "upgrading")
-    await put_job(store, job)
-    v1 = [make_execution(job, f"n{i}", created=BASE + dt.timedelta(seconds=i)) for i in range(12)]
-    await put_executions(store, v1)
-    await until_visible(api, "upgrading", 12, wait_for)
+    store, api, job, v1 = await seeded(cluster, bus, wait_for, "upgrading", 12)
 
     _, first = await api.list_executions(ListJobExecutionsRequest(job="upgrading", limit=5))
     job.version, job.revision = 2, 2
@@ -489,31 +489,25 @@ async def test_job_and_node_listings_are_snapshots_too(cluster, bus, wait_for) -
         return js.items[-1].id == jobs[0].id and len(ns.items) == 5
 
     await wait_for(applied)
-    job_ids = [j.id for j in jobs_page.items]
-    token = jobs_page.next_token
-    while token:
-        _, page = await api.list_jobs(ListJobsRequest(limit=2, order_by="modified_at", next_token=token))
-        job_ids += [j.id for j in page.items]
-        token = page.next_token
-    node_ids = [n.id for n in nodes_page.items]
-    token = nodes_page.next_token
-    while token:
-        _, page = await api.list_nodes(ListNodesRequest(limit=2, state="ready", next_token=token))
-        node_ids += [n.id for n in page.items]
-        token = page.next_token
-    assert job_ids == [j.id for j in jobs]
-    assert node_ids == [n.id for n in nodes]
+
+    async def rest_of(first, list_page, request) -> list[str]:
+        ids, token = [item.id for item in first.items], first.next_token
+        while token:
+            request.next_token = token
+            _, page = await list_page(request)
+            ids += [item.id for item in page.items]
+            token = page.next_token
+        return ids
+
+    assert await rest_of(jobs_page, api.list_jobs, ListJobsRequest(limit=2, order_by="modified_at")) == \
+        [j.id for j in jobs]
+    assert await rest_of(nodes_page, api.list_nodes, ListNodesRequest(limit=2, state="ready")) == \
+        [n.id for n in nodes]
 
 
 async def test_a_token_older_than_the_retention_is_a_400_and_a_fresh_walk_works(cluster, bus, wait_for) -> None:
     cluster.settings.page_retention = 0.5
-    await cluster.start("query")
-    store, api = Store(bus), await cluster.api()
-    job = make_job("default", "old")
-    await put_job(store, job)
-    executions = [make_execution(job, "a", created=BASE + dt.timedelta(seconds=i)) for i in range(10)]
-    await put_executions(store, executions)
-    await until_visible(api, "old", 10, wait_for)
+    store, api, job, executions = await seeded(cluster, bus, wait_for, "old", 10)
     _, first = await api.list_executions(ListJobExecutionsRequest(job="old", limit=3))
     assert first.next_token
 
