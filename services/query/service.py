@@ -3,8 +3,8 @@
 ListJobExecutions is keyset-paginated: a page is one SQL read ordered by (created_at|updated_at, id),
 and the next_token holds the last row's (value, id). Every page of a walk reads the view as of the
 stream sequence of its first page (carried in the token), so a walk returns exactly the executions
-that matched at that moment, each once, whatever is inserted, updated or deleted in between. Replies are assembled from the stored JSON bodies
-without decoding them.
+that matched at that moment, each once, whatever is inserted, updated or deleted in between.
+Replies are assembled from the stored JSON bodies without decoding them.
 """
 
 from __future__ import annotations

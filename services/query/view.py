@@ -76,7 +76,6 @@ def _schema() -> str:
         "CREATE INDEX IF NOT EXISTS jobs_created ON jobs (namespace, created_at, id);",
         "CREATE INDEX IF NOT EXISTS jobs_modified ON jobs (namespace, modified_at, id);",
     ]
-
     return "\n".join(parts)
 
 
