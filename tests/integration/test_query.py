@@ -14,11 +14,13 @@ import uuid
 
 import pytest
 
+from services.query.view import MAX_WAIT_LAG
+from shared import pagetoken
 from shared import subjects as s
 from shared.api import ListJobExecutionsRequest, ListJobsRequest, ListNodesRequest
 from shared.codec import to_json
-from shared.durations import utcnow
-from shared.errors import InvalidInput, NotFound
+from shared.durations import to_ns, utcnow
+from shared.errors import InvalidInput, NotFound, Unavailable
 from shared.models import (
     DesiredState,
     Execution,
@@ -568,3 +570,22 @@ async def test_a_new_replica_fills_from_the_buckets_when_the_stream_no_longer_ho
         await api.list_executions(ListJobExecutionsRequest(job="longlived", limit=5, next_token=before.next_token))
     assert info.value.field == "next_token" and "expired" in info.value.message
     await cluster.stop(second)
+
+
+async def test_a_token_from_a_replica_far_ahead_is_a_retryable_503_not_a_wrong_page(cluster, bus, wait_for) -> None:
+    """Another replica issued the token at a sequence this view has not reached: answer 503 (retry), never
+    a page read as of a moment this view does not have."""
+    store, api, job, executions = await seeded(cluster, bus, wait_for, "ahead", 6)
+    query = [c for c in cluster.components if c.name == "query"][0]
+    far = query.view.last_seq + MAX_WAIT_LAG + 1
+    scope = pagetoken.scope("executions", "default", "ahead", None, False, "", None, "created_at", False)
+    first = executions[0]
+    token = pagetoken.encode(query.token_key, scope, [far, to_ns(first.status.created_at), first.id, job.id, 1])
+    with pytest.raises(Unavailable) as info:
+        await api.list_executions(ListJobExecutionsRequest(job="ahead", next_token=token))
+    assert info.value.code == 503 and info.value.retryable
+    # The same position at the view's own sequence is an ordinary next page.
+    token = pagetoken.encode(query.token_key, scope, [query.view.last_seq, to_ns(first.status.created_at), first.id,
+                                                      job.id, 1])
+    _, page = await api.list_executions(ListJobExecutionsRequest(job="ahead", next_token=token))
+    assert [e.id for e in page.items] == [e.id for e in executions[1:]]
