@@ -213,21 +213,32 @@ class View:
                     ops.append(("nodes", (*_node_row(node), event.seq), event.seq))
         now = time.time()
         # Versions are kept by stream time, so a view rebuilt from an old stream prunes what is old.
-        at = min(max((event.at for event in events), default=0.0) or now, now)
+        await self._commit(ops, last, min(max((event.at for event in events), default=0.0) or now, now))
+
+    async def complete_from(self, seq: int) -> None:
+        """Record that this view holds everything as of `seq`, and nothing older: it was filled from the
+        buckets then, not from the events before, so it follows the stream after `seq` and snapshots
+        before it are gone."""
+        await self._commit([], max(self.last_seq, seq), time.time(), floor=seq)
+
+    async def _commit(self, ops: list[tuple[str, Any, int]], last: int, at: float, floor: int = 0) -> None:
+        """Write `ops` in one transaction on the writer's thread, then publish the new sequence."""
+        now = time.time()
         async with self._writing:
-            pruned = await asyncio.to_thread(self._write, ops, last, at, now)
-        if pruned is not None:
-            self.pruned_through = pruned
+            pruned = await asyncio.to_thread(self._write, ops, last, at, now, floor)
+        if now >= self._next_prune:
             self._next_prune = now + self.prune_every
+        self.pruned_through = pruned
         self.last_seq = last
         async with self._caught_up:
             self._caught_up.notify_all()
 
-    def _write(self, ops: list[tuple[str, Any, int]], last: int, at: float, now: float) -> int | None:
+    def _write(self, ops: list[tuple[str, Any, int]], last: int, at: float, now: float, floor: int) -> int:
+        """The transaction of `_commit`; returns the oldest sequence still readable afterwards."""
         db = self.writer
         assert db is not None
         upserts: dict[str, list[tuple[Any, ...]]] = {table: [] for table in COLUMNS}
-        pruned = None
+        pruned = self.pruned_through
         db.execute("BEGIN")
         try:
             for table, item, seq in ops:
@@ -238,32 +249,23 @@ class View:
                 else:
                     upserts[table].append(item)
             self._flush(upserts)
-            db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
-                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(last),))
+            self._set_meta("last_seq", last)
             db.execute("INSERT OR REPLACE INTO commits (seq, at) VALUES (?, ?)", (last, at))
             if now >= self._next_prune:
                 pruned = self._prune(now)
+            if floor > pruned:
+                pruned = floor
+                self._set_meta("pruned_through", pruned)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return pruned
 
-    async def complete_from(self, seq: int) -> None:
-        """Record that this view holds everything as of `seq`, and nothing older: it was filled from the
-        buckets then, not from the events before, so it follows the stream after `seq` and snapshots
-        before it are gone."""
-        last, now = max(self.last_seq, seq), time.time()
-        async with self._writing:
-            await asyncio.to_thread(self._write, [], last, now, now)
-            await asyncio.to_thread(self._set_pruned, seq)
-        self.pruned_through = max(self.pruned_through, seq)
-        self.last_seq = last
-
-    def _set_pruned(self, seq: int) -> None:
+    def _set_meta(self, key: str, value: int) -> None:
         assert self.writer is not None
-        self.writer.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', ?) "
-                            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(seq),))
+        self.writer.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, str(value)))
 
     def _flush(self, upserts: dict[str, list[tuple[Any, ...]]]) -> None:
         """Write buffered upserts, each replaced row copied to the past first.
@@ -297,7 +299,7 @@ class View:
         for table in COLUMNS:
             self.writer.execute(f"DELETE FROM {table}_past WHERE until_seq <= ?", (horizon,))
         self.writer.execute("DELETE FROM commits WHERE seq < ?", (horizon,))
-        self._set_pruned(horizon)
+        self._set_meta("pruned_through", horizon)
         return horizon
 
     # -- reads -------------------------------------------------------------------------------------
@@ -336,8 +338,9 @@ def as_of(table: str, columns: str, where: Sequence[str], params: Sequence[Any],
           limit: int) -> tuple[str, list[Any]]:
     """SQL and parameters for `table`'s rows as they were at sequence `seq`: filtered, ordered, limited.
 
-    Each half (the current rows, the past versions) is limited on its own before they are merged, so a
-    page still reads about `limit` rows of an index, however deep into the listing it is.
+    Each half is limited on its own before they are merged. The current half reads about `limit` rows of
+    a keyset index, however deep into the listing it is; the past half reads the versions replaced after
+    `seq` (by the until_seq index) and sorts them, so it costs what has changed since the walk began.
     """
     cond = " AND ".join(where) or "1"
     now = f"SELECT {columns} FROM {table} WHERE seq <= ? AND {cond} ORDER BY {order} LIMIT ?"
