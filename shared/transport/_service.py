@@ -60,12 +60,12 @@ class ApiService:
                                                 queue_group=queue_group))
         api = cls(bus, service, concurrency)
         for endpoint, subject, handler in endpoints:
-            await api.add_endpoint(endpoint, subject, handler)
-        await service.start()
+            await api._add_endpoint(endpoint, subject, handler)
+        await service.start()  # subscribes discovery after the endpoints, then one flush for all
         bus.on_close(api.stop)
         return api
 
-    async def add_endpoint(self, name: str, subject: str, handler: ApiHandler) -> None:
+    async def _add_endpoint(self, name: str, subject: str, handler: ApiHandler) -> None:
         async def on_request(req: Request) -> None:
             await self._gate.acquire()
             task = asyncio.create_task(self._serve(req, handler))
@@ -73,7 +73,6 @@ class ApiService:
             task.add_done_callback(self._tasks.discard)
 
         await self._service.add_endpoint(name=name, subject=subject, handler=on_request)
-        await self.bus.flush()
 
     async def _serve(self, req: Request, handler: ApiHandler) -> None:
         try:
