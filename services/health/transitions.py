@@ -44,21 +44,21 @@ def apply_report(execution: Execution, report: StateReport, now: dt.datetime) ->
     wanted = report.state
     if current in TERMINAL_STATES:
         return False
+    changed = False
     if current == "lost":
-        # The node is back and says how the execution is doing: resume from where it was.
-        restored = str(status.details.get("lost_from", "running"))
-        status.details.pop("lost_from", None)
+        # The node is back: the execution resumes where it was when the node fell silent, and the
+        # report then applies as to any execution in that state (a run lost while starting still has to
+        # pass validation).
+        restored = str(status.details.pop("lost_from", "running"))
         status.details.pop("lost_at", None)
-        if wanted == "running":
-            set_observed(execution, restored if restored in ("validating", "running", "degraded") else "running",
-                         report.message or "node reconnected")
-            return True
-        current = restored
+        current = restored if restored in _RANK and restored not in TERMINAL_STATES and restored != "lost" else "running"
+        set_observed(execution, current, report.message or "node reconnected")
+        changed = True
     if _RANK[wanted] < _RANK[current]:
-        return False
+        return changed
     if wanted == "running":
         if current in ("validating", "running", "degraded"):
-            return False
+            return changed
         if health_gated(execution) and status.stable_at is None:
             set_observed(execution, "validating", report.message or "validating health")
         else:
@@ -67,7 +67,7 @@ def apply_report(execution: Execution, report: StateReport, now: dt.datetime) ->
                 status.stable_at = now
         return True
     if wanted == current and report.message == status.observed_state.message:
-        return False
+        return changed
     set_observed(execution, wanted, report.message)
     if report.exit_code is not None:
         status.details["exit_code"] = report.exit_code

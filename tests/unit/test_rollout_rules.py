@@ -176,3 +176,30 @@ def test_lost_execution_resumes_where_it_was() -> None:
     assert not mark_lost(e, NOW, "n")
     assert apply_report(e, state_report("running"), NOW) and e.observed == "running"
     assert "lost_from" not in e.status.details and "lost_at" not in e.status.details
+
+
+@pytest.mark.parametrize("lost_from", ["pending", "starting"])
+def test_an_execution_lost_before_it_ran_must_still_pass_validation(lost_from: str) -> None:
+    e = gated_execution()
+    e.status.observed_state = ObservedState(state_type=lost_from)
+    assert mark_lost(e, NOW, "n") and e.observed == "lost"
+    assert apply_report(e, state_report("running"), NOW)
+    assert e.observed == "validating" and e.status.stable_at is None
+    assert "lost_from" not in e.status.details
+
+
+@pytest.mark.parametrize("lost_from", ["validating", "degraded"])
+def test_a_lost_validating_or_degraded_execution_resumes_as_such(lost_from: str) -> None:
+    e = gated_execution()
+    e.status.observed_state = ObservedState(state_type=lost_from)
+    assert mark_lost(e, NOW, "n")
+    assert apply_report(e, state_report("running"), NOW) and e.observed == lost_from
+
+
+def test_a_stale_report_still_brings_a_lost_execution_back() -> None:
+    e = gated_execution()
+    e.status.observed_state = ObservedState(state_type="running")
+    e.status.stable_at = NOW
+    assert mark_lost(e, NOW, "n")
+    # "starting" is older than where the execution was, but the node is back: it is no longer lost.
+    assert apply_report(e, state_report("starting"), NOW) and e.observed == "running"
