@@ -18,6 +18,25 @@ CONFLICT = 409
 INTERNAL = 500
 UNAVAILABLE = 503
 
+# An error never grows with the input that caused it: messages are cut to this many characters and a
+# value quoted in one to SHOWN_LIMIT (see `shown`), so a reply that explains a 400 KB request is small.
+MAX_MESSAGE = 1024
+MAX_FIELD = 256
+SHOWN_LIMIT = 64
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters (with the full length said)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, (str, bytes)) else ""
+    return text[:limit] + "..." + size
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
     """The JSON shape of an error reply: `{"error": {"code": 400, "message": "...", "field": "limit"}}`."""
@@ -45,9 +64,10 @@ class ShoalError(Exception):
         code: int | None = None,
         retryable: bool | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
-        self.field = field
+        self.field = clip(field, MAX_FIELD) if field else field
         self.code = code if code is not None else self.default_code
         self.retryable = self.default_retryable if retryable is None else retryable
 

@@ -17,9 +17,15 @@ from typing import Any
 
 from . import telemetry, topology
 from .settings import Settings
-from .transport import Bus
+from .transport import Bus, map_error
 
 log = logging.getLogger(__name__)
+
+
+LOOP_BACKOFF_FIRST = 0.1
+LOOP_BACKOFF_MAX = 10.0
+LOOP_HEALTHY_AFTER = 60.0  # a loop that ran this long before it crashed starts its backoff afresh
+MAX_LOOP_CRASHES = 8  # crashes in a row, each soon after a restart, before the process gives up
 
 
 class Component:
@@ -32,26 +38,67 @@ class Component:
         self.bus = bus
         self.settings = settings
         self.stopping = asyncio.Event()
+        # Set when this component cannot go on (a loop that keeps crashing): its process exits non-zero
+        # so that a supervisor restarts it, rather than living on half-deaf.
+        self.failed = asyncio.Event()
+        self.failure = ""
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         raise NotImplementedError
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """A background loop that lives until stop(); a crash is logged, not silent."""
+    def spawn(self, loop: Callable[[], Coroutine[Any, Any, Any]] | Coroutine[Any, Any, Any],
+              name: str) -> asyncio.Task[Any]:
+        """A background loop that lives until stop().
 
-        async def guarded() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s: background task %s crashed", self.name, name)
+        Given a coroutine function, a crash (or an unexpected return) is logged and the loop is started
+        again after a growing delay (0.1 s doubling to 10 s); after MAX_LOOP_CRASHES quick crashes in a
+        row the component fails. A bare coroutine cannot be started again: its crash fails the component.
+        """
 
-        task = asyncio.create_task(guarded(), name=f"{self.name}:{name}")
+        async def supervised() -> None:
+            crashes = 0
+            delay = LOOP_BACKOFF_FIRST
+            clock = asyncio.get_running_loop()
+            while not self.stopping.is_set():
+                began = clock.time()
+                try:
+                    await (loop() if callable(loop) else loop)
+                    if self.stopping.is_set():
+                        return
+                    problem = "ended unexpectedly"
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    problem = f"crashed: {type(exc).__name__}: {exc}"
+                    log.exception("%s: background task %s crashed", self.name, name)
+                if self.stopping.is_set():
+                    return
+                if not callable(loop):
+                    self.fail(f"background task {name} {problem}")
+                    return
+                if clock.time() - began >= LOOP_HEALTHY_AFTER:
+                    crashes, delay = 0, LOOP_BACKOFF_FIRST
+                crashes += 1
+                if crashes >= MAX_LOOP_CRASHES:
+                    self.fail(f"background task {name} {problem} ({crashes} times in a row)")
+                    return
+                log.warning("%s: background task %s %s; restarting it in %.1fs", self.name, name, problem, delay)
+                if await self.sleep(delay):
+                    return
+                delay = min(delay * 2, LOOP_BACKOFF_MAX)
+
+        task = asyncio.create_task(supervised(), name=f"{self.name}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def fail(self, reason: str) -> None:
+        """This component cannot go on: its process stops and exits non-zero."""
+        if not self.failed.is_set():
+            log.critical("%s: %s; exiting so that a supervisor restarts it", self.name, reason)
+            self.failure = reason
+            self.failed.set()
 
     async def sleep(self, seconds: float) -> bool:
         """Sleep unless stopping; True if it is time to stop."""
@@ -72,6 +119,17 @@ class Component:
                 await asyncio.wait(pending, timeout=2)
         await self.bus.close()
 
+    async def wait_failed(self) -> str:
+        """Until this component fails or its connection is closed for good; returns why."""
+        failed = asyncio.ensure_future(self.failed.wait())
+        lost = asyncio.ensure_future(self.bus.lost.wait())
+        try:
+            await asyncio.wait({failed, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+            lost.cancel()
+        return self.failure or f"NATS connection closed: {self.bus.lost_reason}"
+
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -81,26 +139,44 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def connect(settings: Settings, name: str, *, wait: float = 30.0) -> Bus:
+async def connect(settings: Settings, name: str, *, wait: float | None = 30.0) -> Bus:
     bus = await Bus.connect(settings.nats_url, name=name, wait=wait)
     await topology.ensure(bus)
     return bus
 
 
-async def start_component(factory: Callable[[Bus, Settings], Component], settings: Settings, name: str) -> Component:
-    bus = await connect(settings, name)
-    component = factory(bus, settings)
-    try:
-        await component.start()
-    except BaseException:
-        await component.stop()
-        raise
-    return component
+async def start_component(factory: Callable[[Bus, Settings], Component], settings: Settings, name: str, *,
+                          patient: bool = False) -> Component:
+    """Connect, create the topology and start the component.
+
+    A patient start (a real process) waits for NATS for ever and retries everything that failed for a
+    reason that may pass (timeouts, a server restarting) with a growing delay, logging each failure;
+    otherwise (tests, tools) the first failure is raised.
+    """
+    delay = 0.5
+    while True:
+        bus = await Bus.connect(settings.nats_url, name=name, wait=None if patient else 30.0)
+        component: Component | None = None
+        try:
+            await topology.ensure(bus)
+            component = factory(bus, settings)
+            await component.start()
+            return component
+        except BaseException as exc:
+            await (component.stop() if component is not None else bus.close())
+            error = map_error(exc, f"start {name}") if isinstance(exc, Exception) else None
+            if not patient or error is None or not error.retryable:
+                raise
+            log.warning("%s: could not start (%s); retrying in %.1fs", name, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def run(factory: Callable[[Bus, Settings], Component], settings: Settings, name: str, *,
         replicas: int = 1) -> int:
-    """Run `replicas` copies of a component in this process until SIGINT/SIGTERM. Returns the exit code.
+    """Run `replicas` copies of a component in this process until SIGINT/SIGTERM. Returns the exit code:
+    0 after a signal, 1 when a component failed or lost its connection for good (a process is either
+    serving or gone, so that a supervisor can restart it).
 
     Each replica has its own connection and shares work with the others exactly as separate processes
     would (queue groups, shared durable consumers); `factory` may look at `Component.replica` (0-based).
@@ -108,27 +184,47 @@ def run(factory: Callable[[Bus, Settings], Component], settings: Settings, name:
     setup_logging(settings.log_level)
     telemetry.setup(name, settings.traces_exporter, settings.traces_file)
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        components = []
-        try:
+        components: list[Component] = []
+
+        async def start_all() -> None:
             for index in range(replicas):
-                components.append(await start_component(lambda bus, s, i=index: _numbered(factory(bus, s), i),
-                                                        settings, name if replicas == 1 else f"{name}-{index}"))
+                components.append(await start_component(
+                    lambda bus, s, i=index: _numbered(factory(bus, s), i), settings,
+                    name if replicas == 1 else f"{name}-{index}", patient=True))
+
+        waits: list[asyncio.Future[Any]] = []
+        try:
+            starting = asyncio.ensure_future(start_all())
+            stopped = asyncio.ensure_future(stop.wait())
+            waits += [starting, stopped]
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                return 0
+            starting.result()
             log.info("%s started (%d replica(s), NATS %s)", name, replicas, settings.nats_url)
-            await stop.wait()
-            log.info("%s stopping", name)
+            failures = [asyncio.ensure_future(c.wait_failed()) for c in components]
+            waits += failures
+            done, _ = await asyncio.wait({stopped, *failures}, return_when=asyncio.FIRST_COMPLETED)
+            if stopped in done:
+                log.info("%s stopping", name)
+                return 0
+            reason = next(f.result() for f in failures if f in done)
+            log.critical("%s: %s; exiting with status 1", name, reason)
+            return 1
         finally:
-            await asyncio.gather(*(c.stop() for c in components), return_exceptions=True)
+            for waiter in waits:
+                waiter.cancel()
+            await asyncio.gather(*(asyncio.wait_for(c.stop(), 15) for c in components), return_exceptions=True)
 
     try:
-        asyncio.run(main())
+        return asyncio.run(main())
     finally:
         telemetry.shutdown()
-    return 0
 
 
 def _numbered(component: Component, index: int) -> Component:

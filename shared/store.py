@@ -112,13 +112,23 @@ class Mirror(Generic[T]):
         self.ready = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        """Follow the bucket until `stopping`. Run again after a crash, it reloads: keys deleted while
+        it was away are dropped once the current values are in."""
+        seen: set[str] | None = set()
         async with self.bucket.kv.watch(self.pattern) as watch:
             async for entry in watch:
                 if stopping.is_set():
                     return
                 if entry is None:
+                    if seen is not None:
+                        for key in [k for k in self.items if k not in seen]:
+                            del self.items[key]
+                    seen = None
                     self.ready.set()
-                elif entry.deleted:
+                    continue
+                if seen is not None:
+                    seen.add(entry.key)
+                if entry.deleted:
                     self.items.pop(entry.key, None)
                 elif (record := self.bucket.decode_or_none(entry)) is not None:
                     self.items[entry.key] = record.value

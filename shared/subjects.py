@@ -99,6 +99,14 @@ def report(node_id: str) -> str:
     return f"{REPORT_PREFIX}.{node_id}"
 
 
+# --- dead letters: messages that failed max_attempts times, with their error (headers Shoal-Dead-*) --
+DEAD_PREFIX = f"{ROOT}.dead"
+
+
+def dead_letter(stream: str) -> str:
+    return f"{DEAD_PREFIX}.{stream}"
+
+
 # --- events (msgpack): every change of a job, execution or node, sourced from the buckets ----------
 EVENTS_PREFIX = f"{ROOT}.events"
 EVENTS_EXECUTION = f"{EVENTS_PREFIX}.execution"
@@ -112,6 +120,7 @@ STREAM_PLANS = "SHOAL_PLANS"
 STREAM_REPORTS = "SHOAL_REPORTS"
 STREAM_EVENTS = "SHOAL_EVENTS"
 STREAM_TIMERS = "SHOAL_TIMERS"
+STREAM_DEAD = "SHOAL_DEAD"
 
 # --- durable consumers (one name per role, shared by all replicas of that role) --------------------
 CONSUMER_SCHEDULER_SUBMISSIONS = "scheduler-submissions"
@@ -121,10 +130,6 @@ CONSUMER_ROLLOUT_EVENTS = "rollout-events"
 CONSUMER_ROLLOUT_TIMERS = "rollout-timers"
 CONSUMER_HEALTH_REPORTS = "health-reports"
 
-
-def consumer_query_view(view_id: str) -> str:
-    """Each query replica owns a SQLite view, so each view has its own durable consumer."""
-    return f"query-{view_id}"
 
 
 # --- key-value buckets -----------------------------------------------------------------------------

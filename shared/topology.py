@@ -48,6 +48,15 @@ STREAMS: tuple[StreamSpec, ...] = (
         description="Durable wake-ups for the rollout service, held back until due",
     ),
     StreamSpec(
+        name=s.STREAM_DEAD,
+        subjects=(f"{s.DEAD_PREFIX}.*",),
+        retention="limits",
+        max_age=14 * DAY,
+        max_msgs=100_000,
+        max_bytes=256 * 1024 * 1024,
+        description="Dead letters: messages that failed max_attempts times, with their error (Shoal-Dead-* headers)",
+    ),
+    StreamSpec(
         name=s.STREAM_EVENTS,
         retention="limits",
         max_age=30 * DAY,

@@ -36,8 +36,8 @@ class HealthService(Component):
         self.windows: Bucket[windows.HealthWindow] = Bucket(self.bus, s.BUCKET_HEALTH, windows.HealthWindow)
         registry = NodeRegistry(self.bus, self.store, self.settings.heartbeat_interval)
         self.liveness = Liveness(self.bus, self.store, self.settings.node_timeout, self.settings.lost_grace)
-        self.spawn(self.liveness.watch_heartbeats(self.stopping), "watch-heartbeats")
-        self.spawn(self.liveness.mirror.run(self.stopping), "watch-nodes")
+        self.spawn(lambda: self.liveness.watch_heartbeats(self.stopping), "watch-heartbeats")
+        self.spawn(lambda: self.liveness.mirror.run(self.stopping), "watch-nodes")
 
         await ApiService.start(self.bus, s.SERVICE_HEALTH, VERSION, "Node registration and liveness",
                                queue_group=s.QUEUE_GROUP,
@@ -45,13 +45,13 @@ class HealthService(Component):
 
         reports = Consumer(
             self.bus,
-            ConsumerSpec(stream=s.STREAM_REPORTS, durable=s.CONSUMER_HEALTH_REPORTS, ack_wait=30.0),
+            ConsumerSpec(stream=s.STREAM_REPORTS, durable=s.CONSUMER_HEALTH_REPORTS),
             batch=64,
             concurrency=16,
         )
         await reports.start_single(self.on_report)
         lease = Lease(self.bus, "health-sweep")
-        self.spawn(run_as_leader(lease, self.settings.sweep_interval, self.sweep, self.stopping), "sweep")
+        self.spawn(lambda: run_as_leader(lease, self.settings.sweep_interval, self.sweep, self.stopping), "sweep")
 
     # -- reports -----------------------------------------------------------------------------------
 

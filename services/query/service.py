@@ -9,6 +9,7 @@ Replies are assembled from the stored JSON bodies without decoding them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from shared.runtime import Component
 from shared.selector import SelectorError, compile_selector
 from shared.settings import Settings
 from shared.store import Store
-from shared.transport import ApiRequest, ApiService, Bus, Consumer, ConsumerSpec, Delivery, is_delete
+from shared.transport import ApiRequest, ApiService, Bus, OrderedReader, is_delete, read_batches
 from shared.validation import check_namespace
 
 from .view import Event, SnapshotGone, View, as_of
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 TOKEN_KEY = "page-token-key"
 FILL_BATCH = 5_000
+STREAM_CHECK = 5.0  # seconds between checks that the events stream is still the one the view follows
 
 
 def page_limit(limit: int | None) -> int:
@@ -67,6 +69,7 @@ class QueryService(Component):
         super().__init__(bus, settings)
         self.db_path = db_path or settings.query_db
         self.numbered = numbered  # replicas in one process each keep their own view file
+        self.lag = 0  # events in the stream after the last one applied, as of the last batch
 
     async def start(self) -> None:
         self.store = Store(self.bus)
@@ -77,21 +80,14 @@ class QueryService(Component):
         self.view = View(path, retention=self.settings.page_retention)
         await self.view.open()
         self.token_key = await self.store.shared_secret(TOKEN_KEY, lambda: os.urandom(32))
-        if self.view.last_seq == 0:
-            await self._fill_from_buckets()
-        # The view's own durable; if it is gone (expired while this replica was away), resume after the last
-        # event the view committed.
-        await Consumer(
-            self.bus,
-            ConsumerSpec(
-                stream=s.STREAM_EVENTS,
-                durable=s.consumer_query_view(self.view.view_id),
-                deliver_from_seq=self.view.last_seq + 1 if self.view.last_seq else None,
-                inactive_threshold=24 * 3600.0,
-                max_ack_pending=10_000,
-            ),
-            batch=512,
-        ).start_batch(self.on_events)
+        await self._check_stream()
+        # The view keeps its own position (the last sequence it committed, in the same transaction as the
+        # rows), so it reads the stream in order from there with no durable consumer and no acks: nothing
+        # redelivered late can arrive after newer events, and nothing is skipped.
+        self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512)
+        await self.reader.open()
+        self.bus.on_close(lambda: self.reader.close())  # before the connection drains
+        self.spawn(self._follow, "follow-events")
 
         await ApiService.start(self.bus, s.SERVICE_QUERY, VERSION, "Paginated reads of jobs, executions, nodes",
                                queue_group=s.QUEUE_GROUP, endpoints=[
@@ -106,7 +102,54 @@ class QueryService(Component):
         await super().stop()
         await self.view.close()
 
-    async def _fill_from_buckets(self) -> None:
+    async def _check_stream(self) -> None:
+        """Make sure the view follows this EVENTS stream, and fill a new view.
+
+        A view file names the stream it followed by the stream's creation time. Against another stream
+        (a wiped or recreated NATS store, a data dir reused against another server) its sequence numbers
+        mean nothing: events at or below its last sequence would be ignored. So it starts again from
+        empty. A view ahead of the stream's last sequence is from another stream too.
+        """
+        info = await self.bus.stream_info(s.STREAM_EVENTS)
+        view = self.view
+        if view.last_seq and (view.stream_id != info["created"] or view.last_seq > info["last_seq"]):
+            log.warning("query view %s followed another events stream (created %s, at sequence %d; this one was "
+                        "created %s and is at %d): rebuilding it", view.path, view.stream_id or "unknown",
+                        view.last_seq, info["created"], info["last_seq"])
+            await view.reset()
+        if view.stream_id != info["created"]:
+            await view.set_stream(info["created"])
+        if view.last_seq == 0:
+            await self._fill_from_buckets(info)
+
+    async def _follow(self) -> None:
+        """Apply the stream to the view, batch by batch, in order. Every few seconds, make sure it is still
+        the stream the view follows; if it was replaced under us, rebuild the view and start over."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        while not self.stopping.is_set():
+            async for batch in read_batches(self.reader, self.stopping):
+                if batch:
+                    await self.view.apply([Event(m.subject, m.data, is_delete(m.headers), m.seq, m.at)
+                                           for m in batch])
+                    self.lag = batch[-1].pending
+                if loop.time() - checked > STREAM_CHECK:
+                    checked = loop.time()
+                    if await self._stream_replaced():
+                        break
+            else:
+                return
+            await self.reader.close()
+            await self._check_stream()
+            self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512)
+
+    async def _stream_replaced(self) -> bool:
+        try:
+            return (await self.bus.stream_info(s.STREAM_EVENTS))["created"] != self.view.stream_id
+        except Unavailable:
+            return False  # cannot tell now; the reader waits the outage out
+
+    async def _fill_from_buckets(self, info: dict[str, Any]) -> None:
         """A new view whose stream no longer holds every event starts from the buckets' current state.
 
         EVENTS keeps 30 days, the buckets keep everything: replaying the stream alone would build a
@@ -114,7 +157,6 @@ class QueryService(Component):
         every record of the three buckets, apply them as of that sequence, and follow the stream from
         there. Records written meanwhile come again as events, and only newer revisions win.
         """
-        info = await self.bus.stream_info(s.STREAM_EVENTS)
         if info["first_seq"] <= 1:
             return  # the stream still holds every event since the first: replaying it is the rebuild
         mark = info["last_seq"]
@@ -127,12 +169,6 @@ class QueryService(Component):
                 await self.view.apply([Event(f"{prefix}.{e.key}", e.value, False, mark)
                                        for e in entries[start:start + FILL_BATCH]])
         await self.view.complete_from(mark)
-
-    async def on_events(self, deliveries: Sequence[Delivery]) -> None:
-        events = [Event(d.subject, d.data, is_delete(d.headers), d.stream_seq, d.stored_at) for d in deliveries
-                  if d.stream_seq > self.view.last_seq]
-        if events:
-            await self.view.apply(events)
 
     # -- executions --------------------------------------------------------------------------------
 

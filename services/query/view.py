@@ -145,6 +145,7 @@ class View:
         self.writer: sqlite3.Connection | None = None
         self.reader: aiosqlite.Connection | None = None
         self.view_id = ""
+        self.stream_id = ""  # the creation time of the EVENTS stream this view follows
         self.last_seq = 0
         self.pruned_through = 0  # snapshots older than this sequence can no longer be read
         self._next_prune = 0.0
@@ -170,8 +171,37 @@ class View:
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('view_id', ?)", (uuid.uuid4().hex[:12],))
         self.view_id = self._meta("view_id") or ""
+        self.stream_id = self._meta("stream") or ""
         self.last_seq = int(self._meta("last_seq") or 0)
         self.pruned_through = int(self._meta("pruned_through") or 0)
+
+    async def set_stream(self, stream_id: str) -> None:
+        """Record which stream this view follows (see QueryService._check_stream)."""
+        async with self._writing:
+            await asyncio.to_thread(self._set_meta, "stream", stream_id)
+        self.stream_id = stream_id
+
+    async def reset(self) -> None:
+        """Empty the view, as if its file were new: it will be filled again from the stream or the buckets."""
+        def clear() -> None:
+            db = self.writer
+            assert db is not None
+            db.execute("BEGIN")
+            try:
+                for table in COLUMNS:
+                    db.execute(f"DELETE FROM {table}")
+                    db.execute(f"DELETE FROM {table}_past")
+                db.execute("DELETE FROM commits")
+                db.execute("DELETE FROM meta WHERE key IN ('last_seq', 'pruned_through', 'stream')")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        async with self._writing:
+            await asyncio.to_thread(clear)
+        self.last_seq = self.pruned_through = 0
+        self.stream_id = ""
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -262,7 +292,7 @@ class View:
             raise
         return pruned
 
-    def _set_meta(self, key: str, value: int) -> None:
+    def _set_meta(self, key: str, value: int | str) -> None:
         assert self.writer is not None
         self.writer.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, str(value)))

@@ -27,7 +27,7 @@ class SchedulerService(Component):
     async def start(self) -> None:
         self.store = Store(self.bus)
         self.nodes = Mirror(self.store.nodes)
-        self.spawn(self.nodes.run(self.stopping), "watch-nodes")
+        self.spawn(lambda: self.nodes.run(self.stopping), "watch-nodes")
         submissions = Submissions(self.bus, self.store)
         evaluations = Evaluations(self.bus, self.store, self.nodes)
 

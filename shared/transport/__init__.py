@@ -3,6 +3,7 @@
 from ._bus import Bus, Expectation, Message, PubAck, map_error
 from ._consumer import Consumer, ConsumerSpec, Delivery, retry_delay
 from ._kv import Entry, Kv, Watch, is_delete
+from ._reader import OrderedReader, StreamMessage, read_batches
 from ._service import ApiRequest, ApiService, error_reply
 from ._topology import BucketSpec, Source, StreamSpec
 
@@ -18,12 +19,15 @@ __all__ = [
     "Expectation",
     "Kv",
     "Message",
+    "OrderedReader",
     "PubAck",
     "Source",
+    "StreamMessage",
     "StreamSpec",
     "Watch",
     "error_reply",
     "is_delete",
     "map_error",
+    "read_batches",
     "retry_delay",
 ]

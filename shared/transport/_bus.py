@@ -31,6 +31,24 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 WRONG_LAST_SEQUENCE = 10071
+# The server closes a connection that sends a protocol line longer than its max_control_line (4 KB by
+# default) and nats-py does not reconnect after a server -ERR; so no subject may come near that.
+MAX_SUBJECT = 1024
+MAX_HEADER_VALUE = 1024
+
+
+def message_size(data: bytes, headers: dict[str, str] | None) -> int:
+    """Bytes a message counts against the server's max_payload: its payload plus its header block."""
+    size = len(data)
+    if headers:
+        size += 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())  # "NATS/1.0\r\n" ... "\r\n"
+    return size
+
+
+def header_value(text: str, limit: int = MAX_HEADER_VALUE) -> str:
+    """A header value that cannot break the protocol: printable ASCII on one line, bounded."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    return clean if len(text) <= limit else clean[: limit - 3] + "..."
 
 
 class Message:
@@ -55,7 +73,18 @@ class Message:
 
     async def respond(self, data: bytes, headers: dict[str, str] | None = None) -> None:
         if self._msg.reply:
-            await self._msg._client.publish(self._msg.reply, data, headers=headers)
+            client = self._msg._client
+            check_size(self._msg.reply, data, headers, client.max_payload)
+            await client.publish(self._msg.reply, data, headers=headers)
+
+
+def check_size(subject: str, data: bytes, headers: dict[str, str] | None, max_payload: int) -> None:
+    """Refuse, here, a message the server would answer by closing the connection."""
+    if len(subject) > MAX_SUBJECT:
+        raise Internal(f"subject of {len(subject)} characters is longer than {MAX_SUBJECT}")
+    size = message_size(data, headers)
+    if size > max_payload:
+        raise Internal(f"message of {size} bytes is larger than the server's max_payload ({max_payload})")
 
 
 class Expectation:
@@ -117,15 +146,24 @@ class Bus:
         self.name = name
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self.closing = False
+        # Set when the connection is closed for good without our asking (the server refused something
+        # with -ERR, which nats-py does not recover from): the process must exit rather than live deaf.
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+        # Bumped on every reconnect; readers that keep server-side state (ordered consumers) recreate it.
+        self.generation = 0
+        self._on_reconnect: list[Callable[[], Awaitable[None] | None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, wait: float = 0.0) -> Bus:
-        """Connect, retrying for up to `wait` seconds (services start before the server is up)."""
+    async def connect(cls, url: str, *, name: str, wait: float | None = 0.0) -> Bus:
+        """Connect, retrying with backoff for up to `wait` seconds, or for ever when `wait` is None
+        (a service may start before the server, or while it restarts)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        deadline = None if wait is None else loop.time() + wait
         holder: list[Bus] = []
+        delay = 0.25
         while True:
             try:
                 nc = await nats.connect(
@@ -136,20 +174,42 @@ class Bus:
                     # The client retries the first connect forever when this is -1; we retry it ourselves.
                     max_reconnect_attempts=1,
                     reconnect_time_wait=0.5,
+                    # A server that stops answering (not only one that closes the socket) is noticed in ~20 s.
+                    ping_interval=10,
+                    max_outstanding_pings=2,
                     error_cb=_log_error,
                     disconnected_cb=_log_disconnect(name, holder),
-                    reconnected_cb=_log_reconnect(name),
+                    reconnected_cb=_on_reconnect(name, holder),
+                    closed_cb=_on_closed(name, holder),
                 )
             except Exception as exc:  # the client raises several unrelated types here
-                if loop.time() >= deadline:
-                    raise Unavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
-                await asyncio.sleep(0.25)
+                reason = f"{exc or type(exc).__name__}"
+                if deadline is not None and loop.time() >= deadline:
+                    raise Unavailable(f"cannot reach NATS at {url}: {reason}") from None
+                if deadline is None:
+                    log.warning("%s: cannot reach NATS at %s (%s); retrying in %.1fs", name, url, reason, delay)
+                await asyncio.sleep(delay if deadline is None else min(delay, max(0.0, deadline - loop.time())))
+                delay = min(delay * 2, 5.0)
                 continue
             # Once connected, never give up reconnecting: a service outlives server restarts.
             nc.options["max_reconnect_attempts"] = -1
             bus = cls(nc, name)
             holder.append(bus)
             return bus
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        """Call `callback` after every reconnect (in the client's callback; keep it short)."""
+        self._on_reconnect.append(callback)
+
+    async def _reconnected(self) -> None:
+        self.generation += 1
+        for callback in list(self._on_reconnect):
+            try:
+                result = callback()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("%s: reconnect callback failed", self.name)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Register something to stop before the connection drains (consumers, services, watches)."""
@@ -176,11 +236,17 @@ class Bus:
 
     # -- core NATS ---------------------------------------------------------------------------------
 
+    @property
+    def max_payload(self) -> int:
+        return self.nc.max_payload
+
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        hdrs = telemetry.inject(headers)
+        check_size(subject, data, hdrs, self.nc.max_payload)
         try:
-            await self.nc.publish(subject, data, headers=telemetry.inject(headers))
+            await self.nc.publish(subject, data, headers=hdrs)
         except Exception as exc:
-            raise map_error(exc, f"publish to {subject}") from None
+            raise map_error(exc, f"publish to {_short(subject)}") from None
 
     async def flush(self, timeout: float = 5) -> None:
         await self.nc.flush(timeout=timeout)
@@ -190,8 +256,10 @@ class Bus:
     ) -> bytes:
         """Request-reply; a structured error reply is raised as the matching ShoalError."""
         with telemetry.span(f"request {subject}", kind=telemetry.CLIENT, subject=subject):
+            hdrs = telemetry.inject(headers)
+            check_size(subject, data, hdrs, self.nc.max_payload)
             try:
-                msg = await self.nc.request(subject, data, timeout=timeout, headers=telemetry.inject(headers))
+                msg = await self.nc.request(subject, data, timeout=timeout, headers=hdrs)
             except Exception as exc:
                 raise map_error(exc, f"request {subject}") from None
         hdrs = msg.headers or {}
@@ -238,6 +306,7 @@ class Bus:
             hdrs[MSG_ID_HEADER] = msg_id
         if expected_last_subject_seq is not None:
             hdrs[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
+        check_size(subject, data, hdrs, self.nc.max_payload)
         try:
             ack = await self.js.publish(subject, data, headers=hdrs, timeout=timeout)
         except Exception as exc:
@@ -293,7 +362,9 @@ class Bus:
             info = await self.js.stream_info(name)
         except Exception as exc:
             raise map_error(exc, f"stream info {name}") from None
-        return {"messages": info.state.messages, "first_seq": info.state.first_seq, "last_seq": info.state.last_seq}
+        created = info.created.isoformat() if info.created is not None else ""
+        return {"messages": info.state.messages, "first_seq": info.state.first_seq, "last_seq": info.state.last_seq,
+                "created": created}
 
     async def consumer_pending(self, stream: str, durable: str) -> int | None:
         """Messages a durable has not yet been handed plus those awaiting ack; None if it does not exist."""
@@ -343,8 +414,27 @@ def _log_disconnect(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None
     return cb
 
 
-def _log_reconnect(name: str) -> Callable[[], Awaitable[None]]:
+def _on_reconnect(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None]]:
     async def cb() -> None:
         log.info("%s: reconnected to NATS", name)
+        if holder:
+            await holder[0]._reconnected()
 
     return cb
+
+
+def _on_closed(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None]]:
+    async def cb() -> None:
+        if not holder or holder[0].closing:
+            return
+        bus = holder[0]
+        err = getattr(bus.nc, "last_error", None)
+        bus.lost_reason = f"{err or 'closed by the server'}"
+        log.error("%s: the NATS connection was closed for good: %s", name, bus.lost_reason)
+        bus.lost.set()
+
+    return cb
+
+
+def _short(subject: str) -> str:
+    return subject if len(subject) <= 200 else subject[:200] + "..."

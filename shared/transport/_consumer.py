@@ -1,17 +1,24 @@
 """Durable pull consumers shared by replicas: the way every service takes work off a stream.
 
-A handler receives a `Delivery`. Returning normally acks it; raising a retryable error (or any
-unexpected exception) naks it with a growing delay, so the message is redelivered, to this replica or
-another, until it succeeds: nothing accepted is lost when a replica dies mid-way, because an unacked
-message comes back after `ack_wait`. Handlers must therefore be idempotent.
+A handler receives a `Delivery`. Returning normally acks it; raising naks it with a growing delay, so
+the message is redelivered, to this replica or another: nothing accepted is lost when a replica dies
+mid-way, because an unacked message comes back after `ack_wait` (5 s; a handler that takes longer
+tells the server it is still at work every `ack_wait / 3`, so a dead replica's work moves to a live
+one within seconds while a slow one keeps its own). Handlers must therefore be idempotent.
+
+Nothing is retried for ever. A message that has failed `max_attempts` times, or has been handed out
+that often without ever being acknowledged (it crashes or hangs whoever takes it), is a dead letter:
+it is copied with its error to the DEAD stream (`shoal.dead.<stream>`), the consumer's `on_dead` hook
+answers its sender where there is one, and it is taken off the work queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -20,9 +27,11 @@ from nats.js import api
 
 from .. import telemetry
 from ..errors import ShoalError
-from ._bus import Bus, Message, map_error
+from ..subjects import dead_letter
+from ._bus import MSG_ID_HEADER, Bus, Message, header_value, map_error, message_size
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Delivery(Message):
@@ -75,7 +84,16 @@ class Delivery(Message):
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
-BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
+# A batch handler returns the deliveries it could not handle, with why; every other one is acked.
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[Mapping[Delivery, Exception] | None]]
+DeadHandler = Callable[[Delivery, str], Awaitable[None]]
+
+DEAD_SUBJECT = "Shoal-Dead-Subject"
+DEAD_SEQ = "Shoal-Dead-Seq"
+DEAD_CONSUMER = "Shoal-Dead-Consumer"
+DEAD_ATTEMPTS = "Shoal-Dead-Attempts"
+DEAD_ERROR = "Shoal-Dead-Error"
+DEAD_SIZE = "Shoal-Dead-Size"  # the original payload's size when the copy had to be cut
 
 
 @dataclass(frozen=True)
@@ -83,8 +101,8 @@ class ConsumerSpec:
     stream: str
     durable: str
     filter_subject: str | None = None
-    ack_wait: float = 30.0
-    max_deliver: int = -1
+    ack_wait: float = 5.0
+    max_attempts: int = 10  # deliveries before a message is a dead letter
     max_ack_pending: int = 1000
     deliver_from_seq: int | None = None  # a new durable starts here instead of at the beginning
     inactive_threshold: float | None = None  # seconds before an unused durable is removed
@@ -98,28 +116,73 @@ def retry_delay(attempt: int) -> float:
     return min(10.0, 0.1 * 2 ** max(0, attempt - 1))
 
 
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, ShoalError) else f"{type(exc).__name__}: {exc}"
+
+
+async def publish_dead(bus: Bus, consumer: str, delivery: Delivery, error: str) -> None:
+    """The dead letter: the original payload (cut if it cannot fit beside the added headers) with where
+    it came from and why it died. Deduplicated by stream and sequence, so recording it twice is harmless."""
+    meta = delivery._msg.metadata
+    stream = meta.stream
+    headers = {k: v for k, v in delivery.headers.items() if not k.startswith("Nats-")}
+    headers.update({
+        DEAD_SUBJECT: header_value(delivery.subject, 512),
+        DEAD_SEQ: str(delivery.stream_seq),
+        DEAD_CONSUMER: consumer,
+        DEAD_ATTEMPTS: str(delivery.num_delivered),
+        DEAD_ERROR: header_value(error, 1024),
+        MSG_ID_HEADER: f"{stream}:{delivery.stream_seq}",
+    })
+    data = delivery.data
+    room = bus.max_payload - message_size(b"", headers) - 1024
+    if len(data) > room:
+        headers[DEAD_SIZE] = str(len(data))
+        data = data[:max(0, room)]
+    await bus.js_publish(dead_letter(stream), data, headers=headers)
+
+
 class Consumer:
     """Fetches from a durable and runs handlers; `stop()` finishes in-flight work first."""
 
-    def __init__(self, bus: Bus, spec: ConsumerSpec, *, batch: int = 32, concurrency: int = 1) -> None:
+    def __init__(self, bus: Bus, spec: ConsumerSpec, *, batch: int = 32, concurrency: int = 1,
+                 on_dead: DeadHandler | None = None) -> None:
         self.bus = bus
         self.spec = spec
         self.batch = batch
         self.concurrency = concurrency
+        self.on_dead = on_dead
+        self.dead_letters = 0
         self._sub = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     async def start_single(self, handler: Handler) -> None:
         await self._bind()
-        self._task = asyncio.create_task(self._run_single(handler), name=f"consume-{self.spec.durable}")
+        self._task = asyncio.create_task(self._supervise(lambda: self._run_single(handler)),
+                                         name=f"consume-{self.spec.durable}")
         self.bus.on_close(self.stop)
 
     async def start_batch(self, handler: BatchHandler) -> None:
-        """The handler gets every message of a fetch at once (coalescing); each is acked unless it settled it."""
+        """The handler gets every message of a fetch at once (coalescing) and returns those it failed."""
         await self._bind()
-        self._task = asyncio.create_task(self._run_batch(handler), name=f"consume-{self.spec.durable}")
+        self._task = asyncio.create_task(self._supervise(lambda: self._run_batch(handler)),
+                                         name=f"consume-{self.spec.durable}")
         self.bus.on_close(self.stop)
+
+    async def _supervise(self, run: Callable[[], Awaitable[None]]) -> None:
+        """The fetch loop must outlive anything that goes wrong in it (handlers' errors never reach it)."""
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("consumer %s: its loop crashed; restarting it in %.1fs", self.spec.durable, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _bind(self) -> None:
         spec = self.spec
@@ -127,7 +190,7 @@ class Consumer:
             durable_name=spec.durable,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait,
-            max_deliver=spec.max_deliver,
+            max_deliver=-1,  # counted here (max_attempts), so that the last failure becomes a dead letter
             max_ack_pending=spec.max_ack_pending,
             filter_subject=spec.filter_subject,
             inactive_threshold=spec.inactive_threshold,
@@ -181,9 +244,11 @@ class Consumer:
 
     async def _handle_one(self, handler: Handler, delivery: Delivery, gate: asyncio.Semaphore) -> None:
         try:
+            if await self._exhausted(delivery):
+                return
             with telemetry.span(f"process {delivery.subject}", kind=telemetry.CONSUMER,
                                 headers=delivery.headers, subject=delivery.subject):
-                await handler(delivery)
+                await self._with_progress(handler(delivery), [delivery])
             await delivery.ack()
         except Exception as exc:
             await self._settle_failed(delivery, exc)
@@ -195,28 +260,82 @@ class Consumer:
             msgs = await self._fetch()
             if not msgs:
                 continue
-            deliveries = [Delivery(m) for m in msgs]
-            try:
-                await handler(deliveries)
-            except Exception as exc:
-                for d in deliveries:
-                    await self._settle_failed(d, exc)
+            deliveries = [d for d in (Delivery(m) for m in msgs) if not await self._exhausted(d)]
+            if not deliveries:
                 continue
+            try:
+                failures = await self._with_progress(handler(deliveries), deliveries) or {}
+            except Exception as exc:
+                failures = {d: exc for d in deliveries}
             for d in deliveries:
+                if d in failures:
+                    await self._settle_failed(d, failures[d])
+                    continue
                 try:
                     await d.ack()
                 except Exception as exc:  # connection lost: the message will be redelivered
                     log.warning("ack failed: %s", exc)
 
-    async def _settle_failed(self, delivery: Delivery, exc: Exception) -> None:
-        if isinstance(exc, ShoalError) and exc.retryable:
-            log.info("retrying %s (attempt %d): %s", delivery.subject, delivery.num_delivered, exc)
-        else:
-            log.exception("handler for %s failed (attempt %d)", delivery.subject, delivery.num_delivered,
-                          exc_info=exc)
+    async def _with_progress(self, work: Awaitable[T], deliveries: Sequence[Delivery]) -> T:
+        """Run `work`, telling the server every ack_wait/3 that these deliveries are still being handled."""
+        task = asyncio.ensure_future(work)
+        beat = max(0.2, self.spec.ack_wait / 3)
         try:
-            await delivery.nak(delay=retry_delay(delivery.num_delivered))
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=beat)
+                if done:
+                    return task.result()
+                for d in deliveries:
+                    if not d.done:
+                        try:
+                            await d.in_progress()
+                        except Exception:  # connection trouble: the message is redelivered if we die
+                            pass
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _exhausted(self, delivery: Delivery) -> bool:
+        """A message handed out more than max_attempts times without an ack crashed or hung its
+        handlers: it is not run again."""
+        if delivery.num_delivered <= self.spec.max_attempts:
+            return False
+        await self._dead(delivery, f"handed out {delivery.num_delivered} times and never acknowledged "
+                                   "(its handler crashed or hung)")
+        return True
+
+    async def _settle_failed(self, delivery: Delivery, exc: Exception) -> None:
+        attempt = delivery.num_delivered
+        if attempt >= self.spec.max_attempts:
+            log.error("giving up on %s after %d attempts: %s", delivery.subject, attempt, exc)
+            await self._dead(delivery, f"failed {attempt} times; last error: {_describe(exc)}")
+            return
+        if isinstance(exc, ShoalError) and exc.retryable:
+            log.info("retrying %s (attempt %d): %s", delivery.subject, attempt, exc)
+        else:
+            log.exception("handler for %s failed (attempt %d)", delivery.subject, attempt, exc_info=exc)
+        try:
+            await delivery.nak(delay=retry_delay(attempt))
         except Exception:  # connection lost: the server redelivers after ack_wait anyway
+            pass
+
+    async def _dead(self, delivery: Delivery, error: str) -> None:
+        """Copy the message to the DEAD stream, answer its sender (on_dead), take it off the queue."""
+        try:
+            await publish_dead(self.bus, self.spec.durable, delivery, error)
+            if self.on_dead is not None:
+                await self.on_dead(delivery, error)
+        except Exception as exc:  # cannot record it now (NATS away): try again later
+            log.warning("cannot record dead letter %s #%d yet: %s", delivery.subject, delivery.stream_seq, exc)
+            try:
+                await delivery.nak(delay=5.0)
+            except Exception:
+                pass
+            return
+        self.dead_letters += 1
+        try:
+            await delivery.term()
+        except Exception:
             pass
 
     async def stop(self) -> None:

@@ -13,11 +13,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js import api
 
 from ..errors import Conflict, Internal, ShoalError
 from ._bus import Bus, map_error
+from ._reader import OrderedReader
 
 log = logging.getLogger(__name__)
 
@@ -160,65 +159,53 @@ class Kv:
 
 
 class Watch:
-    """`async with kv.watch("a.*") as w: async for entry in w: ...` — stops cleanly on exit."""
+    """`async with kv.watch("a.*") as w: async for entry in w: ...` — stops cleanly on exit.
 
-    def __init__(self, kv: Kv, pattern: str) -> None:
+    Current values of the matching keys first, then None once, then every later change, in order. It
+    is an `OrderedReader`, so it survives reconnects and server restarts without missing or repeating
+    a change (a server restart used to silence a watch until the client's idle-heartbeat check).
+    """
+
+    def __init__(self, kv: Kv, pattern: str, batch: int = 512) -> None:
         self._kv = kv
-        self._pattern = pattern
-        self._queue: asyncio.Queue[Entry | None] = asyncio.Queue()
-        self._sub = None
+        self._reader = OrderedReader(kv.bus, kv.stream, filter_subject=kv._prefix + pattern, last_per_subject=True,
+                                     batch=batch)
         self._init_done = False
 
     async def __aenter__(self) -> Watch:
-        kv = self._kv
-
-        async def on_msg(msg: Msg) -> None:
-            meta = msg.metadata
-            headers = dict(msg.headers or {})
-            entry = Entry(msg.subject[len(kv._prefix):], msg.data or b"", meta.sequence.stream, headers,
-                          is_delete(headers), meta.num_pending)
-            await self._queue.put(entry)
-            if meta.num_pending == 0 and not self._init_done:
-                self._init_done = True
-                await self._queue.put(None)
-
         try:
-            self._sub = await kv.bus.js.subscribe(
-                kv._prefix + self._pattern,
-                stream=kv.stream,
-                cb=on_msg,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                inactive_threshold=60,
-            )
-            info = await self._sub.consumer_info()
-        except Exception as exc:
-            await self._stop()
-            raise map_error(exc, f"watch {kv.bucket}/{self._pattern}") from None
-        # Nothing to deliver at all: say so now. Otherwise the message carrying num_pending 0 says it.
-        # (The server's delivered count, not the client's: a message may be on its way to the callback.)
-        if info.num_pending == 0 and info.delivered.consumer_seq == 0 and not self._init_done:
-            self._init_done = True
-            await self._queue.put(None)
+            await self._reader.open()
+        except ShoalError:
+            await self._reader.close()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._stop()
-
-    async def _stop(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            try:
-                await sub.unsubscribe()
-                # Remove the server-side consumer now rather than when its inactivity threshold passes.
-                await self._kv.bus.js.delete_consumer(self._kv.stream, sub._consumer)
-            except Exception:  # connection closing, or the consumer is already gone
-                pass
+        await self._reader.close()
 
     def __aiter__(self) -> AsyncIterator[Entry | None]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Entry | None]:
-        # The end-of-current-values None is queued exactly once (guarded by _init_done).
+        kv = self._kv
+        cut = len(kv._prefix)
+        if self._reader.initial_pending == 0 and not self._init_done:
+            self._init_done = True
+            yield None  # nothing to deliver at all
+        delay = 0.1
         while True:
-            yield await self._queue.get()
+            try:
+                batch = await self._reader.next_batch()
+            except ShoalError as exc:
+                if not exc.retryable:
+                    raise
+                log.info("watch %s: %s; retrying in %.1fs", kv.bucket, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            for msg in batch:
+                yield Entry(msg.subject[cut:], msg.data, msg.seq, msg.headers, is_delete(msg.headers), msg.pending)
+                if msg.pending == 0 and not self._init_done:
+                    self._init_done = True
+                    yield None

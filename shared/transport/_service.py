@@ -19,7 +19,7 @@ from nats.micro.service import Service, ServiceConfig
 from .. import telemetry
 from ..codec import to_json
 from ..errors import ErrorReply, Internal, ShoalError
-from ._bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus
+from ._bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, check_size, header_value
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ ApiHandler = Callable[[ApiRequest], Awaitable[bytes]]
 
 
 def error_reply(exc: ShoalError) -> tuple[bytes, dict[str, str]]:
+    """The JSON error body and the Services API error headers; both bounded, whatever caused the error."""
     body = to_json(ErrorReply(error=exc.body()))
-    return body, {ERROR_HEADER: exc.message, ERROR_CODE_HEADER: str(exc.code)}
+    return body, {ERROR_HEADER: header_value(exc.message, 256), ERROR_CODE_HEADER: str(exc.code)}
 
 
 class ApiService:
@@ -88,6 +89,15 @@ class ApiService:
                 except Exception:
                     log.exception("endpoint %s failed", req.subject)
                     body, err_headers = error_reply(Internal("internal error; see the service log"))
+                    await req.respond(body, headers=err_headers)
+                    return
+                try:
+                    check_size(req.subject, body, None, self.bus.max_payload)
+                except ShoalError:
+                    # Handlers bound their replies (pages stop early); this is the last guard, because a
+                    # reply over max_payload would make the server close this service's connection.
+                    log.error("reply on %s is %d bytes, over max_payload; answering 500", req.subject, len(body))
+                    body, err_headers = error_reply(Internal("reply too large; see the service log"))
                     await req.respond(body, headers=err_headers)
                     return
                 await req.respond(body)

@@ -24,6 +24,7 @@ class StreamSpec:
     retention: Literal["limits", "workqueue"] = "limits"
     max_age: float = 0.0  # seconds; 0 = forever
     max_bytes: int = -1
+    max_msgs: int = -1
     duplicate_window: float = 120.0
     sources: tuple[Source, ...] = field(default_factory=tuple)
     description: str = ""
@@ -46,6 +47,7 @@ def stream_config(spec: StreamSpec) -> api.StreamConfig:
         storage=api.StorageType.FILE,
         max_age=spec.max_age or None,
         max_bytes=spec.max_bytes,
+        max_msgs=spec.max_msgs,
         duplicate_window=spec.duplicate_window,
         sources=[
             api.StreamSource(

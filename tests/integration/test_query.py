@@ -248,10 +248,9 @@ async def test_restart_resumes_without_loss_or_duplicates(cluster, bus, wait_for
     assert len({e.id for e in items}) == 80 == len(items)
     assert next(e for e in items if e.id == changed.id).observed == "completed"
 
-    # A lost durable consumer (expired while the replica was away) resumes after the view's last event.
-    view_id = [c for c in cluster.components if c.name == "query"][0].view.view_id
+    # A restarted replica resumes after the last event its view committed (it keeps no durable consumer).
     await cluster.stop([c for c in cluster.components if c.name == "query"][0])
-    assert await bus.delete_consumer(s.STREAM_EVENTS, s.consumer_query_view(view_id))
+    assert await bus.consumer_count(s.STREAM_EVENTS) == 0
     batch3 = [make_execution(job, "c") for _ in range(5)]
     await put_executions(store, batch3)
     await cluster.start("query", db=db)
@@ -589,3 +588,32 @@ async def test_a_token_from_a_replica_far_ahead_is_a_retryable_503_not_a_wrong_p
                                                       job.id, 1])
     _, page = await api.list_executions(ListJobExecutionsRequest(job="ahead", next_token=token))
     assert [e.id for e in page.items] == [e.id for e in executions[1:]]
+
+
+async def test_a_view_file_from_another_events_stream_is_rebuilt(cluster, bus, wait_for, tmp_path) -> None:
+    """A view reused against a new stream (a wiped NATS store) must not skip the new stream's events."""
+    from tests.conftest import wipe
+    from shared import topology
+
+    store = Store(bus)
+    db = str(tmp_path / "view.db")
+    first = await cluster.start("query", db=db)
+    api = await cluster.api()
+    old = make_job("default", "before-wipe")
+    await put_job(store, old)
+    await put_executions(store, [make_execution(old, f"n{i}") for i in range(30)])
+    await until_visible(api, "before-wipe", 30, wait_for)
+    await cluster.stop(first)
+
+    await wipe(bus)  # the store is wiped; the new stream's sequences start again at 1
+    await topology.ensure(bus)
+    new = make_job("default", "after-wipe")
+    await put_job(store, new)
+    fresh = [make_execution(new, f"m{i}") for i in range(5)]
+    await put_executions(store, fresh)
+
+    await cluster.start("query", db=db)
+    await until_visible(api, "after-wipe", 5, wait_for)
+    assert sorted(e.id for e in await api.all_executions("")) == sorted(e.id for e in fresh)
+    with pytest.raises(NotFound):
+        await api.get_job("before-wipe")
