@@ -9,16 +9,17 @@ Grammar of one expression string; requirements are ANDed, there is no OR::
 
     expression  := requirement ( "," requirement )*
     requirement := "!" key | key | key ( "=" | "==" | "!=" ) [ value ]
-                 | key ( "in" | "notin" ) "(" value ( "," value )* ")"
+                 | key ( "in" | "notin" ) "(" [ value ] ( "," [ value ] )* ")"
 
 Whitespace (space, tab, CR, LF) may surround any token; `==` and `!=` must be written without a
-space inside. `key=` (no value) means the empty value. `=`, `==` and `in` need the key to be present;
-`!=` and `notin` also match nodes without the key. Matching is case-sensitive.
+space inside. `key=` (no value) means the empty value, and so does a missing item in a value set, as
+in Kubernetes: `()` holds just "" (so `x in ()` means `x=`), `(a,)` and `(,a)` hold "" and "a",
+`(a,,b)` holds "", "a" and "b". `=`, `==` and `in` need the key to be present; `!=` and `notin` also
+match nodes without the key. Matching is case-sensitive.
 
 Where this is stricter or more precise than Kubernetes:
 
-* In a value set, `(a,)` and `(,a)` are errors (Kubernetes reads the missing item as ""), so every
-  value inside parentheses is non-empty; `()` is an error as in Kubernetes.
+* `>` and `<` (Kubernetes' Gt and Lt) are not operators here; they are invalid characters.
 * `in` and `notin` are operators only after a key; in key position they are ordinary keys, as they
   are in match_labels (so `in`, `!notin` and `in in (a)` parse).
 
@@ -126,7 +127,7 @@ class Requirement:
 
     key: str
     op: str  # "exists", "!exists", "=", "!=", "in", "notin"
-    values: tuple[str, ...] = ()  # sorted and deduplicated
+    values: tuple[str, ...] = ()  # sorted and deduplicated; "" may be one of them
 
     def __post_init__(self) -> None:
         op = "=" if self.op == "==" else self.op
@@ -142,8 +143,6 @@ class Requirement:
         if len(values) < low or (high is not None and len(values) > high):
             wanted = "no values" if high == 0 else "exactly one value" if high == 1 else "at least one value"
             raise SelectorError(f"operator {op!r} of {self.key!r} takes {wanted}, got {len(values)}")
-        if op in ("in", "notin") and "" in values:
-            raise SelectorError(f"the value set of {self.key!r} must not hold the empty value")
         object.__setattr__(self, "op", op)
         object.__setattr__(self, "values", values)
 
@@ -157,7 +156,10 @@ class Requirement:
         return found if self.op in ("=", "in") else not found
 
     def __str__(self) -> str:
-        """Canonical text, which parse() turns back into an equal Requirement."""
+        """Canonical text, which parse() turns back into an equal Requirement.
+
+        The empty value sorts first, so it is written as a missing item: `x in ()`, `x in (,a)`.
+        """
         if self.op == "exists":
             return self.key
         if self.op == "!exists":
@@ -273,22 +275,15 @@ class _Parser:
         token = self.take()
         if token.kind != "(":
             raise self.error(f"'{op}' must be followed by '(' at position {token.pos}", token.pos)
-        if self.peek().kind == ")":
-            raise self.error(f"empty value set at position {token.pos}", token.pos)
-        values, comma = [], token
+        values = []
         while True:
-            token = self.take()
-            if token.kind == ")":  # only reachable right after a comma
-                raise self.error(f"trailing comma in value set at position {comma.pos}", comma.pos)
-            if token.kind != "word":
-                raise self.unexpected(token, in_set=True)
-            values.append(self.checked(token, "value"))
+            # An item is a word or nothing; nothing is the empty value, as in Kubernetes.
+            values.append(self.checked(self.take(), "value") if self.peek().kind == "word" else "")
             token = self.take()
             if token.kind == ")":
                 return tuple(values)
             if token.kind != ",":
                 raise self.unexpected(token, in_set=True)
-            comma = token
 
 
 def parse(expression: str) -> tuple[Requirement, ...]:

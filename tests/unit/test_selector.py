@@ -173,11 +173,6 @@ def test_in_and_notin_as_keys() -> None:
         ("x in a", "'in' must be followed by '(' at position 5", 5),
         ("x notin a,b", "'notin' must be followed by '(' at position 8", 8),
         ("x in", "'in' must be followed by '(' at position 4", 4),
-        ("x in ()", "empty value set at position 5", 5),
-        ("x notin ( )", "empty value set at position 8", 8),
-        ("x in (a,)", "trailing comma in value set at position 7", 7),
-        ("x in (,a)", "unexpected ',' at position 6", 6),
-        ("x in (a,,b)", "unexpected ',' at position 8", 8),
         ("x in (a b)", "unexpected 'b' at position 8", 8),
         ("x>1", "invalid character '>' at position 1", 1),
         ("x<1", "invalid character '<' at position 1", 1),
@@ -234,12 +229,166 @@ def test_parse_rejects_non_string() -> None:
         parse(None)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("expression", "detail", "position"),
+    [
+        ("x=a==b", "unexpected '==' at position 3", 3),
+        ("x!=!=a", "unexpected '!=' at position 3", 3),
+        ("!x==a", "unexpected '==' at position 2", 2),
+        ("x in ==", "'in' must be followed by '(' at position 5", 5),
+    ],
+)
+def test_misplaced_two_character_operators(expression: str, detail: str, position: int) -> None:
+    with pytest.raises(SelectorError) as info:
+        parse(expression)
+    assert info.value.message == f"invalid selector expression {expression!r}: {detail}"
+    assert info.value.position == position
+
+
+def test_error_args_hold_the_message() -> None:
+    with pytest.raises(SelectorError) as info:
+        parse("x===a")
+    assert info.value.args == (info.value.message,)
+
+
 def test_error_pickles_with_its_attributes() -> None:
     with pytest.raises(SelectorError) as info:
         compile_selector(match_expressions=["a", "x===a"])
     copy = pickle.loads(pickle.dumps(info.value))
     assert (copy.message, copy.field, copy.position) == (info.value.message, "match_expressions[1]", 3)
     assert str(copy) == str(info.value)
+
+
+# --- empty values in a value set ---------------------------------------------------------------
+# As in Kubernetes, a missing item in a value set is the empty value "": `()`, `(a,)`, `(,a)` and
+# `(a,,b)` all hold "". The empty value is a member like any other.
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("x in ()", ("in", ("",))),
+        ("x notin ( )", ("notin", ("",))),
+        ("x in (\t\n)", ("in", ("",))),
+        ("x in (a,)", ("in", ("", "a"))),
+        ("x in (,a)", ("in", ("", "a"))),
+        ("x notin (, a)", ("notin", ("", "a"))),
+        ("x in (a,,b)", ("in", ("", "a", "b"))),
+        ("x in (a,,)", ("in", ("", "a"))),
+        ("x in (a,,,,,,)", ("in", ("", "a"))),
+        ("x in (a,,a,,a,,a,,)", ("in", ("", "a"))),
+        ("x in (,)", ("in", ("",))),
+        ("x in ( , , )", ("in", ("",))),
+        ("x in(,in,notin)", ("in", ("", "in", "notin"))),
+    ],
+)
+def test_missing_items_in_value_set_are_the_empty_value(expression: str, expected: tuple) -> None:
+    assert one(expression) == Requirement("x", *expected)
+    assert "" in one(expression).values
+
+
+def test_empty_value_sets_among_other_requirements() -> None:
+    # The example from the Kubernetes parser's tests, in shoal's order.
+    assert parse("x notin (abc,,def),bar,z in (),w") == (
+        Requirement("x", "notin", ("", "abc", "def")),
+        Requirement("bar", "exists"),
+        Requirement("z", "in", ("",)),
+        Requirement("w", "exists"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("expression", "labels", "expected"),
+    [
+        ("x in ()", {"x": ""}, True),
+        ("x in ()", {"x": "a"}, False),
+        ("x in ()", {}, False),  # in needs the key
+        ("x in ()", {"y": ""}, False),
+        ("x notin ()", {"x": ""}, False),
+        ("x notin ()", {"x": "a"}, True),
+        ("x notin ()", {}, True),  # notin matches an absent key
+        ("x in (a,)", {"x": ""}, True),
+        ("x in (a,)", {"x": "a"}, True),
+        ("x in (a,)", {"x": "b"}, False),
+        ("x in (a,)", {}, False),
+        ("x notin (,a)", {"x": ""}, False),
+        ("x notin (,a)", {"x": "a"}, False),
+        ("x notin (,a)", {"x": "b"}, True),
+        ("x notin (,a)", {}, True),
+        ("x in (a,,b)", {"x": ""}, True),
+        ("x in (a,,b)", {"x": "b"}, True),
+        ("x in (a,,b)", {"x": "c"}, False),
+        ("x notin (a,,b)", {"x": ""}, False),
+        ("x notin (a,,b)", {"x": "c"}, True),
+    ],
+)
+def test_empty_value_in_set_matching(expression: str, labels: dict[str, str], expected: bool) -> None:
+    assert one(expression).matches(labels) is expected
+    assert compile_selector(match_expressions=[expression]).matches("n", labels) is expected
+
+
+def test_empty_value_in_set_means_the_same_as_equality() -> None:
+    for labels in ({"x": ""}, {"x": "a"}, {}):
+        assert one("x in ()").matches(labels) is one("x=").matches(labels)
+        assert one("x notin ()").matches(labels) is one("x!=").matches(labels)
+
+
+@pytest.mark.parametrize(
+    ("built", "text"),
+    [
+        (("in", ("",)), "x in ()"),
+        (("notin", ("",)), "x notin ()"),
+        (("in", ("a", "")), "x in (,a)"),
+        (("notin", ("b", "", "a", "")), "x notin (,a,b)"),
+    ],
+)
+def test_empty_value_in_set_round_trips(built: tuple, text: str) -> None:
+    requirement = Requirement("x", *built)
+    assert str(requirement) == text
+    assert parse(text) == (requirement,)
+    assert parse(str(one(text))) == (one(text),)
+
+
+def test_requirement_built_directly_may_hold_the_empty_value() -> None:
+    assert Requirement("x", "in", ("", "a", "")).values == ("", "a")
+    assert Requirement("x", "notin", ("",)) == one("x notin ()")
+    with pytest.raises(SelectorError, match="takes at least one value, got 0"):
+        Requirement("x", "in", ())
+
+
+@pytest.mark.parametrize(
+    ("expression", "detail", "position"),
+    [
+        ("x in (", "unbalanced parentheses: missing ')' at position 6", 6),
+        ("x notin ( ", "unbalanced parentheses: missing ')' at position 10", 10),
+        ("x in (,", "unbalanced parentheses: missing ')' at position 7", 7),
+        ("x in (a,,b", "unbalanced parentheses: missing ')' at position 10", 10),
+        ("x in a)", "'in' must be followed by '(' at position 5", 5),
+        ("x in )", "'in' must be followed by '(' at position 5", 5),
+        ("x in (=)", "unexpected '=' at position 6", 6),
+        ("x in (,!)", "unexpected '!' at position 7", 7),
+        ("x in (a,(b))", "unexpected '(' at position 8", 8),
+        ("x in (,a b)", "unexpected 'b' at position 9", 9),
+        ("x in (),", "trailing comma at position 7", 7),
+        ("x in ()y", "unexpected 'y' at position 7", 7),
+        ("x in ())", "unbalanced parentheses: unexpected ')' at position 7", 7),
+    ],
+)
+def test_malformed_value_sets_still_fail(expression: str, detail: str, position: int) -> None:
+    with pytest.raises(SelectorError) as info:
+        parse(expression)
+    assert info.value.message == f"invalid selector expression {expression!r}: {detail}"
+    assert info.value.position == position
+
+
+def test_values_beside_empty_items_are_still_validated() -> None:
+    with pytest.raises(SelectorError) as info:
+        parse("x in (, -a)")
+    assert ": invalid value '-a' at position 8: " in info.value.message
+    assert info.value.position == 8
+    with pytest.raises(SelectorError) as info:
+        parse("x notin (a,," + "v" * 64 + ")")
+    assert info.value.position == 12
 
 
 # --- keys and values ---------------------------------------------------------------------------
@@ -329,7 +478,6 @@ def test_validate_rejects_non_strings() -> None:
         ("a", "=", ()),
         ("a", "=", ("x", "y")),
         ("a", "in", ()),
-        ("a", "in", ("",)),
         ("a", "notin", ("-x",)),
         ("a", "=", "xy"),
     ],
@@ -337,6 +485,68 @@ def test_validate_rejects_non_strings() -> None:
 def test_requirement_constructor_validates(key: str, op: str, values: tuple[str, ...]) -> None:
     with pytest.raises(SelectorError):
         Requirement(key, op, values)
+
+
+@pytest.mark.parametrize(
+    ("key", "op", "values", "message"),
+    [
+        ("a", ">", ("1",), "unknown selector operator '>'"),
+        ("a", "=", "xy", "values of 'a' must be a tuple of strings, not a string"),
+        ("a", "exists", ("x",), "operator 'exists' of 'a' takes no values, got 1"),
+        ("a", "!exists", ("x", "y"), "operator '!exists' of 'a' takes no values, got 2"),
+        ("a", "=", (), "operator '=' of 'a' takes exactly one value, got 0"),
+        ("a", "==", ("x", "y"), "operator '=' of 'a' takes exactly one value, got 2"),
+        ("a", "!=", (), "operator '!=' of 'a' takes exactly one value, got 0"),
+        ("a", "notin", (), "operator 'notin' of 'a' takes at least one value, got 0"),
+    ],
+)
+def test_requirement_constructor_messages(key: str, op: str, values: tuple[str, ...], message: str) -> None:
+    with pytest.raises(SelectorError) as info:
+        Requirement(key, op, values)
+    assert info.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("a/b/c", "must contain at most one '/'"),
+        ("/app", "prefix before '/' must not be empty"),
+        ("a" * 254 + "/n", "prefix must be at most 253 characters"),
+        (
+            "A.com/n",
+            "prefix must be a lowercase DNS subdomain: labels of a-z, 0-9 and '-' separated by '.', "
+            "each starting and ending with an alphanumeric",
+        ),
+        ("a.com/", "name must not be empty"),
+        ("n" * 64, "name must be at most 63 characters"),
+        ("-n", "name must be alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"),
+    ],
+)
+def test_invalid_key_messages(key: str, problem: str) -> None:
+    with pytest.raises(SelectorError) as info:
+        validate_key(key)
+    assert info.value.message == f"invalid label key {key!r}: {problem}"
+
+
+def test_type_errors_name_the_type() -> None:
+    with pytest.raises(SelectorError) as info:
+        validate_key(1)  # type: ignore[arg-type]
+    assert info.value.message == "invalid label key 1: must be a string, not int"
+    with pytest.raises(SelectorError) as info:
+        validate_value(2.5)  # type: ignore[arg-type]
+    assert info.value.message == "invalid label value 2.5: must be a string, not float"
+    with pytest.raises(SelectorError) as info:
+        validate_value("v" * 64)
+    assert info.value.message.endswith(": must be at most 63 characters")
+    with pytest.raises(SelectorError) as info:
+        parse(b"a")  # type: ignore[arg-type]
+    assert info.value.message == "selector expression must be a string, not bytes"
+    with pytest.raises(SelectorError) as info:
+        compile_selector(match_expressions={"a"})  # type: ignore[arg-type]
+    assert info.value.message == "must be a list, not set"
+    with pytest.raises(SelectorError) as info:
+        compile_selector(match_labels=[("k", "v")])  # type: ignore[arg-type]
+    assert info.value.message == "must be a mapping, not list"
 
 
 def test_requirement_is_frozen_and_hashable() -> None:
@@ -442,6 +652,12 @@ def test_compile_errors_name_the_field(kwargs: dict, field: str, fragment: str) 
     assert "\n" not in str(info.value)
 
 
+def test_compiled_selector_repr() -> None:
+    selector = compile_selector({"tier": "web"}, ["zone in (,b,a)", "!gpu"], ["n2", "n1"])
+    assert repr(selector) == "CompiledSelector('tier=web, zone in (,a,b), !gpu', ids=['n1', 'n2'])"
+    assert repr(compile_selector()) == "CompiledSelector('', ids=[])"
+
+
 def test_node_id_limits() -> None:
     assert compile_selector(match_ids=["x" * 64, "A-b_9"]).matches("x" * 64, {})
 
@@ -477,7 +693,7 @@ keys = st.one_of(
     st.from_regex(NAME, fullmatch=True),
 )
 values = st.one_of(st.sampled_from(VALUE_POOL), st.from_regex(NAME, fullmatch=True))
-set_values = st.lists(values.filter(bool), min_size=1, max_size=4)
+set_values = st.lists(values, min_size=1, max_size=4)  # "" included: `(a,)`, `()`
 labels_strategy = st.dictionaries(st.sampled_from(KEY_POOL), st.sampled_from(VALUE_POOL), max_size=6)
 space = st.sampled_from(["", " ", "  ", "\t", "\n "])
 
