@@ -3,8 +3,14 @@
 The assignment is the execution record itself (watched from the executions bucket), so an agent that
 reconnects or restarts sees its full current assignment at once. The agent reacts to the desired
 state and corrects the observed state where it knows better: it re-announces a run the cluster
-believes lost, and reports as failed a run the cluster believes alive but this agent does not have
-(it restarted meanwhile).
+believes lost, and restores what it ran before a restart, as Nomad's client restores its allocations.
+
+After a restart (a crash, kill -9), for a run the cluster believes alive (or still pending: the reports
+of a start may have died with the old agent) the agent looks at what the old one left on disk: a
+process still running is re-adopted and reported running again; one that ended meanwhile is reported
+as it ended (exit code and all); only a run with no trace at all is reported failed with reason
+`agent-restart`. A process still running for an execution that is over or stopped is stopped. A
+graceful shutdown, by contrast, stops every run (an operator stopping the agent stops the work).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,8 +27,10 @@ from shared.durations import utcnow
 from shared.errors import ShoalError
 from shared.models import TERMINAL_STATES, Execution, HealthReport, StateReport
 
-from .executors import Outcome, Run, simulated, start_process, write_files
+from .executors import Outcome, Run, recover_process, simulated, start_process, write_files
+from .fleetstate import FleetJournal
 from .reporter import Reporter
+from .runstate import finished_run_dirs_to_delete
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +48,27 @@ class LocalRun:
 
 class NodeAgent:
     def __init__(self, node_id: str, reporter: Reporter, *, work_dir: Path, simulate: bool = False,
-                 stop_grace: float = 10.0) -> None:
+                 stop_grace: float = 10.0, fleet: FleetJournal | None = None) -> None:
         self.node_id = node_id
         self.reporter = reporter
         self.work_dir = work_dir
         self.simulate = simulate
         self.stop_grace = stop_grace
+        # Where a simulated node keeps what it runs across restarts (real runs keep it in their run dirs).
+        self.fleet = fleet
         self.runs: dict[str, LocalRun] = {}
         # Executions this agent ran and saw end: later echoes of their earlier states are not news.
         self.finished: OrderedDict[str, None] = OrderedDict()
+        self.caught_up = False
+        self.closing = False  # shut down (or crashed): assignments that still arrive start nothing
+        self._chores: set[asyncio.Task[None]] = set()
 
     # -- reacting to the assignment ----------------------------------------------------------------
 
     def on_execution(self, execution: Execution, headers: dict[str, str]) -> None:
         """Called for every version of every execution assigned to this node, in order."""
+        if self.closing:
+            return
         with telemetry.span("agent assignment", kind=telemetry.CONSUMER, headers=headers,
                             attributes={"shoal.execution_id": execution.id, "shoal.node_id": self.node_id}):
             self._react(execution)
@@ -60,6 +76,8 @@ class NodeAgent:
     def _react(self, execution: Execution) -> None:
         local = self.runs.get(execution.id)
         observed = execution.observed
+        if observed in TERMINAL_STATES and self.fleet is not None:
+            self.fleet.forget(execution.id)  # its end is on record: nothing to resume after a restart
         if local is None and execution.id in self.finished:
             return  # its final state is reported (or queued); older versions of the record still arrive
         if local is not None:
@@ -69,25 +87,61 @@ class NodeAgent:
             elif observed == "lost":
                 self._report(execution, "running", "node reconnected; still running")
             return
-        if execution.desired == "stopped":
-            if observed not in TERMINAL_STATES:
+        if execution.desired == "stopped" or observed in TERMINAL_STATES:
+            leftover = self._recover(execution)
+            if isinstance(leftover, Run):
+                self._adopt(execution, leftover, stop=True)  # outlived a restart but is not wanted any more
+            elif execution.desired == "stopped" and observed not in TERMINAL_STATES:
                 self._report(execution, "stopped", "stopped (was not running on this node)")
             return
-        if execution.desired != "running" or observed in TERMINAL_STATES:
+        if execution.desired != "running":
             return
         if observed == "lost":
             # Lost while this node was away: what matters is what it was before (pending = never started).
             observed = str(execution.status.details.get("lost_from", "running"))
         if observed == "pending":
-            self._start(execution)
+            found = self._recover(execution)  # started by an agent that died before its reports went out?
+            if found is None:
+                self._start(execution)
+            else:
+                self._take_over(execution, found)
         elif observed in ALIVE_STATES:
-            self._report(execution, "failed", "the agent restarted and the execution was lost with it",
-                         details={"reason": "agent-restart"})
+            found = self._recover(execution)
+            if found is None:
+                self._report(execution, "failed", "the agent restarted and the execution was lost with it",
+                             details={"reason": "agent-restart"})
+                self._remember(execution.id)
+            else:
+                self._take_over(execution, found)
+
+    def _recover(self, execution: Execution) -> Run | Outcome | None:
+        """What an earlier agent on this node left of `execution`: a run still going, how it ended, or
+        None if there is no trace of it."""
+        if self.simulate:
+            record = self.fleet.get(execution.id) if self.fleet is not None else None
+            return simulated(execution, record.started_at) if record is not None else None
+        if execution.job_type == "config":
+            return None  # written in one go: nothing to re-attach to
+        return recover_process(execution, self.work_dir)
+
+    def _take_over(self, execution: Execution, found: Run | Outcome) -> None:
+        if isinstance(found, Outcome):
+            self._finish(execution, found)  # it ended while no agent watched: that is the truth to report
+            self._remember(execution.id)
+        else:
+            self._adopt(execution, found)
 
     def _start(self, execution: Execution) -> None:
         local = LocalRun(execution)
         self.runs[execution.id] = local
         local.task = asyncio.create_task(self._supervise(local), name=f"run-{execution.id}")
+
+    def _adopt(self, execution: Execution, run: Run, *, stop: bool = False) -> None:
+        local = LocalRun(execution)
+        local.run = run
+        local.stop_requested = stop
+        self.runs[execution.id] = local
+        local.task = asyncio.create_task(self._supervise(local, adopted=True), name=f"run-{execution.id}")
 
     def _stop(self, local: LocalRun) -> None:
         if local.stop_requested:
@@ -98,18 +152,26 @@ class NodeAgent:
 
     # -- one run -----------------------------------------------------------------------------------
 
-    async def _supervise(self, local: LocalRun) -> None:
+    async def _supervise(self, local: LocalRun, adopted: bool = False) -> None:
+        """Run (or, `adopted`, carry on with a run from before a restart) until it ends; report each step."""
         execution = local.execution
         try:
-            self._report(execution, "starting", "starting")
-            try:
-                local.run = await self._launch(execution)
-            except (ShoalError, OSError) as exc:
-                self._report(execution, "failed", f"could not start: {exc}", details={"reason": "start-error"})
-                return
-            if local.stop_requested:
-                await local.run.stop(self.stop_grace)
-            self._report(execution, "running", "running")
+            if adopted:
+                assert local.run is not None
+                if local.stop_requested:
+                    await local.run.stop(self.stop_grace)
+                else:
+                    self._report(execution, "running", "re-adopted after an agent restart")
+            else:
+                self._report(execution, "starting", "starting")
+                try:
+                    local.run = await self._launch(execution)
+                except (ShoalError, OSError) as exc:
+                    self._report(execution, "failed", f"could not start: {exc}", details={"reason": "start-error"})
+                    return
+                if local.stop_requested:
+                    await local.run.stop(self.stop_grace)
+                self._report(execution, "running", "running")
             outcome = await self._wait(local)
             self._finish(local.execution, outcome)
         except Exception as exc:  # a bug here must not take the agent down
@@ -117,13 +179,20 @@ class NodeAgent:
             self._report(execution, "failed", f"agent error: {exc}", details={"reason": "agent-error"})
         finally:
             self.runs.pop(execution.id, None)
-            self.finished[execution.id] = None
-            while len(self.finished) > FINISHED_MEMORY:
-                self.finished.popitem(last=False)
+            self._remember(execution.id)
+        self._tidy()
+
+    def _remember(self, execution_id: str) -> None:
+        self.finished[execution_id] = None
+        while len(self.finished) > FINISHED_MEMORY:
+            self.finished.popitem(last=False)
 
     async def _launch(self, execution: Execution) -> Run:
         if self.simulate:
-            return simulated(execution)
+            run = simulated(execution)
+            if self.fleet is not None:
+                self.fleet.started(execution, run.started_at)
+            return run
         if execution.job_type == "config":
             return write_files(execution, self.work_dir / "config")
         return await start_process(execution, self.work_dir)
@@ -132,9 +201,11 @@ class NodeAgent:
         assert local.run is not None
         spec = local.execution.job_spec
         timeout = spec.timeouts.execution_timeout if spec is not None else 0
+        # Measured from the start of the execution, which for a re-adopted run was before this agent.
+        left = max(0.0, timeout - local.run.elapsed()) if timeout else None
         health = asyncio.create_task(self._health_loop(local))
         try:
-            return await asyncio.wait_for(local.run.wait(), timeout or None)
+            return await asyncio.wait_for(local.run.wait(), left)
         except asyncio.TimeoutError:
             local.stop_requested = True
             await local.run.stop(self.stop_grace)
@@ -191,15 +262,61 @@ class NodeAgent:
                                        state=state, message=message, exit_code=exit_code,  # type: ignore[arg-type]
                                        details=details or {}, at=utcnow()))
 
+    # -- the work dir ------------------------------------------------------------------------------
+
+    def assignment_seen(self) -> None:
+        """The watch has delivered the whole current assignment: every run a previous agent left behind
+        has been claimed (re-adopted, reported or stopped), so the rest of the work dir is history."""
+        self.caught_up = True
+        self._tidy()
+
+    def _tidy(self) -> None:
+        """Delete finished run dirs beyond the newest few (see runstate), off the event loop."""
+        if self.simulate or not self.caught_up:
+            return
+        doomed = finished_run_dirs_to_delete(self.work_dir / "executions", self.runs.keys())
+        if doomed:
+            chore = asyncio.create_task(asyncio.to_thread(_remove_dirs, doomed), name=f"tidy-{self.node_id}")
+            self._chores.add(chore)
+            chore.add_done_callback(self._chores.discard)
+
+    # -- the end -----------------------------------------------------------------------------------
+
     async def shutdown(self) -> None:
-        """Stop every local run; each is reported failed (agent shut down) so restart policies apply."""
+        """Stop every local run; each is reported failed (agent shut down) so restart policies apply.
+
+        An operator who stops the agent stops its work; only an agent that dies leaves its processes
+        running for the next one to re-adopt."""
+        self.closing = True
         for local in list(self.runs.values()):
             local.stop_requested = True
             if local.task is not None:
                 local.task.cancel()
-            if local.run is not None:
+            run = local.run
+            if run is None:  # cancelled while starting: its process may be up already
+                found = self._recover(local.execution)
+                run = found if isinstance(found, Run) else None
+            if run is not None:
                 with contextlib.suppress(Exception):
-                    await local.run.stop(min(self.stop_grace, 5.0))
+                    await run.stop(min(self.stop_grace, 5.0))
             self._report(local.execution, "failed", "the agent shut down", details={"reason": "agent-shutdown"})
+            if self.fleet is not None:
+                self.fleet.forget(local.execution.id)
         self.runs.clear()
+        if self._chores:
+            await asyncio.wait(set(self._chores), timeout=5)
+
+    def abandon(self) -> None:
+        """Let go of every run without stopping or reporting anything, as a crash would: processes keep
+        running for the next agent. For tests of re-adoption (see AgentService.crash)."""
+        self.closing = True
+        for local in list(self.runs.values()):
+            if local.task is not None:
+                local.task.cancel()
+        self.runs.clear()
+
+
+def _remove_dirs(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 

@@ -66,6 +66,13 @@ class Reporter:
         with telemetry.attached(ctx):  # type: ignore[arg-type]
             await self.bus.js_publish(subject, data)
 
+    def abandon(self) -> asyncio.Task[None] | None:
+        """Stop at once and drop what is queued, as a crash would (AgentService.crash); returns the task
+        to await."""
+        if self._task is not None:
+            self._task.cancel()
+        return self._task
+
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait until every queued report is delivered (or the timeout passes), then stop."""
         try:

@@ -4,6 +4,9 @@ It registers each node (retrying until the health service answers), writes heart
 executions assigned to its nodes and hands each version of each execution to that node's `NodeAgent`.
 A simulated fleet shares one connection, one watch and one heartbeat loop, so thousands of nodes fit in
 one process; with `disconnect_rate` its nodes drop off the network now and then, as edge nodes do.
+
+What the agent runs survives the agent: real runs in their run dirs, a simulated fleet's in one file
+(fleetstate.py), so a restarted agent re-adopts them (see node.py). `crash()` simulates kill -9 for tests.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from shared.runtime import Component
 from shared.settings import Settings
 from shared.transport import Bus, Kv
 
+from .fleetstate import FleetJournal
 from .node import NodeAgent
 from .reporter import Reporter
 
@@ -84,11 +88,13 @@ class AgentService(Component):
         self.random = random.Random(seed)
         self.heartbeat_interval = settings.heartbeat_interval
         root = Path(work_dir)
+        self.fleet = FleetJournal(root) if simulate else None
         if simulate:
             templates = sim_labels or list(DEFAULT_SIM_LABELS)
             for i in range(1, simulate + 1):
                 nid = expand(sim_prefix, i)
-                agent = NodeAgent(nid, self.reporter, work_dir=root / nid, simulate=True, stop_grace=stop_grace)
+                agent = NodeAgent(nid, self.reporter, work_dir=root / nid, simulate=True, stop_grace=stop_grace,
+                                  fleet=self.fleet)
                 self.nodes[nid] = FleetNode(nid, parse_labels([expand(t, i) for t in templates]), agent)
         else:
             nid = node_id or socket.gethostname().split(".")[0]
@@ -96,6 +102,9 @@ class AgentService(Component):
             self.nodes[nid] = FleetNode(nid, dict(labels or {}), agent)
 
     async def start(self) -> None:
+        if self.fleet is not None:
+            self.fleet.load()
+            self.spawn(self.fleet.run(self.stopping), "fleet-state")
         self.reporter.start()
         self.heartbeats = Kv(self.bus, s.BUCKET_HEARTBEATS)
         await self._register_all()
@@ -173,7 +182,13 @@ class AgentService(Component):
         loop = asyncio.get_running_loop()
         async with executions.watch(pattern) as watch:
             async for entry in watch:
-                if entry is None or entry.deleted:
+                if entry is None:  # the current assignment is all here; changes follow
+                    for node in self.nodes.values():
+                        node.agent.assignment_seen()
+                    if self.fleet is not None:
+                        self.fleet.assignment_seen()
+                    continue
+                if entry.deleted:
                     continue
                 node_id = entry.key.split(".")[2]
                 node = self.nodes.get(node_id)
@@ -191,5 +206,27 @@ class AgentService(Component):
         self.stopping.set()
         for node in self.nodes.values():
             await node.agent.shutdown()
+        if self.fleet is not None:
+            await self.fleet.flush()
         await self.reporter.drain()
         await super().stop()
+
+    async def crash(self) -> None:
+        """Go away as kill -9 would, for tests of re-adoption: stop no run, send no report, write no state.
+
+        Processes keep running, reports still queued are lost, the fleet file stays as last written and
+        the connection is closed without draining. The component is unusable afterwards (do not stop() it).
+        """
+        self.stopping.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        reporter = self.reporter.abandon()
+        if reporter is not None:
+            tasks.append(reporter)
+        for node in self.nodes.values():
+            node.agent.abandon()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        self.bus.closing = True  # closed on purpose: not a connection lost to the server
+        await self.bus.nc.close()

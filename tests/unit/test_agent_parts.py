@@ -1,19 +1,32 @@
-"""Agent pieces that need no server: label templates, the health file channel, config files, processes."""
+"""Agent pieces that need no server: label templates, the health file channel, config files, processes,
+and what a restarted agent finds again (the shim's exit file, re-adoption by pid and start time)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
+import msgspec
 import pytest
 
-from services.agent.executors import ProcessRun, SimulatedRun, start_process, write_files
+from services.agent.executors import (OUTPUT_TAIL, Outcome, ProcessRun, SimulatedRun, recover_process, start_process,
+                                      write_files)
+from services.agent.fleetstate import FleetJournal
+from services.agent.node import NodeAgent
+from services.agent.runstate import (EXIT_FILE, OUTPUT_FILE, STATE_FILE, ExitStatus, RunState,
+                                     finished_run_dirs_to_delete, is_running, process_start, read_struct,
+                                     write_struct)
 from services.agent.service import expand, parse_labels
 from shared.codec import convert
 from shared.errors import InvalidInput
 from shared.durations import utcnow
-from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState
+from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState, StateReport
 from shared.workloads import Simulate
 
 
@@ -103,3 +116,173 @@ async def test_simulated_behaviour_follows_the_spec() -> None:
     assert not waiter.done()
     await forever.stop(1)
     assert (await waiter).reason == "stopped"
+
+
+# -- surviving the agent: the shim, the run dir, re-adoption ------------------------------------------
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not true in time")
+
+
+def _state(run_dir: Path) -> RunState:
+    state = read_struct(run_dir / STATE_FILE, RunState)
+    assert state is not None
+    return state
+
+
+def test_the_shim_records_the_exit_code_and_outlives_sigterm_to_its_group(tmp_path) -> None:
+    shim = [sys.executable, "-I", "-m", "services.agent.shim"]
+    done = subprocess.run([*shim, str(tmp_path), "--", "sh", "-c", "echo out; exit 7"], capture_output=True,
+                          timeout=30)
+    assert done.returncode == 7 and done.stdout == b"out\n"
+    status = read_struct(tmp_path / EXIT_FILE, ExitStatus)
+    assert status is not None and status.exit_code == 7 and status.signal is None
+
+    # SIGTERM to the whole group: the command dies of it (default disposition), the shim records that.
+    (tmp_path / EXIT_FILE).unlink()
+    proc = subprocess.Popen([*shim, str(tmp_path), "--", "sh", "-c", "echo up; exec sleep 30"],
+                            stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+    status = read_struct(tmp_path / EXIT_FILE, ExitStatus)
+    assert status is not None and status.signal == signal.SIGTERM and status.returncode == -signal.SIGTERM
+
+
+async def test_a_live_process_is_re_adopted_by_pid_and_start_time(tmp_path) -> None:
+    e = execution({"name": "p", "type": "pipeline", "config": {
+        "command": ["sh", "-c", 'echo ok >> "$SHOAL_HEALTH_FILE"; exec sleep 30']}})
+    run = await start_process(e, tmp_path)
+    await _until(lambda: run.health_file.exists() and run.health_file.stat().st_size > 0)
+    adopted = recover_process(e, tmp_path)
+    assert isinstance(adopted, ProcessRun) and adopted.adopted
+    assert adopted.pid == run.pid == _state(run.run_dir).pid
+    assert adopted.health_sample() == (1, 0)  # lines from before the adoption belong to no interval
+    with open(adopted.health_file, "a") as fh:
+        fh.write("ok 3\nerror 1\n")
+    assert adopted.health_sample() == (4, 1)
+    await adopted.stop(grace=2)  # the process group, though it is not this run's child
+    outcome = await asyncio.wait_for(adopted.wait(), 5)
+    assert outcome.reason == "stopped" and outcome.exit_code == -signal.SIGTERM
+    assert (await asyncio.wait_for(run.wait(), 5)).exit_code == -signal.SIGTERM
+
+
+async def test_a_recycled_pid_is_not_adopted(tmp_path) -> None:
+    e = execution({"name": "p", "type": "pipeline", "config": {"command": ["sleep", "30"]}})
+    run = await start_process(e, tmp_path)
+    try:
+        state = _state(run.run_dir)
+        assert is_running(state)
+        # The same pid, but a process that started at another time: someone else's.
+        write_struct(run.run_dir / STATE_FILE, msgspec.structs.replace(state, pid_start=state.pid_start + 1))
+        assert recover_process(e, tmp_path) is None
+        write_struct(run.run_dir / STATE_FILE, msgspec.structs.replace(state, boot_id="another-boot"))
+        assert recover_process(e, tmp_path) is None
+        write_struct(run.run_dir / STATE_FILE, state)
+        assert isinstance(recover_process(e, tmp_path), ProcessRun)
+    finally:
+        await run.stop(grace=2)
+        await asyncio.wait_for(run.wait(), 5)
+
+
+async def test_an_exited_process_is_read_back_with_its_exit_code(tmp_path) -> None:
+    for i, (command, code, message) in enumerate([("echo bye; exit 3", 3, "exited with code 3"),
+                                                   ("echo bye; kill -KILL $$", -9, "killed by signal 9")]):
+        e = execution({"name": "q", "type": "query", "config": {"command": ["sh", "-c", command]}}, exec_id=f"e{i}")
+        run = await start_process(e, tmp_path)
+        await _until(lambda: (run.run_dir / EXIT_FILE).exists())
+        # A new agent, which never saw this process: it ended while nobody watched, and that is what counts.
+        found = recover_process(e, tmp_path)
+        assert isinstance(found, Outcome)
+        assert found.exit_code == code and found.message.startswith(message) and not found.succeeded
+        assert found.output == "bye\n"
+        assert not run.alive()  # reaped
+
+
+async def test_the_output_tail_is_read_from_the_output_file(tmp_path) -> None:
+    run = await start_process(execution({"name": "q", "type": "query", "config": {"command": [
+        "sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x; echo; echo last words >&2"]}}), tmp_path)
+    outcome = await asyncio.wait_for(run.wait(), 10)
+    assert outcome.succeeded
+    assert len(outcome.output.encode()) == OUTPUT_TAIL and outcome.output.endswith("x\nlast words\n")
+    assert (run.run_dir / OUTPUT_FILE).read_bytes().count(b"x") == 5000  # the whole output stays on disk
+
+
+async def test_a_command_that_cannot_start_is_a_start_error(tmp_path) -> None:
+    with pytest.raises(OSError, match="No such file or directory"):
+        await start_process(execution({"name": "q", "type": "query", "config": {"command": ["no-such-command"]}}),
+                            tmp_path)
+    assert not (tmp_path / "executions" / "e1" / STATE_FILE).exists()  # nothing to re-adopt
+
+
+class _Reports:
+    def __init__(self) -> None:
+        self.sent: list[StateReport] = []
+
+    def send(self, report: object) -> None:
+        if isinstance(report, StateReport):
+            self.sent.append(report)
+
+
+async def test_a_re_adopted_run_keeps_its_execution_timeout(tmp_path) -> None:
+    """A new agent adopts the process, says so, and measures the timeout from when the process started."""
+    e = execution({"name": "p", "type": "pipeline", "config": {"command": ["sleep", "30"]},
+                   "timeouts": {"execution_timeout": 60}})
+    run = await start_process(e, tmp_path)
+    state = _state(run.run_dir)
+    two_minutes_ago = utcnow() - dt.timedelta(minutes=2)
+    write_struct(run.run_dir / STATE_FILE, msgspec.structs.replace(state, started_at=two_minutes_ago))
+    e.status.observed_state = ObservedState(state_type="running")
+    reports = _Reports()
+    agent = NodeAgent("n1", reports, work_dir=tmp_path, stop_grace=2)  # type: ignore[arg-type]
+    agent.on_execution(e, {})
+    await _until(lambda: len(reports.sent) == 2)
+    adopted, ended = reports.sent
+    assert (adopted.state, adopted.message) == ("running", "re-adopted after an agent restart")
+    assert ended.state == "failed" and ended.details["reason"] == "timeout"
+    assert (await asyncio.wait_for(run.wait(), 5)).exit_code == -signal.SIGTERM  # the very same process
+
+
+async def test_a_resumed_simulated_run_lasts_what_is_left_of_its_duration(tmp_path) -> None:
+    began = utcnow() - dt.timedelta(seconds=29.8)
+    outcome = await asyncio.wait_for(SimulatedRun(Simulate(duration=30), "n1", started_at=began).wait(), 2)
+    assert outcome.exit_code == 0
+
+    journal = FleetJournal(tmp_path)
+    journal.load()
+    e = execution({"name": "s", "type": "pipeline", "config": {"simulate": {}}})
+    journal.started(e, began)
+    journal.started(execution({"name": "s", "type": "pipeline"}, exec_id="e2"), began)
+    await journal.flush()
+    again = FleetJournal(tmp_path)
+    again.load()
+    record = again.get("e1")
+    assert record is not None and record.started_at == began and record.node_id == "n1"
+    again.assignment_seen()  # e2 was not part of the assignment: forgotten
+    assert set(again.runs) == {"e1"}
+
+
+def test_only_finished_run_dirs_beyond_the_newest_are_deleted(tmp_path) -> None:
+    root = tmp_path / "executions"
+    for i in range(6):
+        (root / f"r{i}").mkdir(parents=True)
+        os.utime(root / f"r{i}", (1000 + i, 1000 + i))
+    me = process_start(os.getpid())
+    assert me is not None
+    write_struct(root / "r0" / STATE_FILE, RunState(execution_id="r0", job_id="j", job_version=1, pid=os.getpid(),
+                                                     pid_start=me[1], started_at=utcnow()))
+    os.utime(root / "r0", (1000, 1000))
+    doomed = finished_run_dirs_to_delete(root, busy={"r1"}, keep=2)
+    # r0: its process is alive; r1: busy; r5, r4: the newest finished ones.
+    assert sorted(p.name for p in doomed) == ["r2", "r3"]
