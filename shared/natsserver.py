@@ -32,6 +32,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServerFailed(SystemExit):
+    """nats-server did not start.
+
+    A SystemExit, so that a command that cannot start its server ends with this one line rather than a
+    traceback; its own type, so that a supervisor that restarts the server can catch just this.
+    """
+
+
 class NatsServer:
     """A nats-server child process with JetStream in `data_dir`, on loopback."""
 
@@ -48,13 +56,24 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def start(self, timeout: float = 10.0) -> NatsServer:
+        """Start the server and wait until it listens; a no-op while it runs.
+
+        It may be called again after `stop()` or `kill()` (or a crash): the new process listens on the
+        same port with the same store dir, so clients reconnect to the URL they had and JetStream finds
+        its streams again.
+        """
+        if self.running:
+            return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "nats-server.conf"
         limits = ", ".join(f"{k}: {v}" for k, v in self.jetstream_limits.items())
         config.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
-            "max_payload: 4MB\n"
             f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))}"
             + (f", limits: {{ {limits} }}" if limits else "")
             + " }\n"
@@ -68,14 +87,22 @@ class NatsServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"nats-server exited with {self.proc.returncode} (port {self.port})")
+                raise ServerFailed(f"nats-server exited with {self.proc.returncode} (port {self.port})"
+                                   + (f"; see {self.log_file}" if self.log_file else ""))
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise SystemExit(f"nats-server did not listen on port {self.port} within {timeout}s")
+        raise ServerFailed(f"nats-server did not listen on port {self.port} within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no shutdown, no flush (fault injection)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--nodes", type=int, default=3, help="real agents to start")
     dev.add_argument("--simulate", type=int, default=0, metavar="N", help="also start N simulated nodes")
     dev.add_argument("--data-dir", default=".shoal-dev", help="state of the local stack")
+    dev.add_argument("--replicas", type=int, default=1,
+                     help="processes per service (scheduler-1, scheduler-2, ...; one view file per query process)")
 
     demo = sub.add_parser("demo", help="start a local stack, run the examples, show the results, exit")
     demo.add_argument("--examples", default="examples", help="directory of example job specs")
@@ -98,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     nl.add_argument("--state", choices=["ready", "disconnected"], default=None)
     _paging(nl)
     _output(nl)
+
+    dead = sub.add_parser("dead-letters", help="messages given up on after repeated failures, and why")
+    _paging(dead)
+    _output(dead)
 
     rollout = sub.add_parser("rollout", help="inspect and steer a job's rollout").add_subparsers(
         dest="rollout_command", required=True, metavar="ACTION")

@@ -3,22 +3,32 @@
 Used by `shoal dev`, `shoal demo` and the end-to-end tests. Each service and agent is its own
 `shoal serve ...` / `shoal agent ...` subprocess talking to the others only through NATS, exactly as
 in a deployment; stopping sends SIGTERM and waits, so each process shuts down cleanly.
+
+Every child, nats-server included, can be supervised as a process manager would in a deployment:
+`supervise_once()` notices a child that exited, writes why into its log, and starts the same command
+again after a growing delay. A stack holds a lock on its data dir, so that two stacks never share a
+JetStream store, a view file or an agent's work dir.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.natsserver import NatsServer
+from shared.errors import Conflict
+from shared.natsserver import NatsServer, ServerFailed
 
 SERVICES = ("health", "scheduler", "rollout", "query")
 REGIONS = ("us-east", "us-west", "eu-central")
+NATS = "nats"  # the child name of the stack's own nats-server (its log is logs/nats.log)
+LOCK_FILE = "stack.lock"
 
 
 def shoal_command(*args: str) -> list[str]:
@@ -33,6 +43,72 @@ def node_labels(i: int) -> list[str]:
     return labels
 
 
+def process_names(service: str, replicas: int) -> list[str]:
+    """The process names of a service's replicas: its own name when there is one (the names logs and
+    tests have always used), numbered from 1 when there are more."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, not {replicas}")
+    if replicas == 1:
+        return [service]
+    return [f"{service}-{i}" for i in range(1, replicas + 1)]
+
+
+def exit_reason(returncode: int) -> str:
+    """How a process ended, as Popen reports it: a negative code is the signal that killed it."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+@dataclass
+class Backoff:
+    """Delays before restarting one child: `base`, doubling up to `cap`.
+
+    A run that lasted `stable` seconds starts the series again: a child that crashes once in a while
+    comes back at once every time, while one that crashes as it starts does not spin the machine.
+    """
+
+    base: float = 0.5
+    cap: float = 30.0
+    stable: float = 10.0
+    failures: int = 0  # quick exits in a row
+
+    def next(self, uptime: float) -> float:
+        """The delay before the next start of a child that just exited after `uptime` seconds."""
+        if uptime >= self.stable:
+            self.failures = 0
+        delay = min(self.cap, self.base * 2 ** min(self.failures, 64))  # the exponent is bounded: no overflow
+        self.failures += 1
+        return delay
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, where it logs, and how its restarts went."""
+
+    name: str
+    launch: Callable[[], subprocess.Popen[bytes]]
+    log_path: Path
+    backoff: Backoff
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0  # by the supervisor, over the stack's life
+    due: float | None = None  # when the supervisor starts it again (monotonic); None until it is found dead
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.proc = self.launch()
+        self.started_at = time.monotonic()
+        self.due = None
+        return self.proc
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
 @dataclass
 class Stack:
     data_dir: Path
@@ -41,41 +117,133 @@ class Stack:
     nats_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
     quiet: bool = True
+    # Processes per service: 1 keeps the plain names ("query"), more are "query-1", "query-2", ...
+    replicas: int = 1
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    stable_after: float = 10.0
     server: NatsServer | None = None
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    children: dict[str, Child] = field(default_factory=dict)
+    _lock_fd: int | None = field(default=None, repr=False)
 
     def start(self) -> Stack:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "logs").mkdir(exist_ok=True)
-        if not self.nats_url:
-            self.server = NatsServer(self.data_dir / "nats", log_file=str(self.data_dir / "logs" / "nats.log"))
-            self.server.start()
-            self.nats_url = self.server.url
-        for name in SERVICES:
-            self.start_service(name)
-        for i in range(1, self.nodes + 1):
-            self.start_agent(f"node-{i}", node_labels(i))
-        if self.simulate:
-            self.spawn("fleet", "agent", "--simulate", str(self.simulate),
-                       "--work-dir", str(self.data_dir / "agents" / "fleet"))
+        """Lock the data dir, then start nats-server (unless given a URL), the services and the agents."""
+        self.lock()
+        try:
+            self.log_path(NATS).parent.mkdir(exist_ok=True)
+            if not self.nats_url:
+                self.server = NatsServer(self.data_dir / "nats", log_file=str(self.log_path(NATS)))
+                self._add(NATS, self._launch_server).start()
+                self.nats_url = self.server.url
+            for name in self.service_names():
+                self.start_service(name)
+            for i in range(1, self.nodes + 1):
+                self.start_agent(f"node-{i}", node_labels(i))
+            if self.simulate:
+                self.spawn("fleet", "agent", "--simulate", str(self.simulate),
+                           "--work-dir", str(self.data_dir / "agents" / "fleet"))
+        except BaseException:
+            self.stop()  # no half-started stack left behind, and the data dir is free again
+            raise
         return self
+
+    # -- the data dir --------------------------------------------------------------------------------
+
+    def lock(self) -> Stack:
+        """Hold the data dir for this stack's life: an exclusive flock on `stack.lock`, which names our pid.
+
+        Two stacks on one dir would run two nats-servers on one JetStream store, two query services on one
+        view file and every agent twice; the second one fails at once instead, naming the first. The
+        kernel drops the lock when its holder dies, however it dies, so a lock is never stale.
+        """
+        if self._lock_fd is not None:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise Conflict(f"data dir {self.data_dir.resolve()} is in use by another shoal stack (pid {holder}); "
+                           "stop that one or pass another --data-dir", retryable=False) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock; the file stays
+            self._lock_fd = None
+
+    # -- starting children ---------------------------------------------------------------------------
 
     def child_env(self) -> dict[str, str]:
         return {**os.environ, **self.env, "SHOAL_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
 
+    def log_path(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+    def _add(self, name: str, launch: Callable[[], subprocess.Popen[bytes]]) -> Child:
+        child = Child(name, launch, self.log_path(name),
+                      Backoff(self.backoff_base, self.backoff_max, self.stable_after))
+        self.children[name] = child
+        return child
+
+    def _launch_server(self) -> subprocess.Popen[bytes]:
+        assert self.server is not None
+        self.server.start()  # the same port and store dir every time
+        assert self.server.proc is not None
+        return self.server.proc
+
+    def launch(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        """Start `command` as the child `name`, its output appended to logs/<name>.log.
+
+        A child of that name that has exited is replaced (it keeps its restart history); one that still
+        runs is a ValueError, since two processes under one name could not be told apart.
+        """
+        child = self.children.get(name)
+        if child is not None and child.alive:
+            assert child.proc is not None
+            raise ValueError(f"{name} is running already (pid {child.proc.pid}); restart() it instead")
+        log_path = self.log_path(name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+
+        def popen() -> subprocess.Popen[bytes]:
+            with open(log_path, "ab") as log:  # the child keeps its own descriptor
+                return subprocess.Popen(command, env=self.child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+
+        if child is None:
+            child = self._add(name, popen)
+        else:
+            child.launch = popen
+        return child.start()
+
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.data_dir / "logs" / f"{name}.log", "ab")
-        with log:
-            proc = subprocess.Popen(shoal_command(*args), env=self.child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-        self.procs.append((name, proc))
-        return proc
+        return self.launch(name, shoal_command(*args))
+
+    def service_names(self) -> list[str]:
+        return [name for service in SERVICES for name in process_names(service, self.replicas)]
+
+    def service_args(self, name: str) -> list[str]:
+        """`shoal` arguments of the service process `name` ("query" or "query-2"); each query process has
+        its own view file named after it, since a view is one replica's alone."""
+        service = name if name in SERVICES else name.rsplit("-", 1)[0]
+        if service not in SERVICES:
+            raise ValueError(f"{name!r} is not a service process")
+        args = ["serve", service]
+        if service == "query":
+            args += ["--db", str(self.data_dir / f"{name}.db")]
+        return args
 
     def start_service(self, name: str) -> subprocess.Popen[bytes]:
-        args = ["serve", name]
-        if name == "query":
-            args += ["--db", str(self.data_dir / "query.db")]
-        return self.spawn(name, *args)
+        """Start the service process `name` (a name from `service_names()`), or start it again once dead."""
+        return self.spawn(name, *self.service_args(name))
 
     def start_agent(self, node_id: str, labels: list[str]) -> subprocess.Popen[bytes]:
         args = ["agent", "--node-id", node_id, "--work-dir", str(self.data_dir / "agents" / node_id)]
@@ -83,38 +251,114 @@ class Stack:
             args += ["--label", label]
         return self.spawn(node_id, *args)
 
+    # -- faults and supervision ----------------------------------------------------------------------
+
+    def _sync_server(self) -> None:
+        """Follow a server that was started again directly (`stack.server.start()`), not through us."""
+        child = self.children.get(NATS)
+        if child is None or self.server is None or not self.server.running or self.server.proc is child.proc:
+            return
+        child.proc = self.server.proc
+        child.started_at = time.monotonic()
+        child.due = None
+
     def process(self, name: str) -> subprocess.Popen[bytes] | None:
-        for n, proc in reversed(self.procs):
-            if n == name:
-                return proc
-        return None
+        self._sync_server()
+        child = self.children.get(name)
+        return child.proc if child is not None else None
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Kill one process abruptly (fault-injection in tests)."""
+        """Kill one process abruptly (fault-injection in tests); "nats" is the stack's nats-server."""
         proc = self.process(name)
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
             proc.wait(timeout=15)
 
-    def dead(self) -> list[str]:
-        return [name for name, proc in self.procs if proc.poll() is not None]
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start the child `name` again now with the same command, stopping it first if it still runs."""
+        self._sync_server()
+        child = self.children[name]
+        if child.alive:
+            if name == NATS and self.server is not None:
+                self.server.stop()
+            else:
+                self._terminate([child], 15.0)
+        return child.start()
 
-    def stop(self, timeout: float = 15.0) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+    def dead(self) -> list[str]:
+        """Children that have exited and not (yet) been started again."""
+        self._sync_server()
+        return [name for name, child in self.children.items() if child.proc is not None and not child.alive]
+
+    def supervise_once(self, now: float | None = None) -> list[str]:
+        """Restart the dead children whose backoff has passed; returns what happened, one line per event.
+
+        A child found dead is given its next backoff delay, and why it ended, how long it ran, the delay
+        and the restart count go to its log (and to the caller, who prints them); once the delay has
+        passed it is started again with the same command. nats-server comes first, on its port and store
+        dir, so the services it carries reconnect to the URL they have.
+        """
+        now = time.monotonic() if now is None else now
+        self._sync_server()
+        said: list[str] = []
+        for child in list(self.children.values()):
+            if child.proc is None or child.alive:
+                continue
+            if child.due is None:
+                uptime = max(0.0, now - child.started_at)
+                delay = child.backoff.next(uptime)
+                child.due = now + delay
+                said.append(self._note(child, f"{child.name} {exit_reason(child.proc.returncode)} after "
+                                              f"{uptime:.1f}s; restarting it in {delay:.1f}s "
+                                              f"(restart {child.restarts + 1})"))
+            elif now >= child.due:
+                try:
+                    proc = child.start()
+                except (ServerFailed, OSError) as exc:  # the port taken meanwhile, the binary gone, ...
+                    delay = child.backoff.next(0.0)
+                    child.due = now + delay
+                    said.append(self._note(child, f"{child.name} did not start: {exc}; trying again in "
+                                                  f"{delay:.1f}s (restart {child.restarts + 1})"))
+                    continue
+                child.restarts += 1
+                said.append(self._note(child, f"{child.name} restarted (restart {child.restarts}, pid {proc.pid})"))
+        return said
+
+    def _note(self, child: Child, message: str) -> str:
+        """Write a supervisor line into the child's own log, beside what the child wrote before it ended."""
+        try:
+            with open(child.log_path, "a", encoding="utf-8") as log:
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervisor: {message}\n")
+        except OSError:
+            pass  # the line still reaches the caller
+        return message
+
+    # -- stopping ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _terminate(children: list[Child], timeout: float) -> None:
+        """SIGTERM all at once, then wait for each, SIGKILL for those still there after `timeout`."""
+        running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for _, proc in reversed(self.procs):
+        for proc in running:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.procs.clear()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every child (newest first), then nats-server, then free the data dir. Safe to call twice."""
+        self._sync_server()
+        self._terminate([c for c in reversed(self.children.values()) if c.name != NATS], timeout)
+        self.children.clear()
         if self.server is not None:
             self.server.stop()
             self.server = None
+        self.unlock()
 
     def log(self, name: str) -> str:
-        path = self.data_dir / "logs" / f"{name}.log"
+        path = self.log_path(name)
         return path.read_text(errors="replace") if path.exists() else ""

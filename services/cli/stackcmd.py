@@ -1,4 +1,10 @@
-"""`shoal dev`: a whole shoal on this machine until Ctrl-C."""
+"""`shoal dev`: a whole shoal on this machine until Ctrl-C.
+
+It owns its data dir (a second `shoal dev` on the same one fails at once, naming the first), checks an
+external NATS before starting anything against it, and supervises what it starts: a child that exits
+is started again after a growing delay, with the reason printed here and written to that child's log,
+so that one crash never takes the stack down.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +13,80 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from shared.errors import InvalidInput, Unavailable
 from shared.settings import Settings
 from shared.transport import Bus
 
 from .client import Client
 from .stack import Stack
 
+# An external server that does not answer within this many seconds is not coming: say so, do not wait.
+PROBE_SECONDS = 3.0
+# How often dead children are looked for.
+TICK = 0.5
 
-async def wait_ready(url: str, nodes: int, timeout: float = 60.0) -> None:
-    bus = await Bus.connect(url, name="shoal-dev", wait=10)
+
+def say(line: str) -> None:
+    print(line, flush=True)  # a terminal or a pipe: each line as it happens
+
+
+def nats_source(flag_url: str | None, environ: Mapping[str, str]) -> str:
+    """Where an external NATS URL comes from ("--nats-url" or "SHOAL_NATS_URL"); "" for a local server."""
+    if flag_url:
+        return "--nats-url"
+    if environ.get("SHOAL_NATS_URL"):
+        return "SHOAL_NATS_URL"
+    return ""
+
+
+async def probe(url: str, source: str, wait: float = PROBE_SECONDS) -> None:
+    """Fail within seconds, saying what to do, when nothing answers at an external URL.
+
+    Services wait for their server for ever (it may be restarting), so without this a stale URL would
+    only show as a stack that never becomes ready.
+    """
     try:
-        await Client(bus).wait_ready(nodes, timeout)
+        bus = await Bus.connect(url, name="shoal-dev", wait=wait)
+    except Unavailable:
+        fix = "unset SHOAL_NATS_URL" if source == "SHOAL_NATS_URL" else "drop --nats-url"
+        raise Unavailable(f"nothing answers at {url}; {fix} to let shoal dev start its own server, "
+                          "or start that server", retryable=False) from None
+    await bus.close()
+
+
+async def wait_ready(stack: Stack, nodes: int, stopping: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Until the stack answers (True) or we are asked to stop (False), supervising it meanwhile: a child
+    that dies while the others start is restarted rather than waited for in vain."""
+    bus = await Bus.connect(stack.nats_url, name="shoal-dev", wait=10)
+    try:
+        ready = asyncio.ensure_future(Client(bus).wait_ready(nodes, timeout))
+        try:
+            while not ready.done():
+                await asyncio.wait({ready}, timeout=TICK)
+                if stopping():
+                    return False
+                for line in stack.supervise_once():
+                    say(line)
+            ready.result()
+            return True
+        finally:
+            if not ready.done():
+                ready.cancel()
+                await asyncio.gather(ready, return_exceptions=True)
     finally:
         await bus.close()
 
 
 def dev(args: argparse.Namespace, settings: Settings) -> int:
-    external = args.nats_url or os.environ.get("SHOAL_NATS_URL", "")
-    stack = Stack(Path(args.data_dir), nodes=args.nodes, simulate=args.simulate,
-                  nats_url=settings.nats_url if external else "")
+    source = nats_source(args.nats_url, os.environ)
+    replicas = getattr(args, "replicas", 1)  # processes per service: 1 where the parser has no --replicas
+    if replicas < 1:
+        raise InvalidInput("--replicas must be at least 1", field="replicas")
+    stack = Stack(Path(args.data_dir), nodes=args.nodes, simulate=args.simulate, replicas=replicas,
+                  nats_url=settings.nats_url if source else "")
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -36,22 +95,30 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stack.start()
     try:
-        asyncio.run(wait_ready(stack.nats_url, args.nodes + args.simulate))
-        print(f"shoal is running: NATS at {stack.nats_url}, {args.nodes} agents"
-              + (f", {args.simulate} simulated nodes" if args.simulate else ""))
-        print(f"  export SHOAL_NATS_URL={stack.nats_url}")
-        print("  shoal node list")
-        print("  shoal job run examples/pipeline-logs.yaml --wait")
-        print(f"logs: {stack.data_dir / 'logs'}    stop: Ctrl-C", flush=True)
+        stack.lock()
+        if source:
+            say(f"using NATS at {stack.nats_url} (from {source})")
+            asyncio.run(probe(stack.nats_url, source))
+        else:
+            say(f"starting a local nats-server in {stack.data_dir / 'nats'}")
+        if stopping:
+            return 0
+        stack.start()
+        if not asyncio.run(wait_ready(stack, args.nodes + args.simulate, lambda: stopping)):
+            say("stopping...")
+            return 0
+        say(f"shoal is running: NATS at {stack.nats_url}, {args.nodes} agents"
+            + (f", {args.simulate} simulated nodes" if args.simulate else ""))
+        say(f"  export SHOAL_NATS_URL={stack.nats_url}")
+        say("  shoal node list")
+        say("  shoal job run examples/pipeline-logs.yaml --wait")
+        say(f"logs: {stack.data_dir / 'logs'}    stop: Ctrl-C")
         while not stopping:
-            dead = stack.dead()
-            if dead:
-                print(f"process exited: {', '.join(dead)}; see {stack.data_dir / 'logs'}")
-                return 1
-            time.sleep(0.5)
-        print("stopping...")
+            for line in stack.supervise_once():
+                say(line)
+            time.sleep(TICK)
+        say("stopping...")
         return 0
     finally:
         stack.stop()
