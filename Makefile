@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench dev clean
+.PHONY: demo test test-fast bench dev mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test-fast: $(STAMP)
 
 dev: $(STAMP)
 	$(BIN)/shoal dev
+
+mutate: $(STAMP)
+	$(BIN)/python -m pip install --quiet "mutmut>=3.8,<4"
+	$(BIN)/python tests/mutation.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from shared import subjects as s
-from shared.codec import from_msgpack_or_none
+from shared.codec import decode_message
 from shared.durations import utcnow
 from shared.errors import Conflict
 from shared.lease import Lease, run_as_leader
@@ -56,9 +56,8 @@ class HealthService(Component):
     # -- reports -----------------------------------------------------------------------------------
 
     async def on_report(self, delivery: Delivery) -> None:
-        report = from_msgpack_or_none(delivery.data, Report, f"report on {delivery.subject}")  # type: ignore[arg-type]
-        if report is None:
-            return
+        report: StateReport | HealthReport = decode_message(delivery.data, Report,  # type: ignore[arg-type]
+                                                            f"report on {delivery.subject}")
         sender = delivery.subject.rsplit(".", 1)[-1]
         if report.node_id != sender:
             log.warning("dropping report for node %s sent on %s", report.node_id, delivery.subject)
@@ -137,6 +136,8 @@ class HealthService(Component):
                 continue
             key = record.key
             execution = await self.store.executions.get(key)
+            if execution is not None and execution.value.observed == "lost":
+                continue  # its node is away: if it comes back still validating, the deadline still holds
             if execution is None or execution.value.observed != "validating":
                 # Stable, ended or gone: the deadline no longer applies.
                 def clear(w: windows.HealthWindow) -> bool:

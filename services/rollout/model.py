@@ -14,6 +14,8 @@ import msgspec
 
 from shared.models import Strategy, Timestamp
 
+from .waves import wave_of
+
 RolloutState = Literal["queued", "deploying", "paused", "awaiting_promotion", "succeeded", "failed", "stopped"]
 IN_PROGRESS = frozenset({"queued", "deploying", "paused", "awaiting_promotion"})
 
@@ -52,14 +54,8 @@ class Rollout(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.targets[:count]
 
     def wave_number(self, index: int) -> int:
-        if not self.gated:
-            return 0
-        edge = 0
-        for number, size in enumerate(self.wave_sizes, start=1):
-            edge += size
-            if index < edge:
-                return number
-        return len(self.wave_sizes)
+        """The wave of the target at position `index` (0 for immediate rollouts and rollbacks)."""
+        return wave_of(index, self.wave_sizes) if self.gated else 0
 
 
 class Timer(msgspec.Struct, kw_only=True):

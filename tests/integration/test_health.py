@@ -104,3 +104,34 @@ async def test_agent_restart_reports_lost_runs_and_restart_policy_replaces_them(
                     and running[0].status.details.get("restarts") == 1)
 
     await wait_for(replaced)
+
+
+async def test_a_validating_execution_lost_past_its_deadline_still_fails_by_it(cluster) -> None:
+    import datetime as dt
+
+    from services.health import windows
+    from services.health.transitions import mark_lost
+    from shared.codec import convert
+    from shared.durations import utcnow
+    from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState, StateReport
+
+    health = await cluster.start("health")
+    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
+                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "30s", "interval": "1s"}}}, JobSpec)
+    created = utcnow() - dt.timedelta(seconds=60)  # its 30 s deadline passes while the node is away
+    e = Execution(id="e1", job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
+                  status=ExecutionStatus(created_at=created, updated_at=created, revision=1,
+                                         desired_state=DesiredState(state_type="running"),
+                                         observed_state=ObservedState(state_type="validating")),
+                  job_spec=spec)
+    await health.store.executions.create(e.key, e)
+    await health.windows.create(e.key, windows.new_window(e))
+    await health.store.mutate_execution(e, lambda x: mark_lost(x, utcnow(), "n1"))
+    await health.check_deadlines()  # a sweep while the node is away
+    # The node comes back within the grace; its agent says the process is still up.
+    await health.apply_state(StateReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
+                                         state="running", message="node reconnected; still running", at=utcnow()))
+    await health.check_deadlines()
+    record = await health.store.executions.get(e.key)
+    assert record is not None and record.value.observed == "failed"
+    assert record.value.status.details["reason"] == "deadline"

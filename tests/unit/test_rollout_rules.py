@@ -1,29 +1,13 @@
-"""Pure rules of rollouts and health: wave sizes, the failure budget, health windows, state transitions."""
+"""Pure rules of rollouts: wave sizes and the failure budget (the health rules: test_health_rules.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
 
-from services.health.transitions import apply_report, mark_lost
-from services.health.windows import HealthWindow, apply_window, deadline_passed, new_window, record_interval
 from services.rollout.controller import budget_exceeded
-from services.rollout.waves import canary_size, percent_of, plan_waves, wave_size
-from shared.codec import convert
-from shared.models import (
-    Canary,
-    DesiredState,
-    Execution,
-    ExecutionStatus,
-    HealthReport,
-    JobSpec,
-    ObservedState,
-    RolloutSpec,
-    StateReport,
-)
+from services.rollout.waves import canary_size, percent_of, plan_waves, wave_of, wave_size
+from shared.models import Canary, RolloutSpec
 
-NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 
 @pytest.mark.parametrize(
@@ -70,136 +54,21 @@ def test_budget_trips_when_exceeded_not_when_reached(failed, targets, max_nodes,
     assert budget_exceeded(failed, targets, max_nodes, max_percent) is tripped
 
 
-def gated_execution(**health) -> Execution:
-    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
-                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "30s", "interval": "1s", **health}}},
-                   JobSpec)
-    return Execution(
-        id="e1", job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n",
-        status=ExecutionStatus(created_at=NOW, updated_at=NOW, revision=1,
-                               desired_state=DesiredState(state_type="running"),
-                               observed_state=ObservedState(state_type="validating")),
-        job_spec=spec,
-    )
+def test_small_counts_and_edges() -> None:
+    assert percent_of(10, 0) == 0 and percent_of(100, 0) == 0
+    assert percent_of(100, 1) == 1 and percent_of(0.001, 1) == 1 and percent_of(50, 1) == 1
+    assert percent_of(100, 7) == 7 and percent_of(99, 100) == 99 and percent_of(1, 100) == 1
+    assert canary_size(RolloutSpec(strategy="canary", canary=Canary(canary_count=1)), 50) == 1
+    assert canary_size(RolloutSpec(strategy="canary", canary=Canary(canary_count=2)), 1) == 1
+    assert canary_size(RolloutSpec(strategy="canary"), 1) == 1
+    assert plan_waves(RolloutSpec(strategy="rolling", max_parallel=10), 1) == [1]
+    assert plan_waves(RolloutSpec(strategy="canary"), 1) == [1]
+    assert plan_waves(RolloutSpec(strategy="canary", canary=Canary(canary_count=1)), 2) == [1, 1]
+    assert plan_waves(RolloutSpec(strategy="immediate"), 0) == []
+    assert plan_waves(RolloutSpec(strategy="canary"), -1) == []
 
 
-def interval(i: int, total: int, errors: int) -> HealthReport:
-    start = NOW + dt.timedelta(seconds=i)
-    return HealthReport(namespace="default", job_id="j", node_id="n", execution_id="e1", interval_start=start,
-                        interval_end=start + dt.timedelta(seconds=1), total=total, errors=errors, at=start)
-
-
-def feed(execution: Execution, samples: list[tuple[int, int]]) -> list[str]:
-    window = new_window(execution)
-    check = execution.job_spec.rollout.health_check
-    states = []
-    for i, (total, errors) in enumerate(samples):
-        record_interval(window, interval(i, total, errors), check)
-        apply_window(execution, window, NOW)
-        states.append(execution.observed)
-    return states
-
-
-def test_success_threshold_consecutive_healthy_intervals_make_it_stable() -> None:
-    e = gated_execution(success_threshold=3)
-    assert feed(e, [(10, 0), (10, 0), (10, 0)]) == ["validating", "validating", "running"]
-    assert e.status.stable_at == NOW
-
-
-def test_no_data_never_counts_as_success_and_breaks_the_streak() -> None:
-    e = gated_execution(success_threshold=2)
-    assert feed(e, [(10, 0), (0, 0), (10, 0), (0, 0), (0, 0)]) == ["validating"] * 5
-    assert e.status.stable_at is None
-
-
-def test_failure_threshold_consecutive_unhealthy_intervals_fail_it() -> None:
-    e = gated_execution(failure_threshold=2)
-    assert feed(e, [(10, 5), (10, 0), (10, 5), (10, 5)]) == ["validating"] * 3 + ["failed"]
-    assert e.status.details["reason"] == "unhealthy"
-
-
-@pytest.mark.parametrize(("rate", "errors", "state"), [(None, 1, "running"), (None, 2, "running"),
-                                                       (None, 3, "failed"), (0.0, 1, "failed"), (0.0, 0, "running")])
-def test_max_error_rate_unset_is_ten_percent_and_zero_means_any_error(rate, errors, state) -> None:
-    extra = {} if rate is None else {"max_error_rate": rate}
-    e = gated_execution(success_threshold=1, failure_threshold=1, **extra)
-    # 20 units of work per interval: 2 errors = 10 % (not above 0.10), 3 = 15 %.
-    assert feed(e, [(20, errors)])[-1] == state
-
-
-def test_stable_execution_degrades_and_recovers_but_never_fails_by_health() -> None:
-    e = gated_execution(success_threshold=1, failure_threshold=2)
-    states = feed(e, [(10, 0), (10, 9), (10, 9), (10, 9), (10, 9), (10, 0)])
-    assert states == ["running", "running", "degraded", "degraded", "degraded", "running"]
-
-
-def test_deadline_fails_only_a_validating_execution_after_it_passed() -> None:
-    e = gated_execution()
-    window = new_window(e)
-    assert window.deadline_at == NOW + dt.timedelta(seconds=30)
-    assert not deadline_passed(e, window, NOW + dt.timedelta(seconds=29))
-    assert deadline_passed(e, window, NOW + dt.timedelta(seconds=30))
-    assert e.observed == "failed" and e.status.details["reason"] == "deadline"
-    stable = gated_execution()
-    stable.status.observed_state = ObservedState(state_type="running")
-    assert not deadline_passed(stable, HealthWindow(execution_id="e1", deadline_at=NOW), NOW)
-
-
-def test_replayed_interval_is_not_counted_twice() -> None:
-    e = gated_execution(success_threshold=2)
-    window = new_window(e)
-    check = e.job_spec.rollout.health_check
-    assert record_interval(window, interval(0, 10, 0), check) == "healthy"
-    assert record_interval(window, interval(0, 10, 0), check) is None
-    assert window.healthy_streak == 1
-
-
-def state_report(state: str, **kw) -> StateReport:
-    return StateReport(namespace="default", job_id="j", node_id="n", execution_id="e1", state=state, at=NOW, **kw)
-
-
-def test_reports_only_move_forward() -> None:
-    e = gated_execution()
-    e.status.observed_state = ObservedState(state_type="pending")
-    assert apply_report(e, state_report("running"), NOW) and e.observed == "validating"  # gated
-    assert not apply_report(e, state_report("starting"), NOW)  # late report: ignored
-    assert apply_report(e, state_report("failed", exit_code=2), NOW) and e.observed == "failed"
-    assert e.status.details["exit_code"] == 2 and "finished_at" in e.status.details
-    assert not apply_report(e, state_report("completed"), NOW)  # terminal is final
-
-
-def test_lost_execution_resumes_where_it_was() -> None:
-    e = gated_execution()
-    e.status.observed_state = ObservedState(state_type="running")
-    e.status.stable_at = NOW
-    assert mark_lost(e, NOW, "n") and e.observed == "lost" and e.status.details["lost_from"] == "running"
-    assert not mark_lost(e, NOW, "n")
-    assert apply_report(e, state_report("running"), NOW) and e.observed == "running"
-    assert "lost_from" not in e.status.details and "lost_at" not in e.status.details
-
-
-@pytest.mark.parametrize("lost_from", ["pending", "starting"])
-def test_an_execution_lost_before_it_ran_must_still_pass_validation(lost_from: str) -> None:
-    e = gated_execution()
-    e.status.observed_state = ObservedState(state_type=lost_from)
-    assert mark_lost(e, NOW, "n") and e.observed == "lost"
-    assert apply_report(e, state_report("running"), NOW)
-    assert e.observed == "validating" and e.status.stable_at is None
-    assert "lost_from" not in e.status.details
-
-
-@pytest.mark.parametrize("lost_from", ["validating", "degraded"])
-def test_a_lost_validating_or_degraded_execution_resumes_as_such(lost_from: str) -> None:
-    e = gated_execution()
-    e.status.observed_state = ObservedState(state_type=lost_from)
-    assert mark_lost(e, NOW, "n")
-    assert apply_report(e, state_report("running"), NOW) and e.observed == lost_from
-
-
-def test_a_stale_report_still_brings_a_lost_execution_back() -> None:
-    e = gated_execution()
-    e.status.observed_state = ObservedState(state_type="running")
-    e.status.stable_at = NOW
-    assert mark_lost(e, NOW, "n")
-    # "starting" is older than where the execution was, but the node is back: it is no longer lost.
-    assert apply_report(e, state_report("starting"), NOW) and e.observed == "running"
+@pytest.mark.parametrize(("index", "wave"), [(0, 1), (1, 1), (2, 2), (4, 2), (5, 3), (5_000, 3)])
+def test_wave_of_a_target(index: int, wave: int) -> None:
+    assert wave_of(index, [2, 3, 1]) == wave  # past the last wave: the last (nodes appended late join it)
+    assert wave_of(0, []) == 0
