@@ -6,16 +6,45 @@ use `None` for "not given" so that an explicit out-of-range value is an error ra
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
-from .models import Execution, Job, JobSpec, JobStateType, JobType, Node, ObservedStateType, Selector
+from .errors import InvalidInput
+from .models import (
+    Execution,
+    Job,
+    JobSpec,
+    JobStateType,
+    JobType,
+    LabelMap,
+    Node,
+    ObservedStateType,
+    Selector,
+    Timestamp,
+    Version,
+)
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 1000
 
+# Bounds of request fields, checked while decoding (a 400 naming the field).
+Ref = Annotated[str, msgspec.Meta(max_length=128)]  # a job, execution or submission id, or a job name
+Token = Annotated[str, msgspec.Meta(max_length=4096)]  # a next_token
+Reason = Annotated[str, msgspec.Meta(max_length=1024)]
+Limit = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # range-checked by the service (1..1000)
+NodeRef = Annotated[str, msgspec.Meta(max_length=64)]
+
 OrderBy = Literal["created_at", "updated_at"]
+
+
+def page_limit(limit: int | None, *, default: int = DEFAULT_PAGE_SIZE, most: int = MAX_PAGE_SIZE) -> int:
+    """The page size a request asks for: `default` when not given, a 400 outside 1..`most`."""
+    if limit is None:
+        return default
+    if not 1 <= limit <= most:
+        raise InvalidInput(f"limit must be between 1 and {most}, got {limit}", field="limit")
+    return limit
 
 
 class PutJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -27,14 +56,14 @@ class PutJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ListJobExecutionsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    job: str = ""  # id or name; empty lists every job of the namespace
-    limit: int | None = None
-    next_token: str = ""
+    job: Ref = ""  # id or name; empty lists every job of the namespace
+    limit: Limit | None = None
+    next_token: Token = ""
     order_by: OrderBy = "created_at"
     reverse: bool = False
-    job_version: int | None = None  # default: the job's latest version
+    job_version: Version | None = None  # default: the job's latest version
     all_job_versions: bool = False
-    node_id: str = ""
+    node_id: NodeRef = ""
     state: ObservedStateType | None = None
 
 
@@ -44,7 +73,7 @@ class ListJobExecutionsResponse(msgspec.Struct, omit_defaults=True):
 
 
 class GetExecutionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    id: str
+    id: Ref
 
 
 class GetExecutionResponse(msgspec.Struct):
@@ -52,7 +81,7 @@ class GetExecutionResponse(msgspec.Struct):
 
 
 class GetJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    job: str  # id or name
+    job: Ref  # id or name
 
 
 class GetJobResponse(msgspec.Struct):
@@ -63,8 +92,8 @@ JobsOrderBy = Literal["created_at", "modified_at", "name"]
 
 
 class ListJobsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    limit: int | None = None
-    next_token: str = ""
+    limit: Limit | None = None
+    next_token: Token = ""
     order_by: JobsOrderBy = "created_at"
     reverse: bool = False
     state: JobStateType | None = None
@@ -77,8 +106,8 @@ class ListJobsResponse(msgspec.Struct, omit_defaults=True):
 
 
 class StopJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    job: str  # id or name
-    reason: str = ""
+    job: Ref  # id or name
+    reason: Reason = ""
 
 
 class StopJobResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -91,8 +120,8 @@ class StopJobResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ListNodesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     selector: Selector | None = None
     state: Literal["ready", "disconnected"] | None = None
-    limit: int | None = None
-    next_token: str = ""
+    limit: Limit | None = None
+    next_token: Token = ""
 
 
 class ListNodesResponse(msgspec.Struct, omit_defaults=True):
@@ -101,10 +130,10 @@ class ListNodesResponse(msgspec.Struct, omit_defaults=True):
 
 
 class RegisterNodeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    node_id: str
-    labels: dict[str, str] = {}
-    hostname: str = ""
-    agent_version: str = ""
+    node_id: NodeRef
+    labels: LabelMap = {}
+    hostname: Annotated[str, msgspec.Meta(max_length=253)] = ""
+    agent_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
     simulated: bool = False
 
 
@@ -114,14 +143,39 @@ class RegisterNodeResponse(msgspec.Struct, kw_only=True):
 
 
 class GetSubmissionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    submission_id: str
+    submission_id: Ref
+
+
+class ListDeadLettersRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    limit: Limit | None = None
+    next_token: Token = ""
+
+
+class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A message given up on: where it came from, why, and the start of what it said."""
+
+    seq: int  # in the dead-letter stream
+    stream: str  # the stream it was taken from
+    subject: str
+    stream_seq: int  # its sequence there
+    consumer: str
+    attempts: int
+    error: str
+    at: Timestamp
+    size: int  # bytes of the original payload
+    preview: str = ""  # its first bytes, as text
+
+
+class ListDeadLettersResponse(msgspec.Struct, omit_defaults=True):
+    items: list[DeadLetter]
+    next_token: str = ""
 
 
 class RolloutRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of rollouts.status|promote|pause|resume|abort."""
 
-    job: str  # id or name
-    reason: str = ""
+    job: Ref  # id or name
+    reason: Reason = ""
 
 
 class WaveStatus(msgspec.Struct, kw_only=True):

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .durations import Duration, parse_duration
-from .errors import Internal, InvalidInput
+from .errors import Internal, InvalidInput, Poison
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,15 @@ def from_msgpack(data: bytes, tp: type[T]) -> T:
         raise Internal(f"undecodable internal message for {getattr(tp, '__name__', tp)}: {exc}") from exc
 
 
+def decode_message(data: bytes, tp: type[T], what: str) -> T:
+    """Decode an internal message taken off a work queue; one that cannot be decoded is Poison (it would
+    fail the same way on every redelivery), so its consumer makes it a dead letter."""
+    try:
+        return from_msgpack(data, tp)
+    except Internal as exc:
+        raise Poison(f"undecodable {what}: {exc}") from None
+
+
 def from_msgpack_or_none(data: bytes, tp: type[T], what: str) -> T | None:
     """Decode an internal message, or log and return None: a message that cannot be decoded would fail
     the same way on every redelivery, so its consumer drops it instead of retrying it forever."""
@@ -108,6 +117,65 @@ def from_json(data: bytes, tp: type[T], *, prefix: str = "", max_bytes: int | No
         raise invalid_input(exc, prefix, tp) from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}", field=prefix.rstrip(".") or None) from None
+    except UnicodeDecodeError:
+        field = _invalid_utf8_field(data)
+        raise InvalidInput("a string is not valid UTF-8", field=(prefix + field).strip(".") or None) from None
+    except RecursionError:
+        raise InvalidInput(f"JSON nested more than {MAX_DEPTH} levels deep",
+                           field=prefix.rstrip(".") or None) from None
+
+
+MAX_DEPTH = 32  # of free-form JSON (a job's config); msgspec's own limit is reached long after
+
+
+def _invalid_utf8_field(data: bytes) -> str:
+    """The JSON path of the first string holding bytes that are not UTF-8 ("" if it cannot be told)."""
+    try:
+        tree = msgspec.json.decode(data.decode("utf-8", errors="replace"))
+    except (msgspec.DecodeError, RecursionError):
+        return ""
+    stack: list[tuple[str, Any]] = [("", tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            if "\ufffd" in node:
+                return path
+        elif isinstance(node, dict):
+            for key, value in reversed(list(node.items())):
+                child = f"{path}.{key}" if path else str(key)
+                if "\ufffd" in key:
+                    return child
+                stack.append((child, value))
+        elif isinstance(node, list):
+            for i in reversed(range(len(node))):
+                stack.append((f"{path}[{i}]", node[i]))
+    return ""
+
+
+def check_free_form(value: Any, field: str, *, max_depth: int = MAX_DEPTH) -> None:
+    """Bound free-form JSON (a job's config): depth, integers that fit in 64 bits, finite numbers.
+
+    Walked without recursion, so that no input can exhaust the stack.
+    """
+    stack: list[tuple[str, Any, int]] = [(field, value, 0)]
+    while stack:
+        path, node, depth = stack.pop()
+        if depth > max_depth:
+            raise InvalidInput(f"nested more than {max_depth} levels deep", field=path)
+        if isinstance(node, bool) or node is None or isinstance(node, str):
+            continue
+        if isinstance(node, int):
+            if not -(2**63) <= node <= 2**63 - 1:
+                raise InvalidInput("integer out of range: it must fit in a signed 64-bit integer", field=path)
+        elif isinstance(node, float):
+            if node != node or node in (float("inf"), float("-inf")):
+                raise InvalidInput("number must be finite", field=path)
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                stack.append((f"{path}.{key}", item, depth + 1))
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                stack.append((f"{path}[{i}]", item, depth + 1))
 
 
 def convert(obj: Any, tp: type[T], *, prefix: str = "") -> T:

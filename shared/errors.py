@@ -107,6 +107,14 @@ class Internal(ShoalError):
     default_code = INTERNAL
 
 
+class Poison(ShoalError):
+    """A message that can never be handled (undecodable, or naming an impossible subject): a consumer
+    takes it off its queue at once, as a dead letter, instead of retrying it. Read through the API (a
+    corrupt record), it is an internal error."""
+
+    default_code = INTERNAL
+
+
 _BY_CODE: dict[int, type[ShoalError]] = {
     INVALID: InvalidInput,
     NOT_FOUND: NotFound,

@@ -20,10 +20,22 @@ from .durations import SECOND, Duration
 from .errors import ErrorBody
 
 Timestamp = Annotated[_dt.datetime, msgspec.Meta(tz=True)]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+# Every number a user can write has a range, so that nothing downstream (a date, a SQLite column, an
+# int64 on the wire) overflows. The ranges are far beyond any sensible use.
+MAX_COUNT = 1_000_000  # nodes, thresholds, canaries
+MAX_TIMEOUT_SECONDS = 366 * 86_400  # a year
+MAX_VERSION = 2**31 - 1
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+Seconds = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIMEOUT_SECONDS)]
+Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+Version = Annotated[int, msgspec.Meta(ge=1, le=MAX_VERSION)]
+Name = Annotated[str, msgspec.Meta(max_length=128)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+LabelMap = Annotated[dict[str, str], msgspec.Meta(max_length=64)]
 
 JobType = Literal["pipeline", "query", "update", "config"]
 # Long-running job types that also go to nodes that join later (a daemon in Bacalhau's words).
@@ -69,9 +81,9 @@ RESERVED_META_PREFIXES: tuple[str, ...] = ("shoal.io/",)
 class Selector(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Which nodes run the job: all of match_labels AND every match_expressions string AND match_ids."""
 
-    match_labels: dict[str, str] = {}
-    match_expressions: list[str] = []
-    match_ids: list[str] = []
+    match_labels: LabelMap = {}
+    match_expressions: Annotated[list[Text], msgspec.Meta(max_length=64)] = []
+    match_ids: Annotated[list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=10_000)] = []
 
 
 class HealthCheck(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -110,7 +122,7 @@ class RolloutSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     auto_promote: bool = False
     canary: Canary | None = None
     health_check: HealthCheck | None = None
-    max_failed_nodes: NonNegative = 10
+    max_failed_nodes: Count = 10
     max_failed_nodes_percent: Percent = 10.0
     no_auto_rollback: bool = False
 
@@ -118,19 +130,19 @@ class RolloutSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class Timeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Seconds; 0 means no timeout."""
 
-    execution_timeout: NonNegative = 0
-    queue_timeout: NonNegative = 0
-    total_timeout: NonNegative = 0
+    execution_timeout: Seconds = 0
+    queue_timeout: Seconds = 0
+    total_timeout: Seconds = 0
 
 
 class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    name: str
+    name: Name
     type: JobType
-    namespace: str = ""  # filled in from the subject the job was submitted on
-    description: str = ""
-    labels: dict[str, str] = {}
-    meta: dict[str, str] = {}
-    priority: int = 0
+    namespace: Annotated[str, msgspec.Meta(max_length=63)] = ""  # filled in from the subject it was submitted on
+    description: Text = ""
+    labels: LabelMap = {}
+    meta: Annotated[dict[Annotated[str, msgspec.Meta(max_length=256)], Text], msgspec.Meta(max_length=64)] = {}
+    priority: Priority = 0
     restart_policy: RestartPolicy = "on-failure"
     config: dict[str, Any] = {}
     rollout: RolloutSpec = msgspec.field(default_factory=RolloutSpec)

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from . import subjects as s
-from .codec import from_msgpack, from_msgpack_or_none, to_msgpack
+from .codec import decode_message, from_msgpack_or_none, to_msgpack
 from .durations import utcnow
 from .errors import Conflict, Internal, NotFound, Unavailable
 from .models import Evaluation, Execution, Job, JobVersion, Node, SubmissionOutcome
 from .transport import Bus, Entry, Kv
+from .validation import check_token
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class Bucket(Generic[T]):
         self.tp = tp
 
     def decode(self, entry: Entry) -> Record[T]:
-        return Record(entry.key, from_msgpack(entry.value, self.tp), entry.revision, entry.headers)
+        """One record; an undecodable one is Poison (a consumer handling it makes its message a dead letter)."""
+        return Record(entry.key, decode_message(entry.value, self.tp, f"record {self.kv.bucket}/{entry.key}"),
+                      entry.revision, entry.headers)
 
     async def get(self, key: str) -> Record[T] | None:
         entry = await self.kv.get(key)
@@ -166,15 +169,15 @@ class Store:
 
     async def find_job(self, namespace: str, ref: str) -> Record[Job]:
         """A job by id or by name; NotFound names the reference."""
-        if s.TOKEN.fullmatch(ref):
-            record = await self.jobs.get(s.job_key(namespace, ref))
+        check_token(ref, "job", "job id or name")
+        record = await self.jobs.get(s.job_key(namespace, ref))
+        if record is not None:
+            return record
+        job_id = await self.job_id_by_name(namespace, ref)
+        if job_id is not None:
+            record = await self.jobs.get(s.job_key(namespace, job_id))
             if record is not None:
                 return record
-            job_id = await self.job_id_by_name(namespace, ref)
-            if job_id is not None:
-                record = await self.jobs.get(s.job_key(namespace, job_id))
-                if record is not None:
-                    return record
         raise NotFound(f"job {ref!r} not found in namespace {namespace!r}", field="job")
 
     async def job_version(self, namespace: str, job_id: str, version: int) -> JobVersion:

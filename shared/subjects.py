@@ -50,6 +50,7 @@ SUBMISSIONS_GET = "submissions.get"
 # Cluster-wide (not namespaced) API.
 NODES_LIST = f"{API}.nodes.list"
 NODES_REGISTER = f"{API}.nodes.register"
+DEAD_LETTERS_LIST = f"{API}.deadletters.list"
 
 # --- job submission (JSON PutJobRequest, captured by the SUBMISSIONS stream) ----------------------
 SUBMIT_PREFIX = f"{ROOT}.submit"

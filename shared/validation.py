@@ -11,7 +11,9 @@ from __future__ import annotations
 import posixpath
 import re
 
-from .errors import InvalidInput
+from .codec import check_free_form, to_json
+from .durations import HOUR, MILLISECOND, format_duration
+from .errors import InvalidInput, shown
 from .models import RESERVED_META_PREFIXES, JobSpec
 from .selector import SelectorError, compile_selector, validate_key, validate_value
 from .subjects import TOKEN
@@ -19,14 +21,19 @@ from .workloads import command_config, files_config, simulate_config
 
 NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 MAX_DESCRIPTION = 4096
 MAX_LABELS = 64
+MAX_CONFIG_BYTES = 64 * 1024  # a job's config, as JSON: it is copied into every execution
+MIN_HEALTH_INTERVAL = 100 * MILLISECOND
+MAX_HEALTH_INTERVAL = 24 * HOUR
+MAX_HEALTH_DEADLINE = 30 * 24 * HOUR
 
 
 def check_namespace(namespace: str, field: str = "namespace") -> str:
     if not NAMESPACE.fullmatch(namespace):
         raise InvalidInput(
-            f"invalid namespace {namespace!r}: use 1-63 lowercase letters, digits and '-', "
+            f"invalid namespace {shown(namespace)}: use 1-63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit",
             field=field,
         )
@@ -36,7 +43,7 @@ def check_namespace(namespace: str, field: str = "namespace") -> str:
 def check_node_id(node_id: str, field: str = "node_id") -> str:
     if not NODE_ID.fullmatch(node_id):
         raise InvalidInput(
-            f"invalid node id {node_id!r}: use 1-64 letters, digits, '_' and '-', starting with a letter or digit",
+            f"invalid node id {shown(node_id)}: use 1-64 letters, digits, '_' and '-', starting with a letter or digit",
             field=field,
         )
     return node_id
@@ -45,10 +52,17 @@ def check_node_id(node_id: str, field: str = "node_id") -> str:
 def check_token(value: str, field: str, what: str) -> str:
     if not TOKEN.fullmatch(value):
         raise InvalidInput(
-            f"invalid {what} {value!r}: use letters, digits, '_' and '-', starting with a letter or digit",
+            f"invalid {what} {shown(value)}: use letters, digits, '_' and '-', starting with a letter or digit",
             field=field,
         )
     return value
+
+
+def check_hostname(hostname: str, field: str = "hostname") -> str:
+    if hostname and not HOSTNAME.fullmatch(hostname):
+        raise InvalidInput(f"invalid host name {shown(hostname)}: use letters, digits, '.', '_' and '-' "
+                           "(at most 253)", field=field)
+    return hostname
 
 
 def check_labels(labels: dict[str, str], field: str) -> None:
@@ -111,10 +125,15 @@ def _check_rollout(spec: JobSpec) -> list[str]:
     elif hc is not None:
         warnings.append("rollout.health_check is ignored by the immediate strategy")
     if hc is not None:
-        if hc.deadline <= 0:
-            raise InvalidInput("health_check.deadline must be a positive duration", field="spec.rollout.health_check.deadline")
-        if hc.interval <= 0:
-            raise InvalidInput("health_check.interval must be a positive duration", field="spec.rollout.health_check.interval")
+        # An interval of nanoseconds would make agents and the health service spin: at least 100 ms.
+        if not MIN_HEALTH_INTERVAL <= hc.interval <= MAX_HEALTH_INTERVAL:
+            raise InvalidInput(f"health_check.interval must be between {format_duration(MIN_HEALTH_INTERVAL)} and "
+                               f"{format_duration(MAX_HEALTH_INTERVAL)}, got {format_duration(hc.interval)}",
+                               field="spec.rollout.health_check.interval")
+        if not hc.interval <= hc.deadline <= MAX_HEALTH_DEADLINE:
+            raise InvalidInput(f"health_check.deadline must be at least one interval ({format_duration(hc.interval)}) "
+                               f"and at most {format_duration(MAX_HEALTH_DEADLINE)}, got {format_duration(hc.deadline)}",
+                               field="spec.rollout.health_check.deadline")
         if hc.deadline < hc.interval * hc.success_threshold:
             warnings.append(
                 "health_check.deadline is shorter than success_threshold intervals: executions cannot become healthy in time"
@@ -140,6 +159,11 @@ def _check_timeouts(spec: JobSpec) -> None:
 
 
 def _check_config(spec: JobSpec) -> list[str]:
+    check_free_form(spec.config, "spec.config")
+    size = len(to_json(spec.config))
+    if size > MAX_CONFIG_BYTES:
+        raise InvalidInput(f"config is {size} bytes as JSON, more than the limit of {MAX_CONFIG_BYTES}",
+                           field="spec.config")
     simulate_config(spec.config)  # validates the simulate block for every type
     if spec.type == "config":
         files = files_config(spec.config)

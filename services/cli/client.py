@@ -19,6 +19,8 @@ import yaml
 from shared import subjects as s
 from shared.api import (
     GetSubmissionRequest,
+    ListDeadLettersRequest,
+    ListDeadLettersResponse,
     ListJobExecutionsRequest,
     ListJobExecutionsResponse,
     ListJobsRequest,
@@ -127,6 +129,10 @@ class Client:
     async def list_nodes(self, request: ListNodesRequest) -> tuple[bytes, ListNodesResponse]:
         raw = await self.bus.request(s.NODES_LIST, to_json(request), timeout=self.timeout)
         return raw, decode_reply(raw, ListNodesResponse)
+
+    async def list_dead_letters(self, request: ListDeadLettersRequest) -> tuple[bytes, ListDeadLettersResponse]:
+        raw = await self.bus.request(s.DEAD_LETTERS_LIST, to_json(request), timeout=self.timeout)
+        return raw, decode_reply(raw, ListDeadLettersResponse)
 
     async def wait_ready(self, nodes: int, timeout: float = 60.0) -> None:
         """Until every service answers and at least `nodes` nodes are ready (a freshly started stack)."""

@@ -9,10 +9,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shared import telemetry
-from shared.api import ListJobExecutionsRequest, ListJobsRequest, ListNodesRequest, RolloutStatus
+from shared.api import (
+    ListDeadLettersRequest,
+    ListJobExecutionsRequest,
+    ListJobsRequest,
+    ListNodesRequest,
+    RolloutStatus,
+)
 from shared.codec import to_json
 from shared.errors import ShoalError
-from shared.models import Selector, SubmissionOutcome
+from shared.models import ONE_SHOT_JOB_TYPES, Selector, SubmissionOutcome
 from shared.settings import Settings
 from shared.transport import Bus
 
@@ -79,16 +85,18 @@ async def _wait_for_job(client: Client, job_id: str, version: int, verbose: bool
         try:
             _, job = await client.get_job(job_id)
         except ShoalError as exc:
-            if exc.code != 404:
+            if exc.code != 404 and not exc.retryable:
                 raise
-            job = None  # not in the query view yet
+            job = None  # not in the query view yet, or a query replica is restarting
         if job is not None and job.version >= version:
             state = job.state.state_type
             line = f"{state}: {job.state.message}"
             if verbose and line != last:
                 print(line)
                 last = line
-            if state in SETTLED_JOB_STATES:
+            # A one-shot job that is running has not finished yet.
+            settled = SETTLED_JOB_STATES - {"running", "degraded"} if job.type in ONE_SHOT_JOB_TYPES else SETTLED_JOB_STATES
+            if state in settled:
                 return 1 if state in ("failed", "rollout_failed") else 0
         await asyncio.sleep(0.5)
 
@@ -223,6 +231,23 @@ async def node(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+# -- dead letters -----------------------------------------------------------------------------------
+
+
+async def dead_letters(args: argparse.Namespace, client: Client) -> int:
+    raw, page = await client.list_dead_letters(ListDeadLettersRequest(limit=args.limit, next_token=args.next_token))
+
+    def render() -> str:
+        if not page.items and not args.next_token:
+            return "no dead letters"
+        rows = [(d.seq, when(d.at), d.stream, d.subject, d.attempts, d.error) for d in page.items]
+        out = table(("SEQ", "AT", "STREAM", "SUBJECT", "ATTEMPTS", "ERROR"), rows)
+        return out + _next_page(page.next_token, ["dead-letters"], args, {})
+
+    emit(raw, args.output, render)
+    return 0
+
+
 # -- rollout ----------------------------------------------------------------------------------------
 
 
@@ -267,5 +292,5 @@ async def rollout_watch(args: argparse.Namespace, client: Client) -> int:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, Client], Awaitable[int]]] = {
-    "job": job, "node": node, "rollout": rollout,
+    "job": job, "node": node, "rollout": rollout, "dead-letters": dead_letters,
 }

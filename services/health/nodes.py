@@ -22,7 +22,7 @@ from shared.errors import Conflict
 from shared.models import TERMINAL_STATES, Evaluation, Execution, Node, NodeState
 from shared.store import Mirror, Store
 from shared.transport import ApiRequest, Bus, Kv
-from shared.validation import check_labels, check_node_id
+from shared.validation import check_hostname, check_labels, check_node_id
 
 from .transitions import lost_since, mark_lost, set_observed
 
@@ -39,6 +39,7 @@ class NodeRegistry:
         body = from_json(req.data, RegisterNodeRequest)
         check_node_id(body.node_id)
         check_labels(body.labels, "labels")
+        check_hostname(body.hostname)
         now = utcnow()
         key = body.node_id
         joined = False

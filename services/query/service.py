@@ -19,13 +19,12 @@ from typing import Any
 from shared import pagetoken
 from shared import subjects as s
 from shared.api import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     GetExecutionRequest,
     GetJobRequest,
     ListJobExecutionsRequest,
     ListJobsRequest,
     ListNodesRequest,
+    page_limit,
 )
 from shared.codec import from_json
 from shared.errors import InvalidInput, NotFound, Unavailable
@@ -34,7 +33,7 @@ from shared.selector import SelectorError, compile_selector
 from shared.settings import Settings
 from shared.store import Store
 from shared.transport import ApiRequest, ApiService, Bus, OrderedReader, is_delete, read_batches
-from shared.validation import check_namespace
+from shared.validation import check_namespace, check_node_id, check_token
 
 from .view import Event, SnapshotGone, View, as_of
 
@@ -43,15 +42,18 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 TOKEN_KEY = "page-token-key"
 FILL_BATCH = 5_000
+REPLY_ROOM = 8 * 1024
 STREAM_CHECK = 5.0  # seconds between checks that the events stream is still the one the view follows
 
 
-def page_limit(limit: int | None) -> int:
-    if limit is None:
-        return DEFAULT_PAGE_SIZE
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}", field="limit")
-    return limit
+def fitting(sizes: Sequence[int], budget: int) -> int:
+    """How many of the first items fit in `budget` bytes of reply (always at least one, if any)."""
+    total = 0
+    for count, size in enumerate(sizes):
+        total += size + 1
+        if total > budget and count:
+            return count
+    return len(sizes)
 
 
 def page_reply(bodies: Sequence[bytes], next_token: str) -> bytes:
@@ -173,6 +175,7 @@ class QueryService(Component):
     # -- executions --------------------------------------------------------------------------------
 
     async def _resolve_job(self, namespace: str, ref: str) -> tuple[str, int]:
+        check_token(ref, "job", "job id or name")
         row = await self.view.one(
             "SELECT id, version FROM jobs WHERE namespace = ? AND (id = ? OR name = ?) "
             "ORDER BY (id = ?) DESC, created_at DESC LIMIT 1",
@@ -214,6 +217,7 @@ class QueryService(Component):
             where.append("job_version = ?")
             params.append(version)
         if q.node_id:
+            check_node_id(q.node_id)
             where.append("node_id = ?")
             params.append(q.node_id)
         if q.state is not None:
@@ -260,16 +264,23 @@ class QueryService(Component):
                                 f"{column} {direction}, id {direction}", seq, limit + 1)
         rows = await self.view.rows(sql, sql_params)
         self._still_readable(seq)
+        # A page stops early, with a next_token, rather than grow past what one reply may carry.
+        kept = fitting([len(r[0]) for r in rows[:limit]], self._reply_budget())
         next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
+        if len(rows) > kept:
+            rows = rows[:kept]
             last = rows[-1]
             next_token = pagetoken.encode(self.token_key, scope, [seq, last[1], last[2], *carry])
         return page_reply([r[0] for r in rows], next_token)
 
+    def _reply_budget(self) -> int:
+        """Bytes of items a reply may hold: the server's max_payload, less room for the envelope and token."""
+        return self.bus.max_payload - REPLY_ROOM
+
     async def get_execution(self, req: ApiRequest) -> bytes:
         namespace = check_namespace(req.token(2))
         q = from_json(req.data, GetExecutionRequest)
+        check_token(q.id, "id", "execution id")
         row = await self.view.one("SELECT body FROM executions WHERE namespace = ? AND id = ?", (namespace, q.id))
         if row is None:
             raise NotFound(f"execution {q.id!r} not found in namespace {namespace!r}", field="id")
@@ -322,6 +333,8 @@ class QueryService(Component):
         bodies: list[bytes] = []
         last_id = ""
         more = False
+        budget = self._reply_budget()
+        size = 0
         # Labels are matched here, in Python: scan in id order, in chunks, until the page is full.
         while not more:
             rows = await self.view.rows(*as_of("nodes", "id, state, labels, body", ["id > ?"], [after], "id", seq, 1000))
@@ -334,7 +347,8 @@ class QueryService(Component):
                     continue
                 if selector is not None and not selector.matches(node_id, json.loads(labels)):
                     continue
-                if len(bodies) == limit:
+                size += len(body) + 1
+                if len(bodies) == limit or (bodies and size > budget):
                     more = True
                     break
                 bodies.append(body)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from shared import subjects as s
 from shared.api import RolloutRequest, RolloutStatus, WaveStatus
-from shared.codec import from_json, from_msgpack_or_none, to_json
+from shared.codec import decode_message, from_json, to_json
 from shared.durations import rfc3339, utcnow
 from shared.errors import Conflict, NotFound
 from shared.models import Plan
@@ -60,27 +60,33 @@ class RolloutService(Component):
     # -- triggers ----------------------------------------------------------------------------------
 
     async def on_plan(self, delivery: Delivery) -> None:
-        plan = from_msgpack_or_none(delivery.data, Plan, f"plan on {delivery.subject}")
-        if plan is not None:
-            await self.controller.apply_plan(plan)
+        await self.controller.apply_plan(decode_message(delivery.data, Plan, f"plan on {delivery.subject}"))
 
-    async def on_execution_events(self, deliveries: Sequence[Delivery]) -> None:
-        """Coalesce a batch of execution events into one reconcile per job; acked only after it."""
-        jobs: dict[tuple[str, str], None] = {}
+    async def on_execution_events(self, deliveries: Sequence[Delivery]) -> dict[Delivery, Exception]:
+        """Coalesce a batch of execution events into one reconcile per job; acked only after it.
+
+        A job whose reconcile fails fails only its own events (they are retried, and become dead letters
+        if it never succeeds): every other job of the batch goes on.
+        """
+        jobs: dict[tuple[str, str], list[Delivery]] = {}
         for d in deliveries:
             parts = d.subject.split(".")  # shoal.events.execution.<ns>.<job>.<node>.<exec>
             if len(parts) == 7:
-                jobs[(parts[3], parts[4])] = None
-        for namespace, job_id in jobs:
-            await self.controller.reconcile(namespace, job_id)
+                jobs.setdefault((parts[3], parts[4]), []).append(d)
+        failures: dict[Delivery, Exception] = {}
+        for (namespace, job_id), events in jobs.items():
+            try:
+                await self.controller.reconcile(namespace, job_id)
+            except Exception as exc:
+                log.warning("reconcile of %s/%s failed: %s", namespace, job_id, exc)
+                failures.update((d, exc) for d in events)
+        return failures
 
     async def on_timer(self, delivery: Delivery) -> None:
-        timer = from_msgpack_or_none(delivery.data, Timer, f"timer on {delivery.subject}")
-        if timer is None:
-            return
+        timer = decode_message(delivery.data, Timer, f"timer on {delivery.subject}")
         remaining = (timer.due - utcnow()).total_seconds()
         if remaining > 0:
-            await delivery.nak(delay=remaining)
+            await delivery.nak(delay=remaining + 0.05)
             return
         await self.controller.reconcile(timer.namespace, timer.job_id)
 

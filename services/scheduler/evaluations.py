@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from shared import subjects as s
-from shared.codec import from_msgpack_or_none, to_msgpack
+from shared.codec import decode_message, to_msgpack
 from shared.durations import utcnow
 from shared.models import DAEMON_JOB_TYPES, Evaluation, Job, JobSpec, Node, Plan
 from shared.selector import compile_selector
@@ -52,9 +52,7 @@ class Evaluations:
         self.nodes = nodes
 
     async def handle(self, delivery: Delivery) -> None:
-        evaluation = from_msgpack_or_none(delivery.data, Evaluation, f"evaluation on {delivery.subject}")
-        if evaluation is None:
-            return
+        evaluation = decode_message(delivery.data, Evaluation, f"evaluation on {delivery.subject}")
         await self.nodes.wait_ready()
         if evaluation.trigger == "node-join":
             await self._node_joined(evaluation)

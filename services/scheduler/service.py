@@ -2,23 +2,61 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 from shared import subjects as s
-from shared.api import GetSubmissionRequest, StopJobRequest, StopJobResponse
+from shared.api import (
+    DEFAULT_PAGE_SIZE,
+    DeadLetter,
+    GetSubmissionRequest,
+    ListDeadLettersRequest,
+    ListDeadLettersResponse,
+    StopJobRequest,
+    StopJobResponse,
+    page_limit,
+)
 from shared.codec import from_json, to_json, to_msgpack
 from shared.durations import utcnow
-from shared.errors import NotFound
+from shared.errors import InvalidInput, NotFound
 from shared.models import Evaluation, Job, JobState
 from shared.runtime import Component
 from shared.store import Mirror, Store
-from shared.transport import ApiRequest, ApiService, Consumer, ConsumerSpec
-from shared.validation import check_namespace
+from shared.transport import (
+    DEAD_ATTEMPTS,
+    DEAD_CONSUMER,
+    DEAD_ERROR,
+    DEAD_SEQ,
+    DEAD_SIZE,
+    DEAD_SUBJECT,
+    ApiRequest,
+    ApiService,
+    Consumer,
+    ConsumerSpec,
+    StoredMessage,
+)
+from shared.validation import check_namespace, check_token
 
 from .evaluations import Evaluations
 from .submissions import Submissions
 
 VERSION = "0.1.0"
+DEAD_LETTERS_PAGE = 200
+PREVIEW_BYTES = 512
+
+
+def _dead_letter(m: StoredMessage) -> DeadLetter:
+    h = m.headers
+
+    def number(name: str) -> int:
+        value = h.get(name, "")
+        return int(value) if value.isdigit() else 0
+
+    return DeadLetter(seq=m.seq, stream=m.subject.rsplit(".", 1)[-1], subject=h.get(DEAD_SUBJECT, ""),
+                      stream_seq=number(DEAD_SEQ), consumer=h.get(DEAD_CONSUMER, ""), attempts=number(DEAD_ATTEMPTS),
+                      error=h.get(DEAD_ERROR, ""), at=dt.datetime.fromtimestamp(m.at, dt.timezone.utc),
+                      size=number(DEAD_SIZE) or len(m.data),
+                      preview=m.data[:PREVIEW_BYTES].decode("utf-8", errors="replace"))
 
 
 class SchedulerService(Component):
@@ -35,11 +73,13 @@ class SchedulerService(Component):
                                queue_group=s.QUEUE_GROUP, endpoints=[
                                    ("jobs-stop", s.api("*", s.JOBS_STOP), self.stop_job),
                                    ("submissions-get", s.api("*", s.SUBMISSIONS_GET), self.get_submission),
+                                   ("deadletters-list", s.DEAD_LETTERS_LIST, self.list_dead_letters),
                                ])
 
         await Consumer(
             self.bus, ConsumerSpec(stream=s.STREAM_SUBMISSIONS, durable=s.CONSUMER_SCHEDULER_SUBMISSIONS),
             concurrency=32,  # each submission waits on several JetStream round trips: overlap them
+            on_dead=submissions.on_dead,
         ).start_single(submissions.handle)
         await Consumer(
             self.bus, ConsumerSpec(stream=s.STREAM_EVALS, durable=s.CONSUMER_SCHEDULER_EVALS), concurrency=8,
@@ -73,10 +113,22 @@ class SchedulerService(Component):
         await self.bus.js_publish(s.evaluation(namespace), to_msgpack(evaluation), msg_id=evaluation.id)
         return to_json(StopJobResponse(job_id=job.id, job_version=job.version, eval_id=evaluation.id))
 
+    async def list_dead_letters(self, req: ApiRequest) -> bytes:
+        """Dead letters, oldest first (`shoal dead-letters`): what was given up on, and why."""
+        body = from_json(req.data, ListDeadLettersRequest)
+        limit = page_limit(body.limit, default=DEFAULT_PAGE_SIZE, most=DEAD_LETTERS_PAGE)
+        if body.next_token and not body.next_token.isdigit():
+            raise InvalidInput("next_token is malformed", field="next_token")
+        start = int(body.next_token or 1)
+        found = await self.bus.read_stream(s.STREAM_DEAD, f"{s.DEAD_PREFIX}.>", start, limit + 1)
+        items = [_dead_letter(m) for m in found[:limit]]
+        return to_json(ListDeadLettersResponse(items=items, next_token=str(found[limit].seq) if len(found) > limit else ""))
+
     async def get_submission(self, req: ApiRequest) -> bytes:
         namespace = check_namespace(req.token(2))
         body = from_json(req.data, GetSubmissionRequest)
-        record = await self.store.submissions.get(body.submission_id) if s.TOKEN.fullmatch(body.submission_id) else None
+        check_token(body.submission_id, "submission_id", "submission id")
+        record = await self.store.submissions.get(body.submission_id)
         if record is None or record.value.namespace != namespace:
             raise NotFound(f"submission {body.submission_id!r} not found (not processed yet, or expired)",
                            field="submission_id")

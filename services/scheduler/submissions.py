@@ -5,6 +5,13 @@ SUBMISSIONS stream until this service acks it, so nothing accepted by the stream
 is idempotent by submission id (the `Nats-Msg-Id` header): a redelivery after a crash finds the version
 it already created and the evaluation it already published, and answers the same outcome.
 
+The submission id becomes a key and a subject token, so it is checked before anything else: 1-128
+letters, digits, '_' and '-'. A submission with a bad id, or none, is known by its stream sequence
+(`seq-<N>`, which the publisher has from its ack), and one with a bad id is rejected under that name
+with an error naming the `Nats-Msg-Id` header. A namespace that is not even a subject token (too
+long, say) cannot be answered on any subject: that message is a dead letter. A submission that keeps failing for another reason becomes a
+dead letter after the consumer's attempts, and is answered with a 500 outcome.
+
 Jobs are upserted by (namespace, name): a changed spec makes version + 1, an unchanged one is a 409
 unless `force`, a job that has ended (stopped, completed, failed) is simply run again as a new
 version, and `dry_run` validates and reports what would happen without applying.
@@ -20,7 +27,7 @@ from shared import subjects as s
 from shared.api import PutJobRequest
 from shared.codec import from_json, to_canonical_json, to_json, to_msgpack
 from shared.durations import utcnow
-from shared.errors import Conflict, Internal, InvalidInput, ShoalError
+from shared.errors import Conflict, Internal, InvalidInput, Poison, ShoalError, shown
 from shared.models import ENDED_JOB_STATES, Evaluation, Job, JobSpec, JobState, JobVersion, SubmissionOutcome
 from shared.store import Store
 from shared.transport import Bus, Delivery
@@ -28,9 +35,8 @@ from shared.validation import check_namespace, validate_spec
 
 log = logging.getLogger(__name__)
 
-# After this many failed attempts a submission is answered with an internal error instead of retried forever.
-MAX_ATTEMPTS = 8
-
+MSG_ID_HEADER = "Nats-Msg-Id"
+SEQ_PREFIX = "seq-"  # submissions without a usable id are known by their stream sequence
 
 def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(to_canonical_json(spec)).hexdigest()
@@ -47,23 +53,49 @@ class Submissions:
         self.store = store
 
     async def handle(self, delivery: Delivery) -> None:
-        namespace = s.submit_namespace(delivery.subject)
-        submission_id = delivery.msg_id or f"seq-{delivery.stream_seq}"
+        namespace, submission_id, bad_id = self._identify(delivery)
         previous = await self.store.submissions.get(submission_id)
         if previous is not None:
             await self._announce(previous.value)
             return
+        if bad_id is not None:
+            outcome = self._rejected(namespace, submission_id, bad_id)
+        else:
+            try:
+                outcome = await self._process(namespace, submission_id, delivery.data)
+            except ShoalError as exc:
+                if exc.retryable or isinstance(exc, Internal):
+                    raise  # retried by the consumer, then a dead letter (on_dead answers it)
+                outcome = self._rejected(namespace, submission_id, exc)
+        await self.store.submissions.put(submission_id, outcome)
+        await self._announce(outcome)
+
+    def _identify(self, delivery: Delivery) -> tuple[str, str, InvalidInput | None]:
+        """(namespace, submission id, the id's problem if the publisher's id cannot be used)."""
+        namespace = s.submit_namespace(delivery.subject)
+        if not s.TOKEN.fullmatch(namespace):
+            # Not even a subject token: there is no subject to answer on (an invalid namespace that is a
+            # token is answered with a 400 by _process).
+            raise Poison(f"submission on {shown(delivery.subject)}: the namespace is not a valid subject token")
+        fallback = f"{SEQ_PREFIX}{delivery.stream_seq}"
+        given = delivery.msg_id
+        if not given:
+            return namespace, fallback, None
+        if not s.TOKEN.fullmatch(given) or given.startswith(SEQ_PREFIX):
+            problem = InvalidInput(
+                f"invalid submission id {shown(given)}: use 1-128 letters, digits, '_' and '-', starting with a "
+                f"letter or digit and not with {SEQ_PREFIX!r}; this submission is known as {fallback}",
+                field=MSG_ID_HEADER)
+            return namespace, fallback, problem
+        return namespace, given, None
+
+    async def on_dead(self, delivery: Delivery, error: str) -> None:
+        """A submission given up on is answered, so its sender does not wait for ever."""
         try:
-            outcome = await self._process(namespace, submission_id, delivery.data)
-        except ShoalError as exc:
-            if exc.retryable or (isinstance(exc, Internal) and delivery.num_delivered < MAX_ATTEMPTS):
-                raise
-            outcome = self._rejected(namespace, submission_id, exc)
-        except Exception as exc:
-            if delivery.num_delivered < MAX_ATTEMPTS:
-                raise
-            log.exception("submission %s failed %d times", submission_id, delivery.num_delivered)
-            outcome = self._rejected(namespace, submission_id, Internal(f"submission could not be processed: {exc}"))
+            namespace, submission_id, _ = self._identify(delivery)
+        except Poison:
+            return  # no subject to answer on; the dead letter says why
+        outcome = self._rejected(namespace, submission_id, Internal(f"submission could not be processed: {error}"))
         await self.store.submissions.put(submission_id, outcome)
         await self._announce(outcome)
 

@@ -1,13 +1,31 @@
 """The one wrapper around nats-py. Nothing outside this package imports `nats`."""
 
-from ._bus import Bus, Expectation, Message, PubAck, map_error
-from ._consumer import Consumer, ConsumerSpec, Delivery, retry_delay
+from ._bus import Bus, Expectation, Message, PubAck, StoredMessage, map_error
+from ._consumer import (
+    DEAD_ATTEMPTS,
+    DEAD_CONSUMER,
+    DEAD_ERROR,
+    DEAD_SEQ,
+    DEAD_SIZE,
+    DEAD_SUBJECT,
+    Consumer,
+    ConsumerSpec,
+    Delivery,
+    retry_delay,
+)
 from ._kv import Entry, Kv, Watch, is_delete
 from ._reader import OrderedReader, StreamMessage, read_batches
 from ._service import ApiRequest, ApiService, error_reply
 from ._topology import BucketSpec, Source, StreamSpec
 
 __all__ = [
+    "DEAD_ATTEMPTS",
+    "DEAD_CONSUMER",
+    "DEAD_ERROR",
+    "DEAD_SEQ",
+    "DEAD_SIZE",
+    "DEAD_SUBJECT",
+    "StoredMessage",
     "ApiRequest",
     "ApiService",
     "BucketSpec",

@@ -107,6 +107,19 @@ class Expectation:
             pass
 
 
+class StoredMessage:
+    """One message read back from a stream by sequence."""
+
+    __slots__ = ("subject", "data", "headers", "seq", "at")
+
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str], seq: int, at: float) -> None:
+        self.subject = subject
+        self.data = data
+        self.headers = headers
+        self.seq = seq
+        self.at = at
+
+
 class PubAck:
     __slots__ = ("stream", "seq", "duplicate")
 
@@ -365,6 +378,24 @@ class Bus:
         created = info.created.isoformat() if info.created is not None else ""
         return {"messages": info.state.messages, "first_seq": info.state.first_seq, "last_seq": info.state.last_seq,
                 "created": created}
+
+    async def read_stream(self, stream: str, subjects: str, start_seq: int, limit: int) -> list[StoredMessage]:
+        """Up to `limit` messages of `stream` matching `subjects`, from `start_seq` on (for small admin
+        listings; followers use OrderedReader)."""
+        out: list[StoredMessage] = []
+        seq = max(1, start_seq)
+        while len(out) < limit:
+            try:
+                raw = await self.js.get_msg(stream, seq=seq, subject=subjects, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            except Exception as exc:
+                raise map_error(exc, f"read {stream}") from None
+            assert raw.seq is not None
+            out.append(StoredMessage(raw.subject or "", raw.data or b"", dict(raw.headers or {}), raw.seq,
+                                     raw.time.timestamp() if raw.time else 0.0))
+            seq = raw.seq + 1
+        return out
 
     async def consumer_pending(self, stream: str, durable: str) -> int | None:
         """Messages a durable has not yet been handed plus those awaiting ack; None if it does not exist."""

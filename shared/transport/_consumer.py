@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from .. import telemetry
-from ..errors import ShoalError
+from ..errors import Poison, ShoalError
 from ..subjects import dead_letter
 from ._bus import MSG_ID_HEADER, Bus, Message, header_value, map_error, message_size
 
@@ -306,6 +306,10 @@ class Consumer:
 
     async def _settle_failed(self, delivery: Delivery, exc: Exception) -> None:
         attempt = delivery.num_delivered
+        if isinstance(exc, Poison):
+            log.error("dead letter %s: %s", delivery.subject, exc)
+            await self._dead(delivery, str(exc))
+            return
         if attempt >= self.spec.max_attempts:
             log.error("giving up on %s after %d attempts: %s", delivery.subject, attempt, exc)
             await self._dead(delivery, f"failed {attempt} times; last error: {_describe(exc)}")

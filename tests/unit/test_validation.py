@@ -20,7 +20,7 @@ HEALTH_CHECK = {"deadline": "5m", "interval": "10s"}
 def decode(**fields: Any) -> JobSpec:
     doc: dict[str, Any] = {"name": "web", "type": "pipeline", "config": COMMAND}
     doc.update(fields)
-    return from_json(json.dumps(doc).encode(), JobSpec)
+    return from_json(json.dumps(doc).encode(), JobSpec, prefix="spec.")
 
 
 def validate(namespace: str = "default", /, **fields: Any) -> list[str]:
@@ -28,9 +28,9 @@ def validate(namespace: str = "default", /, **fields: Any) -> list[str]:
 
 
 def invalid(namespace: str = "default", /, **fields: Any) -> InvalidInput:
-    spec = decode(**fields)
+    """The error of a spec that decoding (types and ranges) or validation (rules) refuses."""
     with pytest.raises(InvalidInput) as info:
-        validate_spec(spec, namespace)
+        validate_spec(decode(**fields), namespace)
     assert info.value.code == 400
     return info.value
 
