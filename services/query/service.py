@@ -189,6 +189,8 @@ class QueryService(Component):
         namespace = check_namespace(req.token(2))
         q = from_json(req.data, ListJobExecutionsRequest)
         limit = page_limit(q.limit)
+        if q.node_id:
+            check_node_id(q.node_id)
         if q.job_version is not None:
             if not q.job:
                 raise InvalidInput("job_version needs job", field="job_version")
@@ -217,7 +219,6 @@ class QueryService(Component):
             where.append("job_version = ?")
             params.append(version)
         if q.node_id:
-            check_node_id(q.node_id)
             where.append("node_id = ?")
             params.append(q.node_id)
         if q.state is not None:
