@@ -25,6 +25,8 @@ class Settings(msgspec.Struct, kw_only=True):
     # Restart backoff: base * 2**restarts, capped.
     restart_backoff_base: float = 1.0
     restart_backoff_max: float = 60.0
+    # A gated execution not settled this long after its health deadline has stalled (counted as failed).
+    stall_grace: float = 30.0
     # The query service's SQLite view (one file per replica).
     query_db: str = "shoal-query.db"
     # How long a next_token stays good: the view keeps the rows a walk's snapshot needs this long.
@@ -55,6 +57,7 @@ def from_env(**overrides: object) -> Settings:
         sweep_interval=_float("SHOAL_SWEEP_INTERVAL", 1.0),
         restart_backoff_base=_float("SHOAL_RESTART_BACKOFF_BASE", 1.0),
         restart_backoff_max=_float("SHOAL_RESTART_BACKOFF_MAX", 60.0),
+        stall_grace=_float("SHOAL_STALL_GRACE", 30.0),
         query_db=env.get("SHOAL_QUERY_DB") or "shoal-query.db",
         page_retention=_float("SHOAL_PAGE_RETENTION", 600.0),
         traces_exporter=env.get("SHOAL_TRACES_EXPORTER") or env.get("OTEL_TRACES_EXPORTER") or "none",

@@ -84,7 +84,7 @@ from shared.runtime import Component, start_component  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 FAST = dict(heartbeat_interval=0.2, node_timeout=1.0, lost_grace=3.0, sweep_interval=0.1,
-            restart_backoff_base=0.1, restart_backoff_max=1.0)
+            restart_backoff_base=0.1, restart_backoff_max=1.0, stall_grace=2.0)
 
 
 class Cluster:

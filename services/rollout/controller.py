@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HEALTH_VERDICTS = frozenset({"unhealthy", "deadline"})
+# Failures that say something about the node, not about the version: they are restarted by the restart
+# policy and never spend the failure budget (an operator restarting agents must not roll back a release).
+NODE_TROUBLE = frozenset({"agent-restart", "agent-shutdown"})
 
 
 def derived_id(*parts: str) -> str:
@@ -219,26 +222,42 @@ class Controller:
             for (_, node_id), execution in zip(missing, created):
                 latest[node_id] = execution
 
-        # 2. Failures against the budget.
+        # 2. Failures against the budget (node trouble is not the version's failure), and stalls.
         newly_failed = [
             n for n in started
             if n not in rollout.failed_nodes and latest.get(n) is not None
             and latest[n].observed == "failed" and latest[n].status.stable_at is None
+            and latest[n].status.details.get("reason") not in NODE_TROUBLE
         ]
         if in_rollout and newly_failed:
             await self._count_failures(job, rollout, record.revision, spec, newly_failed, executions)
             return False
+        if rollout.state == "deploying" and await self._stalled(job, rollout, record.revision, spec, started,
+                                                                 latest, executions, now):
+            return False
 
-        # 3. Restarts by policy.
+        # 3. Restarts by policy: the rolled-out version where its wave has started, and whatever still
+        #    runs on the targets it has not reached yet (they must not be left bare meanwhile).
+        keep: set[str] = set()  # ended executions the policy will still restart (they stay desired running)
         for node_id in started:
             execution = latest.get(node_id)
-            if execution is not None and self._needs_restart(execution, spec, rollout):
+            if execution is None or not restartable(execution, spec, rollout):
+                continue
+            keep.add(execution.id)
+            if self._needs_restart(execution, spec, rollout):
                 successor = await self._restart(job, rollout, spec, execution, executions, now)
                 if successor is not None:
                     latest[node_id] = successor
+        unreached = set(rollout.targets) - set(started)
+        for execution in _current_elsewhere(executions, unreached, rollout.job_version):
+            if execution.job_spec is not None and restartable(execution, execution.job_spec, rollout):
+                keep.add(execution.id)
+                if self._needs_restart(execution, execution.job_spec, rollout):
+                    await self._restart(job, rollout, execution.job_spec, execution, executions, now)
 
-        # 4. Stop what is superseded: older versions once the new one is stable, and non-targets.
-        await self._retire(executions, latest, set(rollout.targets), rollout)
+        # 4. Stop what is superseded (older versions once the new one is stable, non-targets) and say of
+        #    what has ended that it is no longer meant to run.
+        await self._retire(executions, latest, set(rollout.targets), rollout, keep)
 
         # 5. Waves.
         if rollout.state == "deploying" and await self._advance(rollout, record.revision, spec, latest):
@@ -282,18 +301,12 @@ class Controller:
         await self.store.mutate_execution(previous, link)
 
     def _needs_restart(self, execution: Execution, spec: JobSpec, rollout: Rollout) -> bool:
-        if execution.desired != "running" or execution.status.next_execution_id:
-            return False
-        if rollout.state == "failed" and not rollout.rollback_of:
-            return False  # a failed rollout is not kept alive by restarts
-        observed = execution.observed
-        if observed == "completed":
-            return spec.restart_policy == "always"
-        if observed not in ("failed", "stopped"):
+        """Restart it now (once its backoff has passed)."""
+        if not restartable(execution, spec, rollout):
             return False
         if execution.status.details.get("reason") in HEALTH_VERDICTS and rollout.state in IN_PROGRESS:
             return False  # a health verdict during a rollout is the rollout's signal, not a crash
-        return spec.restart_policy in ("on-failure", "always")
+        return True
 
     async def _restart(self, job: Job, rollout: Rollout, spec: JobSpec, execution: Execution,
                        executions: list[Execution], now: dt.datetime) -> Execution | None:
@@ -314,10 +327,18 @@ class Controller:
         return successor
 
     async def _retire(self, executions: list[Execution], latest: dict[str, Execution], targets: set[str],
-                      rollout: Rollout) -> None:
+                      rollout: Rollout, keep: set[str]) -> None:
         changes = []
         for execution in executions:
-            if execution.desired == "stopped" or execution.observed in TERMINAL_STATES:
+            if execution.desired == "stopped":
+                continue
+            if execution.observed in TERMINAL_STATES:
+                # Ended, and not waiting for a restart: no longer meant to run (so no node ever shows two
+                # executions of a job desired running, nor an ended one that says it should run).
+                if execution.id not in keep:
+                    reason = f"ended: {execution.observed}"
+                    changes.append(self.store.mutate_execution(
+                        execution, lambda e, reason=reason: _desire_stop(e, reason, "")))
                 continue
             if execution.job_version == rollout.job_version and latest.get(execution.node_id) is execution:
                 continue
@@ -425,7 +446,7 @@ class Controller:
                 message = f"{reason}; version {stable} has the same spec, so there is nothing to roll back to"
             else:
                 message = f"{reason}; rolling back to version {stable}"
-                restore = _rollback_targets(rollout, executions, stable)
+                restore = _rollback_targets(rollout)
                 now = utcnow()
                 replacement = Rollout(
                     namespace=rollout.namespace, job_id=rollout.job_id,
@@ -538,11 +559,63 @@ class Controller:
         await gather_bounded(
             self.store.mutate_execution(execution, lambda e: _desire_stop(e, reason, ""))
             for execution in executions
-            if execution.desired != "stopped" and execution.observed not in TERMINAL_STATES
+            if execution.desired != "stopped"
         )
+
+    async def _stalled(self, job: Job, rollout: Rollout, revision: int, spec: JobSpec, started: list[str],
+                       latest: dict[str, Execution], executions: list[Execution], now: dt.datetime) -> bool:
+        """Count executions of a gated wave that never settle (pending, starting or unjudged long past
+        their health deadline) as failed nodes, stop them, and say so; otherwise wake up when the next
+        one could stall. True if the rollout record changed."""
+        check = spec.rollout.health_check
+        if not rollout.gated or check is None:
+            return False
+        # Stalled: it never started, or nothing can judge it. Counted as failed rather than waited for.
+        limit = dt.timedelta(microseconds=check.deadline // 1000, seconds=self.settings.stall_grace)
+        stalled: list[Execution] = []
+        soonest: dt.datetime | None = None
+        for node_id in started:
+            execution = latest.get(node_id)
+            if (execution is None or node_id in rollout.failed_nodes or settled(execution)
+                    or execution.observed == "lost" or execution.desired != "running"):
+                continue
+            due = execution.status.created_at + limit
+            if now >= due:
+                stalled.append(execution)
+            elif soonest is None or due < soonest:
+                soonest = due
+        if not stalled:
+            if soonest is not None:
+                await self.schedule(rollout, soonest, "stall-check")
+            return False
+        reason = f"stalled: still {{}} {limit.total_seconds():g}s after it was created (health deadline + grace)"
+        await gather_bounded(
+            self.store.mutate_execution(e, lambda x, e=e: _desire_stop(x, reason.format(e.observed), ""))
+            for e in stalled)
+        names = ", ".join(f"{e.node_id} ({e.observed})" for e in stalled[:5])
+        more = f" and {len(stalled) - 5} more" if len(stalled) > 5 else ""
+        log.info("%s/%s: wave %d stalled on %s%s", rollout.namespace, rollout.job_id, rollout.current_wave,
+                 names, more)
+        rollout.message = f"wave {rollout.current_wave}: {names}{more} never settled; counted as failed"
+        await self._count_failures(job, rollout, revision, spec, [e.node_id for e in stalled], executions)
+        return True
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+def restartable(execution: Execution, spec: JobSpec, rollout: Rollout) -> bool:
+    """An ended execution that the restart policy replaces (now, or once its rollout allows it)."""
+    if execution.desired != "running" or execution.status.next_execution_id:
+        return False
+    if rollout.state == "failed" and not rollout.rollback_of:
+        return False  # a failed rollout is not kept alive by restarts
+    observed = execution.observed
+    if observed == "completed":
+        return spec.restart_policy == "always"
+    if observed in ("failed", "stopped"):
+        return spec.restart_policy in ("on-failure", "always")
+    return False
 
 
 def finished_at(execution: Execution) -> dt.datetime:
@@ -598,14 +671,24 @@ def _active_other(executions: list[Execution], node_id: str, version: int) -> Ex
     return max(candidates, key=lambda e: (e.status.created_at, e.id), default=None)
 
 
-def _rollback_targets(rollout: Rollout, executions: list[Execution], stable: int) -> list[str]:
-    """Nodes the failed version reached, plus those still running the stable version (kept, not touched)."""
-    running_stable = {
-        e.node_id for e in executions
-        if e.job_version == stable and e.desired == "running" and e.observed not in TERMINAL_STATES
-    }
-    reached = set(rollout.started_targets())
-    return [n for n in rollout.targets if n in reached or n in running_stable]
+def _rollback_targets(rollout: Rollout) -> list[str]:
+    """Every target of the failed rollout: the stable version must run on all of them again. Where it
+    still runs it is kept as it is; where it does not (the failed version replaced it, or it ended while
+    the rollout had not reached the node yet) it is started again: no node is left bare."""
+    return list(rollout.targets)
+
+
+def _current_elsewhere(executions: list[Execution], nodes: set[str], version: int) -> list[Execution]:
+    """On each of `nodes`, the newest execution of another version than `version` that is meant to run
+    and that nothing replaces yet: what a rollout that has not reached the node leaves running there."""
+    current: dict[str, Execution] = {}
+    for e in executions:
+        if (e.node_id in nodes and e.job_version != version and e.desired == "running"
+                and not e.status.next_execution_id):
+            held = current.get(e.node_id)
+            if held is None or (e.status.created_at, e.id) > (held.status.created_at, held.id):
+                current[e.node_id] = e
+    return list(current.values())
 
 
 def _finished_message(rollout: Rollout) -> str:
