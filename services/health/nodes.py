@@ -21,7 +21,7 @@ from shared.durations import format_duration, utcnow
 from shared.errors import Conflict
 from shared.models import TERMINAL_STATES, Evaluation, Execution, Node, NodeState
 from shared.store import Mirror, Store
-from shared.transport import ApiRequest, Bus, Kv
+from shared.transport import ApiRequest, Bus, Kv, Watch
 from shared.validation import check_hostname, check_labels, check_node_id
 
 from .transitions import lost_since, mark_lost, set_observed
@@ -110,10 +110,33 @@ class Liveness:
         self.mirror = Mirror(store.nodes)
         self.nodes = self.mirror.items
         self._settled: dict[str, int] = {}
+        # While this replica could not hear NATS it heard no heartbeat either: after a reconnect, or once
+        # its heartbeat reader reads again after failing (JetStream recovering), every node gets a full
+        # timeout again; otherwise a server restart would disconnect the whole fleet.
+        self._watch: Watch | None = None
+        self._forgiven_at = 0.0
+        bus.on_reconnect(self.forgive_silence)
+
+    def forgive_silence(self) -> None:
+        now = asyncio.get_running_loop().time()
+        self._forgiven_at = now
+        for node_id in self.last_seen:
+            self.last_seen[node_id] = now
+
+    def _deaf(self) -> bool:
+        """Whether this replica cannot judge silence now (it could not hear heartbeats)."""
+        watch = self._watch
+        if watch is None or watch.reader.failing or not self.bus.connected:
+            return True
+        if watch.reader.recovered_at > self._forgiven_at:
+            self.forgive_silence()
+        return False
 
     async def watch_heartbeats(self, stopping: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         async with Kv(self.bus, s.BUCKET_HEARTBEATS).watch(">") as watch:
+            self._watch = watch
+            self.forgive_silence()  # a (re)started watch has heard nothing yet
             async for entry in watch:
                 if stopping.is_set():
                     return
@@ -123,7 +146,7 @@ class Liveness:
 
     async def sweep(self) -> None:
         """One pass: disconnect silent nodes, reconnect returning ones, fail executions lost too long."""
-        if not self.mirror.ready.is_set():
+        if not self.mirror.ready.is_set() or self._deaf():
             return
         now_mono = asyncio.get_running_loop().time()
         for node_id, node in list(self.nodes.items()):

@@ -168,7 +168,7 @@ class Watch:
 
     def __init__(self, kv: Kv, pattern: str, batch: int = 512) -> None:
         self._kv = kv
-        self._reader = OrderedReader(kv.bus, kv.stream, filter_subject=kv._prefix + pattern, last_per_subject=True,
+        self.reader = self._reader = OrderedReader(kv.bus, kv.stream, filter_subject=kv._prefix + pattern, last_per_subject=True,
                                      batch=batch)
         self._init_done = False
 

@@ -71,6 +71,10 @@ class OrderedReader:
         self._idle_since = 0.0
         self.initial_pending: int | None = None  # messages matching when the first consumer was created
         self.recreated = 0
+        # Whether the last attempt to read failed, and when reading last came back after a failure (loop
+        # time): a follower that judges silence (no heartbeats) must not count what it could not hear.
+        self.failing = False
+        self.recovered_at = 0.0
 
     async def open(self) -> None:
         """Create the server-side consumer now (otherwise the first `next_batch` does)."""
@@ -111,18 +115,24 @@ class OrderedReader:
 
         Raises Unavailable while the server cannot be reached (the caller backs off and calls again).
         """
-        if self._sub is None or self._generation != self.bus.generation:
-            await self._create()
         try:
+            if self._sub is None or self._generation != self.bus.generation:
+                await self._create()
             msgs = await self._sub.fetch(self.batch, timeout=wait)
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
             await self._check_idle()
+            self._ok()
             return []
+        except ShoalError:
+            self.failing = True
+            raise
         except Exception as exc:
             log.info("reading %s: %s; starting over after sequence %d", self.stream, exc or type(exc).__name__,
                      self.last_seq)
+            self.failing = True
             await self._drop()
             raise map_error(exc, f"read {self.stream}") from None
+        self._ok()
         out: list[StreamMessage] = []
         for msg in msgs:
             meta = msg.metadata
@@ -140,6 +150,11 @@ class OrderedReader:
         if out:
             self._idle_since = asyncio.get_running_loop().time()
         return out
+
+    def _ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            self.recovered_at = asyncio.get_running_loop().time()
 
     async def _check_idle(self) -> None:
         """No message for a while: make sure the consumer still exists (a restarted server forgets it)."""
