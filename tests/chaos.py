@@ -111,7 +111,7 @@ async def _round(chaos: Chaos, stack: Stack) -> Report:
         submitted: dict[str, str] = {}
         tasks = [asyncio.create_task(_kill_loop(chaos, stack, rng, report, stop)),
                  asyncio.create_task(_submit_loop(chaos, bus, rng, submitted, stop)),
-                 asyncio.create_task(_follow_rollout(chaos, client, stop))]
+                 asyncio.create_task(_follow_rollout(chaos, client, report, started, stop))]
         await asyncio.sleep(chaos.chaos_seconds)
         stop.set()
         await asyncio.gather(*tasks)
@@ -119,7 +119,8 @@ async def _round(chaos: Chaos, stack: Stack) -> Report:
         await _until(lambda: _all_alive(stack), 60)
         settle = time.monotonic()
         await _check_rollout(client, report, chaos)
-        report.rollout_seconds = time.monotonic() - started
+        if not report.rollout_seconds:
+            report.rollout_seconds = time.monotonic() - started
         await _check_placement(client, report, chaos)
         await _check_submissions(client, bus, submitted, report, chaos)
         await _check_views(stack, client, bus, report, chaos)
@@ -169,7 +170,8 @@ async def _all_alive(stack: Stack) -> bool:
     return not stack.dead()
 
 
-async def _follow_rollout(chaos: Chaos, client: Client, stop: asyncio.Event) -> None:
+async def _follow_rollout(chaos: Chaos, client: Client, report: Report, started: float,
+                          stop: asyncio.Event) -> None:
     """Log each step of the rolling update, so that a round's log shows which faults hit it."""
     last = ""
     while not stop.is_set():
@@ -181,6 +183,8 @@ async def _follow_rollout(chaos: Chaos, client: Client, stop: asyncio.Event) -> 
             if line != last:
                 chaos.say(line)
                 last = line
+                if st.job_version == 2 and st.state == "succeeded" and not report.rollout_seconds:
+                    report.rollout_seconds = time.monotonic() - started
         except ShoalError:
             pass
         await asyncio.sleep(0.5)
@@ -389,7 +393,8 @@ async def _instances(bus: Bus, service: str, wait: float = 1.0) -> set[str]:
                 msg = await sub.next_msg(timeout=max(0.05, deadline - time.monotonic()))
             except Exception:
                 break
-            found.add(json.loads(msg.data).get("id", ""))
+            if msg.data:  # (an empty message is the server's "no responders")
+                found.add(json.loads(msg.data).get("id", ""))
     finally:
         await sub.unsubscribe()
     return found
