@@ -305,3 +305,74 @@ def test_size_limit_error_uses_the_prefix_as_field() -> None:
     with pytest.raises(InvalidInput) as info:
         from_json(b" " * (MAX_REQUEST_BYTES + 1), JobSpec, prefix="spec.")
     assert info.value.field == "spec"
+
+
+# -- bounds: every number has a range, every free-form value a size and depth -------------------------
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"timeouts": {"total_timeout": 10**12}}, "spec.timeouts.total_timeout"),
+    ({"timeouts": {"execution_timeout": 2**63}}, "spec.timeouts.execution_timeout"),
+    ({"priority": 2**63}, "spec.priority"),
+    ({"priority": -(2**63) - 1}, "spec.priority"),
+    ({"rollout": {"max_failed_nodes": 10**30}}, "spec.rollout.max_failed_nodes"),
+    ({"rollout": {"strategy": "canary", "canary": {"canary_count": 2**64},
+                  "health_check": HEALTH_CHECK}}, "spec.rollout.canary.canary_count"),
+    ({"config": {**COMMAND, "n": 2**63}}, "spec.config.n"),
+    ({"config": {**COMMAND, "deep": {"list": [1, {"x": -(2**63) - 1}]}}}, "spec.config.deep.list[1].x"),
+    ({"name": "n" * 129}, "spec.name"),
+    ({"meta": {f"k{i}": "v" for i in range(65)}}, "spec.meta"),
+    ({"selector": {"match_expressions": ["a"] * 65}}, "spec.selector.match_expressions"),
+])
+def test_numbers_and_sizes_out_of_range_are_400s_naming_the_field(fields: dict, field: str) -> None:
+    assert invalid(**fields).field == field
+
+
+def test_a_year_of_timeout_is_the_most() -> None:
+    assert validate(timeouts={"total_timeout": 366 * 86_400}) == []
+    assert invalid(timeouts={"total_timeout": 366 * 86_400 + 1}).field == "spec.timeouts.total_timeout"
+
+
+def test_config_depth_and_size_are_bounded() -> None:
+    nested: dict = {"command": ["true"]}
+    node = nested
+    for _ in range(32):  # 32 levels below config
+        node["x"] = {}
+        node = node["x"]
+    assert validate(config=nested) == []
+    node["x"] = {}  # the 33rd
+    assert invalid(config=nested).field == "spec.config" + ".x" * 33
+    assert invalid(config={**COMMAND, "blob": "b" * (64 * 1024)}).field == "spec.config"
+
+
+def test_config_nested_thousands_of_levels_deep_is_a_400_not_a_crash() -> None:
+    body = b'{"spec": {"name": "d", "type": "query", "config": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}}"
+    with pytest.raises(InvalidInput) as info:
+        from_json(body, PutJobRequest)
+    assert "nested" in info.value.message
+
+
+@pytest.mark.parametrize(("check", "field", "words"), [
+    ({"interval": 5, "deadline": "5m"}, "interval", "at least"),  # 5 ns: agents would spin
+    ({"interval": "50ms", "deadline": "5m"}, "interval", "between 100ms"),
+    ({"interval": "25h", "deadline": "700h"}, "interval", "between"),
+    ({"interval": "10s", "deadline": "5s"}, "deadline", "at least one interval"),
+    ({"interval": "10s", "deadline": "721h"}, "deadline", "at most"),
+])
+def test_health_intervals_and_deadlines_have_sensible_bounds(check: dict, field: str, words: str) -> None:
+    error = invalid(rollout={"strategy": "rolling", "health_check": check})
+    assert error.field == f"spec.rollout.health_check.{field}"
+    assert any(w in error.message for w in (words, "between"))
+
+
+def test_the_smallest_health_interval_is_accepted() -> None:
+    assert validate(rollout={"strategy": "rolling", "health_check": {"interval": "100ms", "deadline": "100ms",
+                                                                     "success_threshold": 1}}) == []
+
+
+@pytest.mark.parametrize("body", [b'{"spec": {"name": "\xff", "type": "query"}}',
+                                  b'{"spec": {"name": "a", "type": "query", "labels": {"\xc3\x28": "v"}}}'])
+def test_invalid_utf8_is_a_400_naming_the_field(body: bytes) -> None:
+    with pytest.raises(InvalidInput) as info:
+        from_json(body, PutJobRequest)
+    assert "UTF-8" in info.value.message and info.value.field and info.value.field.startswith("spec.")
