@@ -232,3 +232,25 @@ def test_rollout_commands_steer_a_canary_and_a_rolling_update(dev, tmp_path) -> 
     again = cli(url, "rollout", "promote", "edge-app", check=False)
     assert again.returncode == 1 and again.stderr.startswith("error: rollout of 'edge-app' is")
     cli(url, "job", "stop", "edge-app")
+
+
+def test_dead_letters_shows_what_was_given_up_on_and_why(dev) -> None:
+    url, _ = dev
+    import asyncio
+
+    from shared import subjects as s
+    from shared.transport import Bus
+
+    async def poison() -> None:
+        bus = await Bus.connect(url, name="e2e")
+        try:  # a namespace that is no subject token: no subject to answer on, so a dead letter
+            await bus.js_publish(s.submit("x" * 300), b'{"spec": {}}', msg_id="poison-1")
+        finally:
+            await bus.close()
+
+    asyncio.run(poison())
+    listed = until(lambda: (out := cli(url, "dead-letters").stdout) and "SHOAL_SUBMISSIONS" in out and out, 30)
+    assert "namespace is not a valid subject token" in listed and "shoal.submit.xxx" in listed
+    raw = cli(url, "dead-letters", "-o", "json").stdout
+    items = json.loads(raw)["items"]
+    assert items[-1]["stream"] == "SHOAL_SUBMISSIONS" and items[-1]["attempts"] == 1
