@@ -118,38 +118,60 @@ def from_json(data: bytes, tp: type[T], *, prefix: str = "", max_bytes: int | No
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}", field=prefix.rstrip(".") or None) from None
     except UnicodeDecodeError:
-        field = _invalid_utf8_field(data)
+        field = path_at(data, stop=_first_bad_byte(data))
         raise InvalidInput("a string is not valid UTF-8", field=(prefix + field).strip(".") or None) from None
     except RecursionError:
+        field = path_at(data, depth=MAX_DEPTH)
         raise InvalidInput(f"JSON nested more than {MAX_DEPTH} levels deep",
-                           field=prefix.rstrip(".") or None) from None
+                           field=(prefix + field).strip(".") or None) from None
 
 
 MAX_DEPTH = 32  # of free-form JSON (a job's config); msgspec's own limit is reached long after
 
 
-def _invalid_utf8_field(data: bytes) -> str:
-    """The JSON path of the first string holding bytes that are not UTF-8 ("" if it cannot be told)."""
+def _first_bad_byte(data: bytes) -> int:
     try:
-        tree = msgspec.json.decode(data.decode("utf-8", errors="replace"))
-    except (msgspec.DecodeError, RecursionError):
-        return ""
-    stack: list[tuple[str, Any]] = [("", tree)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, str):
-            if "\ufffd" in node:
-                return path
-        elif isinstance(node, dict):
-            for key, value in reversed(list(node.items())):
-                child = f"{path}.{key}" if path else str(key)
-                if "\ufffd" in key:
-                    return child
-                stack.append((child, value))
-        elif isinstance(node, list):
-            for i in reversed(range(len(node))):
-                stack.append((f"{path}[{i}]", node[i]))
-    return ""
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return len(data)
+
+
+def path_at(data: bytes, *, stop: int | None = None, depth: int | None = None) -> str:
+    """The JSON path of the value at byte `stop`, or of the first container nested deeper than `depth`,
+    found by scanning the raw bytes (for errors the decoder cannot place: bad bytes, deep nesting)."""
+    path: list[list[Any]] = []  # [kind, key or index]
+    last = ""
+    i, end = 0, len(data) if stop is None else min(stop, len(data))
+    while i < end:
+        c = data[i]
+        if c == 0x22:  # a string: remember it, it may be a key
+            j = i + 1
+            while j < len(data) and data[j] != 0x22:
+                j += 2 if data[j] == 0x5C else 1
+            last = data[i + 1:j].decode("utf-8", errors="replace")
+            if stop is not None and j >= stop:
+                break
+            i = j + 1
+            continue
+        if c in (0x7B, 0x5B):  # { [
+            if depth is not None and len(path) >= depth:
+                break
+            path.append(["o", ""] if c == 0x7B else ["a", 0])
+        elif c in (0x7D, 0x5D) and path:  # } ]
+            path.pop()
+        elif c == 0x3A and path and path[-1][0] == "o":  # : after a key
+            path[-1][1] = last
+        elif c == 0x2C and path and path[-1][0] == "a":  # , in a list
+            path[-1][1] += 1
+        i += 1
+    out = ""
+    for kind, at in path:
+        if kind == "a":
+            out += f"[{at}]"
+        elif at:
+            out += f".{at}" if out else at
+    return out
 
 
 def check_free_form(value: Any, field: str, *, max_depth: int = MAX_DEPTH) -> None:
@@ -190,9 +212,9 @@ def to_builtins(obj: Any) -> Any:
     return msgspec.to_builtins(obj, enc_hook=_enc_hook)
 
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]+)`$")
-_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$")
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>.*)`$", re.S)
+_MISSING = re.compile(r"^Object missing required field `(?P<name>.*)`$", re.S)
 
 
 def invalid_input(exc: msgspec.ValidationError, prefix: str = "", tp: Any = None) -> InvalidInput:
@@ -201,6 +223,8 @@ def invalid_input(exc: msgspec.ValidationError, prefix: str = "", tp: Any = None
     message = match.group("msg") if match else str(exc)
     path = (match.group("path") or "") if match else ""
     path = path.lstrip(".")
+    if match and match.group("key"):
+        message = f"a key: {message[:1].lower()}{message[1:]}"
     for pattern in (_UNKNOWN, _MISSING):
         named = pattern.match(message)
         if named:

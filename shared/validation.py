@@ -24,7 +24,8 @@ NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 MAX_DESCRIPTION = 4096
 MAX_LABELS = 64
-MAX_CONFIG_BYTES = 64 * 1024  # a job's config, as JSON: it is copied into every execution
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_PATH = 1024  # a job's config, as JSON: it is copied into every execution
 MIN_HEALTH_INTERVAL = 100 * MILLISECOND
 MAX_HEALTH_INTERVAL = 24 * HOUR
 MAX_HEALTH_DEADLINE = 30 * 24 * HOUR
@@ -171,6 +172,9 @@ def _check_config(spec: JobSpec) -> list[str]:
             raise InvalidInput("a config job needs config.files", field="spec.config.files")
         seen: set[str] = set()
         for i, f in enumerate(files.files):
+            if len(f.path) > MAX_PATH or any(c < " " or c == "\x7f" for c in f.path):
+                raise InvalidInput(f"config file path {shown(f.path)} must be at most {MAX_PATH} characters with no "
+                                   "control characters", field=f"spec.config.files[{i}].path")
             path = posixpath.normpath(f.path)
             if not f.path or f.path.startswith("/") or path in (".", "..") or path.startswith("../"):
                 raise InvalidInput(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 
 from shared import subjects as s
@@ -42,6 +43,7 @@ from .submissions import Submissions
 
 VERSION = "0.1.0"
 DEAD_LETTERS_PAGE = 200
+SEQUENCE = re.compile(r"[1-9][0-9]{0,17}")  # a stream sequence, as dead-letter pages carry it
 PREVIEW_BYTES = 512
 
 
@@ -117,7 +119,7 @@ class SchedulerService(Component):
         """Dead letters, oldest first (`shoal dead-letters`): what was given up on, and why."""
         body = from_json(req.data, ListDeadLettersRequest)
         limit = page_limit(body.limit, default=DEFAULT_PAGE_SIZE, most=DEAD_LETTERS_PAGE)
-        if body.next_token and not body.next_token.isdigit():
+        if body.next_token and not SEQUENCE.fullmatch(body.next_token):
             raise InvalidInput("next_token is malformed", field="next_token")
         start = int(body.next_token or 1)
         found = await self.bus.read_stream(s.STREAM_DEAD, f"{s.DEAD_PREFIX}.>", start, limit + 1)

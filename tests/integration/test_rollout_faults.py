@@ -83,8 +83,12 @@ async def test_a_rollback_restores_every_target_even_those_the_failed_version_ne
                         timeout=30)
     assert final.job_version == 1 and final.target_nodes == 6
     await settled_with(api, "svc", 1, nodes, wait_for)
-    _, j = await api.get_job("svc")
-    assert j.state.state_type == "rollout_failed" and "rolled back to version 1" in j.state.message
+
+    async def told() -> bool:
+        _, j = await api.get_job("svc")
+        return j.state.state_type == "rollout_failed" and "rolled back to version 1" in j.state.message
+
+    await wait_for(told, timeout=10)
 
 
 async def test_an_agent_restart_during_a_rollout_spends_no_failure_budget(cluster, wait_for) -> None:
