@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from . import subjects as s
+from . import telemetry
 from .codec import decode_message, from_msgpack_or_none, to_msgpack
 from .durations import utcnow
 from .errors import Conflict, Internal, NotFound, Unavailable
@@ -77,6 +78,8 @@ class Bucket(Generic[T]):
         """Read, apply `change` in place, write back if it returned anything but False; retry on conflict.
 
         Returns the written record, the unchanged one if `change` declined, or None if the key is absent.
+        Without `headers`, the write carries on the trace of the record it changes (one trace per job,
+        even for a write made outside any span, such as a reconcile of a batch of events).
         """
         for _ in range(MAX_CAS_ATTEMPTS):
             record = await self.get(key)
@@ -84,11 +87,12 @@ class Bucket(Generic[T]):
                 return None
             if change(record.value) is False:
                 return record
+            carried = headers if headers is not None else telemetry.trace_headers(record.headers)
             try:
-                rev = await self.update(key, record.value, last=record.revision, headers=headers)
+                rev = await self.update(key, record.value, last=record.revision, headers=carried)
             except Conflict:
                 continue
-            return Record(key, record.value, rev, headers or {})
+            return Record(key, record.value, rev, carried)
         raise Internal(f"{self.kv.bucket}/{key}: too many concurrent writers")
 
     def decode_or_none(self, entry: Entry) -> Record[T] | None:

@@ -104,12 +104,12 @@ class AgentService(Component):
     async def start(self) -> None:
         if self.fleet is not None:
             self.fleet.load()
-            self.spawn(self.fleet.run(self.stopping), "fleet-state")
+            self.spawn(lambda: self.fleet.run(self.stopping), "fleet-state")
         self.reporter.start()
         self.heartbeats = Kv(self.bus, s.BUCKET_HEARTBEATS)
         await self._register_all()
-        self.spawn(self._heartbeat_loop(), "heartbeats")
-        self.spawn(self._watch(), "assignments")
+        self.spawn(self._heartbeat_loop, "heartbeats")
+        self.spawn(self._watch, "assignments")
 
     async def _register_all(self) -> None:
         gate = asyncio.Semaphore(32)
