@@ -21,7 +21,6 @@ import json
 import random
 import signal
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ from shared import subjects as s
 from shared.api import ListJobExecutionsRequest, ListJobsRequest, ListNodesRequest
 from shared.codec import to_json
 from shared.errors import ShoalError
-from shared.models import TERMINAL_STATES, SubmissionOutcome
+from shared.models import SubmissionOutcome
 from shared.store import Store
 from shared.transport import Bus
+from tests.invariants import placement_problems
 
 ENV = {
     "SHOAL_HEARTBEAT_INTERVAL": "0.5",
@@ -254,23 +254,7 @@ async def _check_rollout(client: Client, report: Report, chaos: Chaos) -> None:
 
 async def _placement(client: Client, chaos: Chaos) -> list[str]:
     items = await client.all_executions(JOB, all_job_versions=True)
-    problems: list[str] = []
-    desired: dict[str, list] = defaultdict(list)
-    for e in items:
-        if e.desired == "running":
-            desired[e.node_id].append(e)
-            if e.observed in TERMINAL_STATES:
-                problems.append(f"{e.node_id}: ended execution {e.id[:8]} ({e.observed}) is desired running")
-    for i in range(1, chaos.nodes + 1):
-        node = f"sim-{i:04d}"
-        live = [e for e in desired[node] if e.observed not in TERMINAL_STATES]
-        if len(desired[node]) > 1:
-            problems.append(f"{node}: {len(desired[node])} executions desired running")
-        if not live:
-            problems.append(f"{node}: bare")
-        elif len(live) > 1 or live[0].job_version != 2 or live[0].observed != "running":
-            problems.append(f"{node}: runs {[(e.job_version, e.observed) for e in live]}, not version 2 running")
-    return problems
+    return placement_problems(items, 2, (f"sim-{i:04d}" for i in range(1, chaos.nodes + 1)))
 
 
 async def _check_placement(client: Client, report: Report, chaos: Chaos) -> None:

@@ -19,25 +19,11 @@ from services.cli.client import Client
 from services.cli.stack import Stack
 from shared.natsserver import free_port
 from shared.transport import Bus
+from tests.e2e.test_dev_stack import FAST_ENV, SHOAL, cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-SHOAL = str(Path(sys.executable).parent / "shoal")
-FAST_ENV = {
-    "SHOAL_HEARTBEAT_INTERVAL": "0.5",
-    "SHOAL_NODE_TIMEOUT": "3",
-    "SHOAL_SWEEP_INTERVAL": "0.25",
-    "SHOAL_RESTART_BACKOFF_BASE": "0.2",
-}
 QUERY_JOB = "name: {name}\ntype: query\nconfig:\n  command: [sh, -c, 'echo hello from $SHOAL_NODE_ID']\n"
-
-
-def cli(url: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **FAST_ENV, "SHOAL_NATS_URL": url}
-    result = subprocess.run([SHOAL, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"shoal {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def children_of(pid: int) -> dict[int, str]:

@@ -10,12 +10,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-
 import pytest
 
 from shared.models import TERMINAL_STATES
 from shared.store import Store
+from tests.invariants import placement_problems
 from tests.integration.test_rollouts import job, start, status, submit, until
 
 pytestmark = pytest.mark.nats
@@ -37,21 +36,7 @@ async def fail_as_agent_restart(store: Store, job_id: str, node_id: str) -> None
 
 async def invariants(api, name: str, version: int, nodes: set[str]) -> list[str]:
     """Problems with what runs where, once settled: [] when every rule holds."""
-    items = await api.all_executions(name, all_job_versions=True)
-    problems: list[str] = []
-    desired: dict[str, list] = defaultdict(list)
-    for e in items:
-        if e.desired == "running":
-            desired[e.node_id].append(e)
-            if e.observed in TERMINAL_STATES:
-                problems.append(f"{e.node_id}: ended execution {e.id[:8]} ({e.observed}) is desired running")
-    for node in sorted(nodes):
-        live = [e for e in desired[node] if e.observed not in TERMINAL_STATES]
-        if len(desired[node]) > 1:
-            problems.append(f"{node}: {len(desired[node])} executions desired running")
-        if len(live) != 1 or live[0].job_version != version or live[0].observed != "running":
-            problems.append(f"{node}: runs {[(e.job_version, e.observed) for e in live]}, not version {version}")
-    return problems
+    return placement_problems(await api.all_executions(name, all_job_versions=True), version, nodes)
 
 
 async def settled_with(api, name: str, version: int, nodes: set[str], wait_for) -> None:
