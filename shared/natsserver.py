@@ -44,17 +44,20 @@ class NatsServer:
     """A nats-server child process with JetStream in `data_dir`, on loopback."""
 
     def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None, log_file: str | None = None,
-                 jetstream_limits: dict[str, int] | None = None) -> None:
+                 jetstream_limits: dict[str, int] | None = None, extra: str = "", scheme: str = "nats") -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.log_file = log_file
+        # More configuration (a cluster block, an authorization include, TLS), appended as it is.
+        self.extra = extra
+        self.scheme = scheme
         # Extra `jetstream.limits` settings (the benchmarks lift the per-stream consumer limit with them).
         self.jetstream_limits = dict(jetstream_limits or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -77,6 +80,7 @@ class NatsServer:
             f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))}"
             + (f", limits: {{ {limits} }}" if limits else "")
             + " }\n"
+            + self.extra
         )
         args = [binary(), "-c", str(config)]
         if self.log_file:
@@ -113,3 +117,33 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class NatsCluster:
+    """Three (or more) nats-servers on loopback routed into one cluster, JetStream on each: what R3
+    streams need. `url` is the seed list of all of them; any one may be killed and started again."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], size: int = 3, *, extra: str = "") -> None:
+        self.data_dir = Path(data_dir)
+        routes = [free_port() for _ in range(size)]
+        self.servers: list[NatsServer] = []
+        for i in range(size):
+            others = ", ".join(f'"nats://127.0.0.1:{p}"' for j, p in enumerate(routes) if j != i)
+            cluster = (f"server_name: n{i + 1}\n"
+                       f"cluster {{ name: shoal, listen: 127.0.0.1:{routes[i]}, routes: [{others}] }}\n")
+            self.servers.append(NatsServer(self.data_dir / f"n{i + 1}", log_file=str(self.data_dir / f"n{i + 1}.log"),
+                                           extra=cluster + extra))
+
+    @property
+    def url(self) -> str:
+        return ",".join(server.url for server in self.servers)
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for server in self.servers:
+            server.start()
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()

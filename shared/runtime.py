@@ -33,6 +33,9 @@ class Component:
 
     name = "component"
     replica = 0
+    # Services create the streams and buckets they use at start; an edge agent may not (its identity
+    # has no access to the JetStream API) and needs none.
+    ensures_topology = True
 
     def __init__(self, bus: Bus, settings: Settings) -> None:
         self.bus = bus
@@ -140,8 +143,8 @@ def setup_logging(level: str) -> None:
 
 
 async def connect(settings: Settings, name: str, *, wait: float | None = 30.0) -> Bus:
-    bus = await Bus.connect(settings.nats_url, name=name, wait=wait)
-    await topology.ensure(bus)
+    bus = await Bus.connect(settings.nats_url, name=name, wait=wait, credentials=settings.credentials())
+    await topology.ensure(bus, replicas=settings.js_replicas)
     return bus
 
 
@@ -155,11 +158,13 @@ async def start_component(factory: Callable[[Bus, Settings], Component], setting
     """
     delay = 0.5
     while True:
-        bus = await Bus.connect(settings.nats_url, name=name, wait=None if patient else 30.0)
+        bus = await Bus.connect(settings.nats_url, name=name, wait=None if patient else 30.0,
+                                credentials=settings.credentials())
         component: Component | None = None
         try:
-            await topology.ensure(bus)
             component = factory(bus, settings)
+            if component.ensures_topology:
+                await topology.ensure(bus, replicas=settings.js_replicas)
             await component.start()
             return component
         except BaseException as exc:

@@ -10,11 +10,24 @@ import os
 
 import msgspec
 
+from .transport import Credentials
+
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 class Settings(msgspec.Struct, kw_only=True):
+    # A comma-separated seed list: the client reconnects across all of them.
     nats_url: str = DEFAULT_NATS_URL
+    # Who this process is to NATS (see shared/transport/_auth.py); all optional.
+    nats_creds: str = ""
+    nats_nkey: str = ""
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    # Replicas of every stream and bucket this process creates (3 on a 3-node cluster); never lowered.
+    js_replicas: int = 1
     # Agents heartbeat this often; a node silent for node_timeout is disconnected and its executions lost.
     heartbeat_interval: float = 5.0
     node_timeout: float = 15.0
@@ -35,6 +48,11 @@ class Settings(msgspec.Struct, kw_only=True):
     traces_file: str = ""
     log_level: str = "INFO"
 
+    def credentials(self) -> Credentials:
+        return Credentials(creds=self.nats_creds, nkey=self.nats_nkey, user=self.nats_user,
+                           password=self.nats_password, tls_ca=self.nats_tls_ca, tls_cert=self.nats_tls_cert,
+                           tls_key=self.nats_tls_key)
+
 
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(name)
@@ -51,6 +69,14 @@ def from_env(**overrides: object) -> Settings:
     env = os.environ
     settings = Settings(
         nats_url=env.get("SHOAL_NATS_URL") or DEFAULT_NATS_URL,
+        nats_creds=env.get("SHOAL_NATS_CREDS", ""),
+        nats_nkey=env.get("SHOAL_NATS_NKEY", ""),
+        nats_user=env.get("SHOAL_NATS_USER", ""),
+        nats_password=env.get("SHOAL_NATS_PASSWORD", ""),
+        nats_tls_ca=env.get("SHOAL_NATS_TLS_CA", ""),
+        nats_tls_cert=env.get("SHOAL_NATS_TLS_CERT", ""),
+        nats_tls_key=env.get("SHOAL_NATS_TLS_KEY", ""),
+        js_replicas=int(_float("SHOAL_JS_REPLICAS", 1)),
         heartbeat_interval=_float("SHOAL_HEARTBEAT_INTERVAL", 5.0),
         node_timeout=_float("SHOAL_NODE_TIMEOUT", 15.0),
         lost_grace=_float("SHOAL_LOST_GRACE", 60.0),

@@ -9,6 +9,8 @@ older than its 30 days, a new view starts from the buckets' current state and fo
 
 from __future__ import annotations
 
+import dataclasses
+
 from . import subjects as s
 from .transport import BucketSpec, Bus, Source, StreamSpec
 
@@ -85,9 +87,10 @@ BUCKETS: tuple[BucketSpec, ...] = (
 )
 
 
-async def ensure(bus: Bus) -> None:
-    """Create every bucket, then every stream (EVENTS sources the buckets' streams)."""
+async def ensure(bus: Bus, *, replicas: int = 1) -> None:
+    """Create every bucket, then every stream (EVENTS sources the buckets' streams), with `replicas`
+    (SHOAL_JS_REPLICAS), and never fewer replicas than an existing one has."""
     for bucket in BUCKETS:
-        await bus.ensure_bucket(bucket)
+        await bus.ensure_bucket(dataclasses.replace(bucket, replicas=replicas))
     for stream in STREAMS:
-        await bus.ensure_stream(stream)
+        await bus.ensure_stream(dataclasses.replace(stream, replicas=replicas))

@@ -27,6 +27,7 @@ from typing import Any
 
 from services.cli.client import Client
 from services.cli.stack import Stack, process_names
+from shared.natsserver import NatsCluster
 from shared import subjects as s
 from shared.api import ListJobExecutionsRequest, ListJobsRequest, ListNodesRequest
 from shared.codec import to_json
@@ -62,6 +63,10 @@ class Chaos:
     down_for: tuple[float, float] = (0.3, 2.0)
     settle_seconds: float = 90.0
     submissions: int = 12
+    # On a NATS cluster of this many nodes (0: one nats-server run by the stack) with streams and buckets
+    # replicated to all of them; one node is killed for good when the rolling update reaches its third wave.
+    cluster: int = 0
+    kill_processes: bool = True
     log: list[str] = field(default_factory=list)
 
     def say(self, line: str) -> None:
@@ -75,6 +80,7 @@ class Report:
     problems: dict[str, list[str]] = field(default_factory=lambda: {c: [] for c in CHECKS})
     rollout_seconds: float = 0.0
     settle_seconds: float = 0.0
+    replicas: dict[str, int] = field(default_factory=dict)  # of every stream (buckets are streams too)
 
     @property
     def ok(self) -> bool:
@@ -88,30 +94,39 @@ class Report:
 
 def run(chaos: Chaos) -> Report:
     """One round: start the stack, roll out under faults, check, stop."""
-    stack = Stack(chaos.data_dir, nodes=0, simulate=chaos.nodes, replicas=chaos.replicas, env=dict(ENV),
-                  backoff_base=0.2, backoff_max=2.0, stable_after=5.0).start()
+    cluster = NatsCluster(chaos.data_dir / "nats", chaos.cluster).start() if chaos.cluster else None
+    env = dict(ENV, SHOAL_JS_REPLICAS=str(chaos.cluster or 1))
     try:
-        return asyncio.run(_round(chaos, stack))
+        stack = Stack(chaos.data_dir / "stack", nodes=0, simulate=chaos.nodes, replicas=chaos.replicas, env=env,
+                      nats_url=cluster.url if cluster else "", backoff_base=0.2, backoff_max=2.0,
+                      stable_after=5.0).start()
+        try:
+            return asyncio.run(_round(chaos, stack, cluster))
+        finally:
+            stack.stop()
     finally:
-        stack.stop()
+        if cluster is not None:
+            cluster.stop()
 
 
-async def _round(chaos: Chaos, stack: Stack) -> Report:
+async def _round(chaos: Chaos, stack: Stack, cluster: NatsCluster | None) -> Report:
     rng = random.Random(chaos.seed)
     report = Report(seed=chaos.seed)
     bus = await Bus.connect(stack.nats_url, name="chaos", wait=30)
     client = Client(bus, timeout=5)
     try:
         await client.wait_ready(chaos.nodes, timeout=90)
+        report.replicas = {name: await bus.replicas_of(name) for name in await bus.stream_names()}
         v1 = await _submit_until_answered(client, _spec(1), "chaos-v1")
         await _until(lambda: _quietly(_rollout_done(client, 1)), 90)
         await _submit_until_answered(client, _spec(2), "chaos-v2")
         started = time.monotonic()
         stop = asyncio.Event()
         submitted: dict[str, str] = {}
-        tasks = [asyncio.create_task(_kill_loop(chaos, stack, rng, report, stop)),
-                 asyncio.create_task(_submit_loop(chaos, bus, rng, submitted, stop)),
-                 asyncio.create_task(_follow_rollout(chaos, client, report, started, stop))]
+        tasks = [asyncio.create_task(_submit_loop(chaos, bus, rng, submitted, stop)),
+                 asyncio.create_task(_follow_rollout(chaos, client, report, started, stop, cluster))]
+        if chaos.kill_processes:
+            tasks.append(asyncio.create_task(_kill_loop(chaos, stack, rng, report, stop)))
         await asyncio.sleep(chaos.chaos_seconds)
         stop.set()
         await asyncio.gather(*tasks)
@@ -171,12 +186,17 @@ async def _all_alive(stack: Stack) -> bool:
 
 
 async def _follow_rollout(chaos: Chaos, client: Client, report: Report, started: float,
-                          stop: asyncio.Event) -> None:
-    """Log each step of the rolling update, so that a round's log shows which faults hit it."""
+                          stop: asyncio.Event, cluster: NatsCluster | None) -> None:
+    """Log each step of the rolling update, so that a round's log shows which faults hit it (and, on a
+    cluster, kill one NATS node for good at the third wave)."""
     last = ""
     while not stop.is_set():
         try:
             _, st = await client.rollout(s.ROLLOUT_STATUS, JOB)
+            if cluster is not None and st.job_version == 2 and st.current_wave >= 3 and "nats-n2" not in report.faults:
+                cluster.servers[1].kill()
+                report.faults.append("nats-n2")
+                chaos.say("killed nats-server n2 (for good)")
             line = f"rollout of version {st.job_version}: {st.state}, wave {st.current_wave}/{st.total_waves}"
             if st.rollback_of:
                 line += f" (rollback of {st.rollback_of})"

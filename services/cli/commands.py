@@ -35,7 +35,7 @@ ROLLOUT_ENDED = frozenset({"succeeded", "failed", "stopped"})
 async def with_client(args: argparse.Namespace, settings: Settings,
                       handler: Callable[[argparse.Namespace, Client], Awaitable[int]]) -> int:
     telemetry.setup("shoal-cli", settings.traces_exporter, settings.traces_file)
-    bus = await Bus.connect(settings.nats_url, name="shoal-cli")
+    bus = await Bus.connect(settings.nats_url, name="shoal-cli", credentials=settings.credentials())
     try:
         return await handler(args, Client(bus, args.namespace, timeout=args.timeout))
     finally:

@@ -25,7 +25,11 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Job orchestration for fleets of edge nodes.")
     parser.add_argument("--nats-url", default=None,
-                        help=f"NATS server (default: $SHOAL_NATS_URL or {DEFAULT_NATS_URL})")
+                        help=f"NATS seed list, comma-separated (default: $SHOAL_NATS_URL or {DEFAULT_NATS_URL})")
+    for flag, env, text in CONNECTION_FLAGS:
+        parser.add_argument(flag, default=None, help=f"{text} (default: ${env})")
+    parser.add_argument("--js-replicas", type=int, default=None,
+                        help="replicas of every stream and bucket created (default: $SHOAL_JS_REPLICAS or 1)")
     parser.add_argument("-n", "--namespace", default=os.environ.get("SHOAL_NAMESPACE", DEFAULT_NAMESPACE),
                         help="namespace (default: $SHOAL_NAMESPACE or 'default')")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
@@ -130,10 +134,50 @@ def _paging(p: argparse.ArgumentParser) -> None:
     p.add_argument("--next-token", default="", help="continue from a previous page")
 
 
+# Connection flags of every command, each also an environment variable (see shared/settings.py).
+CONNECTION_FLAGS = (
+    ("--nats-creds", "SHOAL_NATS_CREDS", "JWT credentials file"),
+    ("--nats-nkey", "SHOAL_NATS_NKEY", "NKey seed file"),
+    ("--nats-user", "SHOAL_NATS_USER", "user name"),
+    ("--nats-password", "SHOAL_NATS_PASSWORD", "password"),
+    ("--nats-tls-ca", "SHOAL_NATS_TLS_CA", "CA certificates that sign the servers' certificates"),
+    ("--nats-tls-cert", "SHOAL_NATS_TLS_CERT", "client certificate (mutual TLS)"),
+    ("--nats-tls-key", "SHOAL_NATS_TLS_KEY", "client certificate's key"),
+)
+# Flags that belong to every command and may be written anywhere on the line (`shoal serve query
+# --nats-url ...` as well as `shoal --nats-url ... serve query`): moved in front before parsing.
+GLOBAL_VALUE_FLAGS = frozenset({"--nats-url", "-n", "--namespace", "--js-replicas",
+                                *(flag for flag, _, _ in CONNECTION_FLAGS)})
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """`argv` with every global flag (and its value) moved before the subcommand."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        name = word.split("=", 1)[0]
+        if word == "--":
+            rest += argv[i:]
+            break
+        if name in GLOBAL_VALUE_FLAGS and name.startswith("--") and "=" in word:
+            front.append(word)
+        elif word in GLOBAL_VALUE_FLAGS and i + 1 < len(argv):
+            front += argv[i:i + 2]
+            i += 1
+        else:
+            rest.append(word)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = from_env(nats_url=args.nats_url)
+    args = parser.parse_args(hoist_global_flags(sys.argv[1:] if argv is None else list(argv)))
+    settings = from_env(nats_url=args.nats_url, js_replicas=args.js_replicas,
+                        **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+                           for flag, _, _ in CONNECTION_FLAGS})
     try:
         if args.command == "serve":
             return serve(args, settings)

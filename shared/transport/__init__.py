@@ -1,5 +1,6 @@
 """The one wrapper around nats-py. Nothing outside this package imports `nats`."""
 
+from ._auth import Credentials, servers
 from ._bus import Bus, Expectation, Message, PubAck, StoredMessage, map_error
 from ._consumer import (
     DEAD_ATTEMPTS,
@@ -19,6 +20,8 @@ from ._service import ApiRequest, ApiService, error_reply
 from ._topology import BucketSpec, Source, StreamSpec
 
 __all__ = [
+    "Credentials",
+    "servers",
     "DEAD_ATTEMPTS",
     "DEAD_CONSUMER",
     "DEAD_ERROR",

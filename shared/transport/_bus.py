@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from ..codec import from_json
 from ..errors import Conflict, ErrorReply, Internal, ShoalError, Unavailable
 from .. import telemetry
+from ._auth import Credentials, servers
 from ._topology import BucketSpec, StreamSpec, bucket_config, stream_config
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ WRONG_LAST_SEQUENCE = 10071
 # The server closes a connection that sends a protocol line longer than its max_control_line (4 KB by
 # default) and nats-py does not reconnect after a server -ERR; so no subject may come near that.
 MAX_SUBJECT = 1024
+MAX_VIOLATIONS = 50
 MAX_HEADER_VALUE = 1024
 
 
@@ -165,22 +167,26 @@ class Bus:
         self.lost_reason = ""
         # Bumped on every reconnect; readers that keep server-side state (ordered consumers) recreate it.
         self.generation = 0
+        self.violations: list[str] = []  # the server's last permission refusals of this connection
         self._on_reconnect: list[Callable[[], Awaitable[None] | None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, wait: float | None = 0.0) -> Bus:
-        """Connect, retrying with backoff for up to `wait` seconds, or for ever when `wait` is None
-        (a service may start before the server, or while it restarts)."""
+    async def connect(cls, url: str, *, name: str, wait: float | None = 0.0,
+                      credentials: Credentials | None = None) -> Bus:
+        """Connect to a seed list (comma-separated URLs), retrying with backoff for up to `wait` seconds, or
+        for ever when `wait` is None (a service may start before the server, or while it restarts)."""
         loop = asyncio.get_running_loop()
         deadline = None if wait is None else loop.time() + wait
         holder: list[Bus] = []
         delay = 0.25
+        seeds = servers(url)
+        options = (credentials or Credentials()).connect_options()
         while True:
             try:
                 nc = await nats.connect(
-                    url,
+                    servers=seeds,
                     name=name,
                     connect_timeout=2,
                     allow_reconnect=True,
@@ -190,10 +196,11 @@ class Bus:
                     # A server that stops answering (not only one that closes the socket) is noticed in ~20 s.
                     ping_interval=10,
                     max_outstanding_pings=2,
-                    error_cb=_log_error,
+                    error_cb=_on_error(name, holder),
                     disconnected_cb=_log_disconnect(name, holder),
                     reconnected_cb=_on_reconnect(name, holder),
                     closed_cb=_on_closed(name, holder),
+                    **options,
                 )
             except Exception as exc:  # the client raises several unrelated types here
                 reason = f"{exc or type(exc).__name__}"
@@ -327,29 +334,43 @@ class Bus:
         return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
+        """Create the stream, or bring an existing one to our config (sources and limits may change between
+        versions) without lowering its replicas: an operator may have raised them."""
         config = stream_config(spec)
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:
-            # Exists with another config: bring it to ours (sources and limits may change between versions).
             try:
-                await self.js.update_stream(config)
+                existing = (await self.js.stream_info(spec.name)).config
+                config.num_replicas = max(config.num_replicas or 1, existing.num_replicas or 1)
+                if _differs(config, existing):
+                    await self.js.update_stream(config)
             except Exception as exc:
                 raise map_error(exc, f"update stream {spec.name}") from None
         except Exception as exc:
             raise map_error(exc, f"create stream {spec.name}") from None
 
     async def ensure_bucket(self, spec: BucketSpec) -> None:
+        """Create the bucket, or raise an existing one's replicas to ours (never lower them)."""
         config = bucket_config(spec)
         try:
             await self.js.create_key_value(config)
         except nats.js.errors.BadRequestError:
             try:
-                await self.js.key_value(spec.name)
+                existing = (await self.js.stream_info(f"KV_{spec.name}")).config
+                if (existing.num_replicas or 1) < spec.replicas:
+                    existing.num_replicas = spec.replicas
+                    await self.js.update_stream(existing)
             except Exception as exc:
                 raise map_error(exc, f"open bucket {spec.name}") from None
         except Exception as exc:
             raise map_error(exc, f"create bucket {spec.name}") from None
+
+    async def replicas_of(self, stream: str) -> int:
+        try:
+            return (await self.js.stream_info(stream)).config.num_replicas or 1
+        except Exception as exc:
+            raise map_error(exc, f"stream info {stream}") from None
 
     async def stream_names(self) -> list[str]:
         try:
@@ -420,6 +441,17 @@ class Bus:
             return False
 
 
+def _differs(wanted: Any, existing: Any) -> bool:
+    """Whether an update would change anything (fields the server fills in are compared as ours)."""
+    for name in ("subjects", "retention", "max_age", "max_bytes", "max_msgs", "max_msgs_per_subject",
+                 "duplicate_window", "num_replicas", "description"):
+        if getattr(wanted, name, None) not in (None, getattr(existing, name, None)):
+            return True
+    mine = [(s.name, [(t.src, t.dest) for t in s.subject_transforms or []]) for s in wanted.sources or []]
+    theirs = [(s.name, [(t.src, t.dest) for t in s.subject_transforms or []]) for s in existing.sources or []]
+    return mine != theirs
+
+
 def _error_from_reply(data: bytes, headers: dict[str, str]) -> ShoalError:
     try:
         return ShoalError.from_body(from_json(data, ErrorReply).error)
@@ -432,9 +464,21 @@ def _error_from_reply(data: bytes, headers: dict[str, str]) -> ShoalError:
     return ShoalError(headers.get(ERROR_HEADER, "error"), code=code)
 
 
-async def _log_error(exc: Exception) -> None:
-    # Connection-level errors are expected while the server restarts; the disconnect callback says it once.
-    log.debug("nats: %s", exc or type(exc).__name__)
+def _on_error(name: str, holder: list[Bus]) -> Callable[[Exception], Awaitable[None]]:
+    async def cb(exc: Exception) -> None:
+        text = f"{exc or type(exc).__name__}"
+        if "Permissions Violation" in text:
+            # The server refused a publish or a subscription of this identity: worth a warning, and kept
+            # (the last few) so that what was refused can be seen.
+            log.warning("%s: %s", name, text)
+            if holder:
+                holder[0].violations.append(text)
+                del holder[0].violations[:-MAX_VIOLATIONS]
+            return
+        # Connection-level errors are expected while the server restarts; the disconnect callback says it once.
+        log.debug("%s: nats: %s", name, text)
+
+    return cb
 
 
 def _log_disconnect(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None]]:

@@ -28,6 +28,8 @@ class StreamSpec:
     duplicate_window: float = 120.0
     sources: tuple[Source, ...] = field(default_factory=tuple)
     description: str = ""
+    max_msgs_per_subject: int = -1
+    replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class BucketSpec:
     history: int = 1
     ttl: float = 0.0  # seconds; 0 = forever
     description: str = ""
+    replicas: int = 1
 
 
 def stream_config(spec: StreamSpec) -> api.StreamConfig:
@@ -48,6 +51,8 @@ def stream_config(spec: StreamSpec) -> api.StreamConfig:
         max_age=spec.max_age or None,
         max_bytes=spec.max_bytes,
         max_msgs=spec.max_msgs,
+        max_msgs_per_subject=spec.max_msgs_per_subject,
+        num_replicas=spec.replicas,
         duplicate_window=spec.duplicate_window,
         sources=[
             api.StreamSource(
@@ -67,4 +72,5 @@ def bucket_config(spec: BucketSpec) -> api.KeyValueConfig:
         ttl=spec.ttl or None,
         storage=api.StorageType.FILE,
         direct=True,  # reads served by direct get, cheaper than the stream API
+        replicas=spec.replicas,
     )
