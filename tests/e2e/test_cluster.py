@@ -47,3 +47,34 @@ def test_every_submission_is_applied_exactly_once(round_: Report) -> None:
 
 def test_every_replica_of_every_service_answers(round_: Report) -> None:
     assert round_.problems["services"] == []
+
+
+def test_ensure_never_lowers_the_replicas_an_operator_raised(tmp_path) -> None:
+    import asyncio
+
+    from shared import topology
+    from shared.natsserver import NatsCluster
+    from shared.transport import Bus
+
+    cluster = NatsCluster(tmp_path / "nats").start()
+
+    async def scenario() -> dict[str, int]:
+        bus = await Bus.connect(cluster.url, name="test", wait=10)
+        try:
+            for _ in range(60):  # the cluster elects its JetStream leader first
+                try:
+                    await topology.ensure(bus, replicas=1)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.5)
+            await topology.ensure(bus, replicas=3)  # an operator (or a newer release) raises them
+            await topology.ensure(bus, replicas=1)  # an older process starts: it must not lower them
+            return {name: await bus.replicas_of(name) for name in await bus.stream_names()}
+        finally:
+            await bus.close()
+
+    try:
+        replicas = asyncio.run(scenario())
+    finally:
+        cluster.stop()
+    assert len(replicas) >= 15 and set(replicas.values()) == {3}, replicas

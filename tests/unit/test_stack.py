@@ -150,3 +150,26 @@ def test_an_external_url_where_nothing_answers_fails_in_seconds_with_what_to_do(
                                  "server, or start that server")
     with pytest.raises(Unavailable, match="drop --nats-url"):
         asyncio.run(probe(url, "--nats-url", wait=0))
+
+
+def test_global_flags_may_stand_anywhere_on_the_line() -> None:
+    from services.cli.main import build_parser, hoist_global_flags
+
+    argv = ["serve", "query", "--nats-url", "nats://a:4222,nats://b:4222", "--db", "v.db", "--nats-nkey=/s.nk",
+            "-n", "team-a", "--js-replicas", "3"]
+    args = build_parser().parse_args(hoist_global_flags(argv))
+    assert (args.command, args.service, args.db) == ("serve", "query", "v.db")
+    assert (args.nats_url, args.nats_nkey, args.namespace, args.js_replicas) == (
+        "nats://a:4222,nats://b:4222", "/s.nk", "team-a", 3)
+    assert hoist_global_flags(["job", "run", "--", "-n"]) == ["job", "run", "--", "-n"]
+
+
+def test_a_seed_list_is_split_and_an_empty_one_refused() -> None:
+    import pytest
+
+    from shared.errors import InvalidInput
+    from shared.transport import servers
+
+    assert servers(" nats://a:4222 ,nats://b:4222,") == ["nats://a:4222", "nats://b:4222"]
+    with pytest.raises(InvalidInput):
+        servers(" , ")
