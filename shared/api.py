@@ -135,10 +135,17 @@ class RegisterNodeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tr
     hostname: Annotated[str, msgspec.Meta(max_length=253)] = ""
     agent_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
     simulated: bool = False
+    fleet: Annotated[str, msgspec.Meta(max_length=128)] = ""  # a simulated fleet's nodes read its consumer
 
 
-class RegisterNodeResponse(msgspec.Struct, kw_only=True):
+class RegisterNodeResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     node: Node
+    heartbeat_interval: float
+    consumer: str = ""  # of SHOAL_ASSIGNMENTS: where this node's assignments are read (not for a fleet's nodes)
+
+
+class OpenFleetResponse(msgspec.Struct, kw_only=True):
+    consumer: str  # of SHOAL_ASSIGNMENTS: every node's assignments
     heartbeat_interval: float
 
 

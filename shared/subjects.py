@@ -8,6 +8,8 @@ against `TOKEN` before they are ever put in a subject.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 # A subject token or key-value key token taken from user input: no dots, no wildcards, no spaces.
@@ -51,6 +53,73 @@ SUBMISSIONS_GET = "submissions.get"
 NODES_LIST = f"{API}.nodes.list"
 NODES_REGISTER = f"{API}.nodes.register"
 DEAD_LETTERS_LIST = f"{API}.deadletters.list"
+FLEETS_PREFIX = f"{API}.fleets"
+FLEETS_OPEN_PREFIX = f"{FLEETS_PREFIX}.open"
+# Tokens after `shoal.v1.` that are cluster-wide APIs: no namespace may have these names.
+RESERVED_NAMESPACES = frozenset({NODES_LIST.split(".")[2], DEAD_LETTERS_LIST.split(".")[2],
+                                 FLEETS_PREFIX.split(".")[2]})
+
+
+# --- the edge protocol: every subject an agent uses names its node, so permissions can confine it ---
+DIGEST_CHARS = 16
+
+
+def labels_digest(labels: dict[str, str]) -> str:
+    """The last token of a registration subject: the first 16 hex characters of the SHA-256 of the labels
+    as JSON with sorted keys and no spaces (`{}` for none). A node identity that pins its labels may
+    publish on its own digest only, so it cannot claim other labels."""
+    canonical = json.dumps(labels, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:DIGEST_CHARS]
+
+
+def node_register(node_id: str, digest: str) -> str:
+    """`shoal.v1.nodes.register.<node id>.<labels digest>` (a permission may use `*` as the digest)."""
+    return f"{NODES_REGISTER}.{node_id}.{digest}"
+
+
+HEARTBEAT_PREFIX = f"{ROOT}.heartbeat"
+
+
+def heartbeat(node_id: str) -> str:
+    """Agents publish heartbeats here (core NATS); every health replica listens to all of them."""
+    return f"{HEARTBEAT_PREFIX}.{node_id}"
+
+
+def fleet_open(fleet: str) -> str:
+    """A simulated fleet asks for its consumer of every node's assignments here."""
+    return f"{FLEETS_OPEN_PREFIX}.{fleet}"
+
+
+ASSIGN_PREFIX = f"{ROOT}.assign"
+STREAM_ASSIGNMENTS = "SHOAL_ASSIGNMENTS"
+ASSIGN_CONSUMER_PREFIX = "assign-"
+FLEET_CONSUMER_PREFIX = f"{ASSIGN_CONSUMER_PREFIX}fleet-"
+# A node named `fleet-x` would own `assign-fleet-x`, fleet x's consumer of every node's assignments.
+RESERVED_NODE_PREFIX = FLEET_CONSUMER_PREFIX[len(ASSIGN_CONSUMER_PREFIX):]
+
+
+def assignments(node_id: str) -> str:
+    """The latest state of every execution on one node: `shoal.assign.<node>.<ns>.<job>.<execution>`."""
+    return f"{ASSIGN_PREFIX}.{node_id}.>"
+
+
+def assign_consumer(node_id: str) -> str:
+    """The durable pull consumer the health service keeps for one node's assignments."""
+    return f"{ASSIGN_CONSUMER_PREFIX}{node_id}"
+
+
+def fleet_consumer(fleet: str) -> str:
+    return f"{FLEET_CONSUMER_PREFIX}{fleet}"
+
+
+def pull_next(consumer: str) -> str:
+    """The one JetStream API subject an agent uses: fetch the next messages of its own consumer."""
+    return f"$JS.API.CONSUMER.MSG.NEXT.{STREAM_ASSIGNMENTS}.{consumer}"
+
+
+def ack(consumer: str) -> str:
+    """Acks of messages delivered by `consumer`."""
+    return f"$JS.ACK.{STREAM_ASSIGNMENTS}.{consumer}.>"
 
 # --- job submission (JSON PutJobRequest, captured by the SUBMISSIONS stream) ----------------------
 SUBMIT_PREFIX = f"{ROOT}.submit"
@@ -141,7 +210,6 @@ BUCKET_EVALUATIONS = "shoal_evaluations"  # <ns>.<eval_id> -> Evaluation
 BUCKET_EXECUTIONS = "shoal_executions"  # <ns>.<job_id>.<node_id>.<exec_id> -> Execution
 BUCKET_ROLLOUTS = "shoal_rollouts"  # <ns>.<job_id> -> Rollout
 BUCKET_NODES = "shoal_nodes"  # <node_id> -> Node
-BUCKET_HEARTBEATS = "shoal_heartbeats"  # <node_id> -> Heartbeat
 BUCKET_SUBMISSIONS = "shoal_submissions"  # <submission_id> -> SubmissionOutcome
 BUCKET_HEALTH = "shoal_health"  # <ns>.<job_id>.<node_id>.<exec_id> -> HealthWindow
 BUCKET_LEASES = "shoal_leases"  # <name> -> holder (leader leases, expire by bucket TTL)

@@ -50,6 +50,16 @@ STREAMS: tuple[StreamSpec, ...] = (
         description="Durable wake-ups for the rollout service, held back until due",
     ),
     StreamSpec(
+        name=s.STREAM_ASSIGNMENTS,
+        retention="limits",
+        max_msgs_per_subject=1,
+        description="The latest state of every execution by node (shoal.assign.<node>.<ns>.<job>.<execution>), "
+                    "sourced from the executions bucket: agents read their own through consumers the services keep",
+        sources=(Source(s.kv_stream(s.BUCKET_EXECUTIONS), f"$KV.{s.BUCKET_EXECUTIONS}.*.*.*.*",
+                        f"{s.ASSIGN_PREFIX}.{{{{wildcard(3)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
+                        f".{{{{wildcard(4)}}}}"),),
+    ),
+    StreamSpec(
         name=s.STREAM_DEAD,
         subjects=(f"{s.DEAD_PREFIX}.*",),
         retention="limits",
@@ -79,7 +89,6 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.BUCKET_EXECUTIONS),
     BucketSpec(s.BUCKET_ROLLOUTS),
     BucketSpec(s.BUCKET_NODES),
-    BucketSpec(s.BUCKET_HEARTBEATS),
     BucketSpec(s.BUCKET_SUBMISSIONS, ttl=DAY),
     BucketSpec(s.BUCKET_HEALTH),
     BucketSpec(s.BUCKET_LEASES, ttl=10.0),

@@ -16,7 +16,7 @@ from .durations import HOUR, MILLISECOND, format_duration
 from .errors import InvalidInput, shown
 from .models import RESERVED_META_PREFIXES, JobSpec
 from .selector import SelectorError, compile_selector, validate_key, validate_value
-from .subjects import TOKEN
+from .subjects import RESERVED_NAMESPACES, RESERVED_NODE_PREFIX, TOKEN
 from .workloads import command_config, files_config, simulate_config
 
 NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -38,6 +38,9 @@ def check_namespace(namespace: str, field: str = "namespace") -> str:
             "starting and ending with a letter or digit",
             field=field,
         )
+    if namespace in RESERVED_NAMESPACES:
+        raise InvalidInput(f"namespace {namespace!r} is reserved: shoal.v1.{namespace} is a cluster-wide API",
+                           field=field)
     return namespace
 
 
@@ -47,6 +50,9 @@ def check_node_id(node_id: str, field: str = "node_id") -> str:
             f"invalid node id {shown(node_id)}: use 1-64 letters, digits, '_' and '-', starting with a letter or digit",
             field=field,
         )
+    if node_id.startswith(RESERVED_NODE_PREFIX):
+        raise InvalidInput(f"node ids starting with {RESERVED_NODE_PREFIX!r} are reserved (for simulated fleets)",
+                           field=field)
     return node_id
 
 

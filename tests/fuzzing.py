@@ -1058,11 +1058,8 @@ def request_cases(rnd: random.Random, ctx: Context, per_endpoint: int) -> Iterat
                 family = "bad-namespace+" + family
                 # The namespace is checked first, whatever the body says.
                 targets, must_fail = ("namespace",), True
-            if endpoint in NAMESPACED:
-                subject = f"shoal.v1.{namespace}.{endpoint}"
-            else:
-                subject = f"shoal.v1.{endpoint}"
-            yield Case(endpoint, subject, data, family, targets, must_fail, headers)
+            yield Case(endpoint, endpoint_subject(endpoint, namespace, data), data, family, targets, must_fail,
+                       headers)
 
 
 def valid_spec(rnd: random.Random, name: str) -> dict[str, Any]:
@@ -1127,8 +1124,8 @@ def pinned_cases(ctx: Context) -> Iterator[Case]:
     def case(endpoint: str, body: Any, target: str | None, family: str, namespace: str = ns,
              must_fail: bool = True) -> Case:
         data = body if isinstance(body, bytes) else dumps(body)
-        subject = f"shoal.v1.{namespace}.{endpoint}" if endpoint in NAMESPACED else f"shoal.v1.{endpoint}"
-        return Case(endpoint, subject, data, "pinned:" + family, (target,) if target else (), must_fail)
+        return Case(endpoint, endpoint_subject(endpoint, namespace, data), data, "pinned:" + family,
+                    (target,) if target else (), must_fail)
 
     yield case("executions.list", {"job": "\x7f" * 150_000}, "job", "long-string")
     for limit in (2**63, -(2**63) - 1, 10**30, 0, 1001):
@@ -1204,3 +1201,23 @@ def pinned_submissions(ctx: Context, tag: str) -> Iterator[Submission]:
     yield sub({}, "namespace", "bad-namespace", namespace="Bad_NS")
     yield sub({}, None, "non-token-namespace", namespace="a@b")
     yield sub({}, None, "oversized", body=b'{"spec":{"name":"' + b"x" * (MAX_REQUEST + 10) + b'"}}')
+
+
+def endpoint_subject(endpoint: str, namespace: str, data: bytes) -> str:
+    """The subject of an endpoint. Registration names the node and the digest of its labels in the
+    subject; they are taken from the body where it has them, so that hostile bodies reach the checks."""
+    if endpoint in NAMESPACED:
+        return f"shoal.v1.{namespace}.{endpoint}"
+    if endpoint == "nodes.register":
+        from shared import subjects as s
+
+        try:
+            body = json.loads(data)
+        except (ValueError, RecursionError):
+            body = None
+        node = body.get("node_id") if isinstance(body, dict) else None
+        labels = body.get("labels") if isinstance(body, dict) else None
+        node = node if isinstance(node, str) and s.TOKEN.fullmatch(node) else "fz-node"
+        digest = s.labels_digest(labels) if isinstance(labels, dict) else s.labels_digest({})
+        return s.node_register(node, digest)
+    return f"shoal.v1.{endpoint}"

@@ -12,21 +12,23 @@ What the agent runs survives the agent: real runs in their run dirs, a simulated
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import re
 import socket
+from collections import OrderedDict
 from pathlib import Path
 
 from shared import subjects as s
-from shared.api import RegisterNodeRequest, RegisterNodeResponse
+from shared.api import OpenFleetResponse, RegisterNodeRequest, RegisterNodeResponse
 from shared.codec import from_json, from_msgpack_or_none, to_json, to_msgpack
 from shared.durations import utcnow
-from shared.errors import InvalidInput, ShoalError
+from shared.errors import InvalidInput, NotFound, ShoalError
 from shared.models import Execution, Heartbeat
 from shared.runtime import Component
 from shared.settings import Settings
-from shared.transport import Bus, Kv
+from shared.transport import Bus, PullReader, StreamMessage, is_delete
 
 from .fleetstate import FleetJournal
 from .node import NodeAgent
@@ -72,8 +74,28 @@ class FleetNode:
         self.backlog: dict[str, tuple[Execution, dict[str, str]]] = {}
 
 
+class Revisions:
+    """The newest revision seen of each execution, so that a late, older state is not acted on."""
+
+    def __init__(self, memory: int = 100_000) -> None:
+        self.memory = memory
+        self.seen: OrderedDict[str, int] = OrderedDict()
+
+    def newer(self, execution_id: str, revision: int) -> bool:
+        held = self.seen.get(execution_id)
+        if held is not None and revision <= held:
+            return False
+        self.seen[execution_id] = revision
+        self.seen.move_to_end(execution_id)
+        while len(self.seen) > self.memory:
+            self.seen.popitem(last=False)
+        return True
+
+
 class AgentService(Component):
     name = "agent"
+    # An edge agent's identity may not touch the JetStream API: it creates no stream or bucket.
+    ensures_topology = False
 
     def __init__(self, bus: Bus, settings: Settings, *, node_id: str = "", labels: dict[str, str] | None = None,
                  work_dir: str = ".shoal-agent", simulate: int = 0, sim_prefix: str = "sim-{i:04d}",
@@ -88,6 +110,11 @@ class AgentService(Component):
         self.random = random.Random(seed)
         self.heartbeat_interval = settings.heartbeat_interval
         root = Path(work_dir)
+        self.consumer = ""  # of SHOAL_ASSIGNMENTS, named by the health service
+        # A fleet's name is stable for one work dir (so a restarted fleet finds its consumer again) and
+        # differs between fleets (two fleets must not share one consumer).
+        self.fleet_name = "f" + hashlib.sha256(f"{socket.gethostname()}:{root.resolve()}".encode()).hexdigest()[:12]
+        self.revisions = Revisions()
         self.fleet = FleetJournal(root) if simulate else None
         if simulate:
             templates = sim_labels or list(DEFAULT_SIM_LABELS)
@@ -106,10 +133,35 @@ class AgentService(Component):
             self.fleet.load()
             self.spawn(lambda: self.fleet.run(self.stopping), "fleet-state")
         self.reporter.start()
-        self.heartbeats = Kv(self.bus, s.BUCKET_HEARTBEATS)
+        if self.simulated:
+            await self._open_fleet()
         await self._register_all()
         self.spawn(self._heartbeat_loop, "heartbeats")
-        self.spawn(self._watch, "assignments")
+        self.spawn(self._follow_assignments, "assignments")
+
+    # -- registration ------------------------------------------------------------------------------
+
+    async def _ask(self, subject: str, body: bytes, what: str) -> bytes:
+        """A request the health service answers, retried until it does (the agent may start first)."""
+        delay = 0.2
+        while True:
+            try:
+                return await self.bus.request(subject, body, timeout=5)
+            except InvalidInput:
+                raise
+            except ShoalError as exc:
+                if self.stopping.is_set():
+                    raise
+                log.info("%s not answered yet (%s); retrying", what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _open_fleet(self) -> None:
+        """A simulated fleet reads every node's assignments from one consumer the health service keeps."""
+        reply = from_json(await self._ask(s.fleet_open(self.fleet_name), b"{}", f"fleet {self.fleet_name}"),
+                          OpenFleetResponse)
+        self.consumer = reply.consumer
+        self.heartbeat_interval = reply.heartbeat_interval
 
     async def _register_all(self) -> None:
         gate = asyncio.Semaphore(32)
@@ -122,26 +174,22 @@ class AgentService(Component):
         log.info("registered %d node(s)", len(self.nodes))
 
     async def _register(self, node: FleetNode) -> None:
+        """Register on the node's own subject (its id and the digest of its labels: what its identity may
+        publish), which also resets the node's assignments consumer to its whole current assignment."""
         request = RegisterNodeRequest(node_id=node.node_id, labels=node.labels, hostname=socket.gethostname(),
-                                      agent_version=AGENT_VERSION, simulated=self.simulated)
-        delay = 0.2
-        while True:
-            try:
-                reply = await self.bus.request(s.NODES_REGISTER, to_json(request), timeout=5)
-                break
-            except InvalidInput:
-                raise
-            except ShoalError as exc:
-                if self.stopping.is_set():
-                    raise
-                log.info("registration of %s not answered yet (%s); retrying", node.node_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        self.heartbeat_interval = from_json(reply, RegisterNodeResponse).heartbeat_interval
+                                      agent_version=AGENT_VERSION, simulated=self.simulated,
+                                      fleet=self.fleet_name if self.simulated else "")
+        subject = s.node_register(node.node_id, s.labels_digest(node.labels))
+        reply = from_json(await self._ask(subject, to_json(request), f"registration of {node.node_id}"),
+                          RegisterNodeResponse)
+        self.heartbeat_interval = reply.heartbeat_interval
+        if reply.consumer:
+            self.consumer = reply.consumer
         await self._beat(node, 0)
 
     async def _beat(self, node: FleetNode, seq: int) -> None:
-        await self.heartbeats.put(node.node_id, to_msgpack(Heartbeat(node_id=node.node_id, at=utcnow(), seq=seq)))
+        await self.bus.publish(s.heartbeat(node.node_id),
+                               to_msgpack(Heartbeat(node_id=node.node_id, at=utcnow(), seq=seq)))
 
     async def _heartbeat_loop(self) -> None:
         seq = 0
@@ -176,31 +224,52 @@ class AgentService(Component):
             return True
         return False
 
-    async def _watch(self) -> None:
-        executions = Kv(self.bus, s.BUCKET_EXECUTIONS)
-        pattern = s.executions_of_node(next(iter(self.nodes))) if len(self.nodes) == 1 else ">"
+    async def _follow_assignments(self) -> None:
+        """Read this agent's assignments (the executions of its node, or of a fleet's nodes, newest state
+        of each) from the consumer the health service keeps for it, and hand each to its node.
+
+        The first batches are the whole current assignment (the consumer starts from the last state of
+        every execution); when it is delivered, each node may tidy what it no longer needs. A redelivered
+        older state of an execution (after an ack was lost) is ignored: revisions only move forward. A
+        consumer that has gone (expired while the agent was away) is asked for again.
+        """
         loop = asyncio.get_running_loop()
-        async with executions.watch(pattern) as watch:
-            async for entry in watch:
-                if entry is None:  # the current assignment is all here; changes follow
+        reader = PullReader(self.bus, s.STREAM_ASSIGNMENTS, self.consumer, batch=512)
+        caught_up = False
+        try:
+            while not self.stopping.is_set():
+                try:
+                    batch = await reader.next_batch()
+                except NotFound:
+                    log.warning("assignments consumer %s is gone; registering again", self.consumer)
+                    await (self._open_fleet() if self.simulated else self._register_all())
+                    caught_up = False
+                    reader = PullReader(self.bus, s.STREAM_ASSIGNMENTS, self.consumer, batch=512)
+                    continue
+                for msg in batch:
+                    self._assigned(msg, loop.time())
+                if not caught_up and (not batch or batch[-1].pending == 0):
+                    caught_up = True  # the current assignment is all here; changes follow
                     for node in self.nodes.values():
                         node.agent.assignment_seen()
                     if self.fleet is not None:
                         self.fleet.assignment_seen()
-                    continue
-                if entry.deleted:
-                    continue
-                node_id = entry.key.split(".")[2]
-                node = self.nodes.get(node_id)
-                if node is None:
-                    continue
-                execution = from_msgpack_or_none(entry.value, Execution, f"assignment {entry.key}")
-                if execution is None:
-                    continue
-                if node.offline_until and loop.time() < node.offline_until:
-                    node.backlog[execution.id] = (execution, entry.headers)
-                    continue
-                node.agent.on_execution(execution, entry.headers)
+        finally:
+            await reader.close()
+
+    def _assigned(self, msg: StreamMessage, now: float) -> None:
+        if is_delete(msg.headers):
+            return
+        node = self.nodes.get(msg.subject.split(".")[2])  # shoal.assign.<node>.<ns>.<job>.<execution>
+        if node is None:
+            return
+        execution = from_msgpack_or_none(msg.data, Execution, f"assignment {msg.subject}")
+        if execution is None or not self.revisions.newer(execution.id, execution.status.revision):
+            return
+        if node.offline_until and now < node.offline_until:
+            node.backlog[execution.id] = (execution, msg.headers)
+            return
+        node.agent.on_execution(execution, msg.headers)
 
     async def stop(self) -> None:
         self.stopping.set()

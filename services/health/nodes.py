@@ -15,14 +15,14 @@ import logging
 import uuid
 
 from shared import subjects as s
-from shared.api import RegisterNodeRequest, RegisterNodeResponse
-from shared.codec import from_json, to_json, to_msgpack
+from shared.api import OpenFleetResponse, RegisterNodeRequest, RegisterNodeResponse
+from shared.codec import from_json, from_msgpack_or_none, to_json, to_msgpack
 from shared.durations import format_duration, utcnow
-from shared.errors import Conflict
-from shared.models import TERMINAL_STATES, Evaluation, Execution, Node, NodeState
+from shared.errors import Conflict, InvalidInput
+from shared.models import TERMINAL_STATES, Evaluation, Execution, Heartbeat, Node, NodeState
 from shared.store import Mirror, Store
-from shared.transport import ApiRequest, Bus, Kv, Watch
-from shared.validation import check_hostname, check_labels, check_node_id
+from shared.transport import ApiRequest, Bus, Message
+from shared.validation import check_hostname, check_labels, check_node_id, check_token
 
 from .transitions import lost_since, mark_lost, set_observed
 
@@ -36,10 +36,24 @@ class NodeRegistry:
         self.heartbeat_interval = heartbeat_interval
 
     async def register(self, req: ApiRequest) -> bytes:
+        """`shoal.v1.nodes.register.<node id>.<labels digest>`: the subject names the node and its labels,
+        so that NATS permissions can confine a node identity to itself and to its pinned labels; the body
+        must say the same. Resets the node's assignments consumer, so that a restarted agent reads its
+        whole current assignment again."""
         body = from_json(req.data, RegisterNodeRequest)
         check_node_id(body.node_id)
         check_labels(body.labels, "labels")
         check_hostname(body.hostname)
+        if req.token(4) != body.node_id:
+            raise InvalidInput(f"node_id {body.node_id!r} is not the node this subject registers ({req.token(4)!r})",
+                               field="node_id")
+        if req.token(5) != s.labels_digest(body.labels):
+            raise InvalidInput("labels do not match the digest in the subject (shoal.v1.nodes.register.<node id>."
+                               "<labels digest>)", field="labels")
+        consumer = ""
+        if not body.fleet:
+            consumer = s.assign_consumer(body.node_id)
+            await self.bus.reset_pull_consumer(s.STREAM_ASSIGNMENTS, consumer, s.assignments(body.node_id))
         now = utcnow()
         key = body.node_id
         joined = False
@@ -87,7 +101,16 @@ class NodeRegistry:
             break
         if joined:
             await publish_node_eval(self.bus, node)
-        return to_json(RegisterNodeResponse(node=node, heartbeat_interval=self.heartbeat_interval))
+        return to_json(RegisterNodeResponse(node=node, heartbeat_interval=self.heartbeat_interval,
+                                            consumer=consumer))
+
+    async def open_fleet(self, req: ApiRequest) -> bytes:
+        """`shoal.v1.fleets.open.<fleet>`: a simulated fleet's one consumer of every node's assignments
+        (reset to the current assignment); its nodes then register with `fleet` set."""
+        fleet = check_token(req.token(4), "fleet", "fleet name")
+        consumer = s.fleet_consumer(fleet)
+        await self.bus.reset_pull_consumer(s.STREAM_ASSIGNMENTS, consumer, f"{s.ASSIGN_PREFIX}.>")
+        return to_json(OpenFleetResponse(consumer=consumer, heartbeat_interval=self.heartbeat_interval))
 
 
 async def publish_node_eval(bus: Bus, node: Node) -> None:
@@ -110,39 +133,32 @@ class Liveness:
         self.mirror = Mirror(store.nodes)
         self.nodes = self.mirror.items
         self._settled: dict[str, int] = {}
-        # While this replica could not hear NATS it heard no heartbeat either: after a reconnect, or once
-        # its heartbeat reader reads again after failing (JetStream recovering), every node gets a full
-        # timeout again; otherwise a server restart would disconnect the whole fleet.
-        self._watch: Watch | None = None
-        self._forgiven_at = 0.0
+        # While this replica could not hear NATS it heard no heartbeat either: after a reconnect every
+        # node gets a full timeout again; otherwise a server restart would disconnect the whole fleet.
+        self.listening = False
         bus.on_reconnect(self.forgive_silence)
 
     def forgive_silence(self) -> None:
         now = asyncio.get_running_loop().time()
-        self._forgiven_at = now
         for node_id in self.last_seen:
             self.last_seen[node_id] = now
 
     def _deaf(self) -> bool:
-        """Whether this replica cannot judge silence now (it could not hear heartbeats)."""
-        watch = self._watch
-        if watch is None or watch.reader.failing or not self.bus.connected:
-            return True
-        if watch.reader.recovered_at > self._forgiven_at:
-            self.forgive_silence()
-        return False
+        """Whether this replica cannot judge silence now (it cannot hear heartbeats)."""
+        return not (self.listening and self.bus.connected)
 
-    async def watch_heartbeats(self, stopping: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        async with Kv(self.bus, s.BUCKET_HEARTBEATS).watch(">") as watch:
-            self._watch = watch
-            self.forgive_silence()  # a (re)started watch has heard nothing yet
-            async for entry in watch:
-                if stopping.is_set():
-                    return
-                if entry is not None and not entry.deleted:
-                    # Receipt time on our clock: edge clocks drift, and a new leader gives everyone a full timeout.
-                    self.last_seen[entry.key] = loop.time()
+    async def listen(self) -> None:
+        """Every health replica hears every heartbeat (core NATS, no queue group), so whichever holds the
+        sweep lease knows when each node was last heard."""
+        await self.bus.subscribe(s.heartbeat("*"), self._heard, traced=False)
+        self.listening = True
+
+    async def _heard(self, msg: Message) -> None:
+        sender = msg.subject.rsplit(".", 1)[-1]
+        beat = from_msgpack_or_none(msg.data, Heartbeat, f"heartbeat on {msg.subject}")
+        if beat is not None and beat.node_id == sender:
+            # Receipt time on our clock: edge clocks drift, and a new leader gives everyone a full timeout.
+            self.last_seen[sender] = asyncio.get_running_loop().time()
 
     async def sweep(self) -> None:
         """One pass: disconnect silent nodes, reconnect returning ones, fail executions lost too long."""

@@ -36,12 +36,13 @@ class HealthService(Component):
         self.windows: Bucket[windows.HealthWindow] = Bucket(self.bus, s.BUCKET_HEALTH, windows.HealthWindow)
         registry = NodeRegistry(self.bus, self.store, self.settings.heartbeat_interval)
         self.liveness = Liveness(self.bus, self.store, self.settings.node_timeout, self.settings.lost_grace)
-        self.spawn(lambda: self.liveness.watch_heartbeats(self.stopping), "watch-heartbeats")
+        await self.liveness.listen()
         self.spawn(lambda: self.liveness.mirror.run(self.stopping), "watch-nodes")
 
         await ApiService.start(self.bus, s.SERVICE_HEALTH, VERSION, "Node registration and liveness",
                                queue_group=s.QUEUE_GROUP,
-                               endpoints=[("nodes-register", s.NODES_REGISTER, registry.register)])
+                               endpoints=[("nodes-register", s.node_register("*", "*"), registry.register),
+                                          ("fleets-open", s.fleet_open("*"), registry.open_fleet)])
 
         reports = Consumer(
             self.bus,

@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..codec import from_json
 from ..errors import Conflict, ErrorReply, Internal, ShoalError, Unavailable
@@ -293,17 +294,22 @@ class Bus:
         return Expectation(sub)
 
     async def subscribe(
-        self, subject: str, handler: Callable[[Message], Awaitable[None]], *, queue: str = ""
+        self, subject: str, handler: Callable[[Message], Awaitable[None]], *, queue: str = "",
+        traced: bool = True,
     ) -> None:
-        """Core subscription; replicas that pass the same `queue` share the messages."""
+        """Core subscription; replicas that pass the same `queue` share the messages. `traced=False` for
+        a stream of small beats (heartbeats) that carry no trace: no span per message."""
 
         async def on_msg(msg: Msg) -> None:
-            with telemetry.span(f"process {msg.subject}", kind=telemetry.CONSUMER, headers=msg.headers,
-                                subject=msg.subject):
-                try:
+            try:
+                if traced:
+                    with telemetry.span(f"process {subject}", kind=telemetry.CONSUMER, headers=msg.headers,
+                                        subject=msg.subject):
+                        await handler(Message(msg))
+                else:
                     await handler(Message(msg))
-                except Exception:
-                    log.exception("handler for %s failed", msg.subject)
+            except Exception:
+                log.exception("handler for %s failed", msg.subject)
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
         self.on_close(sub.unsubscribe)
@@ -365,6 +371,25 @@ class Bus:
                 raise map_error(exc, f"open bucket {spec.name}") from None
         except Exception as exc:
             raise map_error(exc, f"create bucket {spec.name}") from None
+
+    async def reset_pull_consumer(self, stream: str, name: str, filter_subject: str, *, ack_wait: float = 5.0,
+                                  inactive_threshold: float = 7 * 86_400.0) -> None:
+        """(Re)create a durable pull consumer that starts with the last message of every subject it
+        filters, then follows new ones: what a reader that lost its place (an agent that restarted) needs.
+        Created by a service on a client's behalf, so that clients never create consumers themselves."""
+        try:
+            await self.js.delete_consumer(stream, name)
+        except nats.js.errors.NotFoundError:
+            pass
+        except Exception as exc:
+            raise map_error(exc, f"reset consumer {stream}/{name}") from None
+        config = ConsumerConfig(durable_name=name, filter_subject=filter_subject, ack_policy=AckPolicy.EXPLICIT,
+                                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_wait=ack_wait, max_deliver=-1,
+                                inactive_threshold=inactive_threshold)
+        try:
+            await self.js.add_consumer(stream, config=config)
+        except Exception as exc:
+            raise map_error(exc, f"create consumer {stream}/{name}") from None
 
     async def replicas_of(self, stream: str) -> int:
         try:

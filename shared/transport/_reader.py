@@ -23,7 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ..errors import ShoalError, Unavailable
+from ..errors import NotFound, ShoalError, Unavailable
 from ._bus import Bus, map_error
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,55 @@ class OrderedReader:
 
     async def close(self) -> None:
         await self._drop()
+
+
+class PullReader:
+    """Reads a durable pull consumer that a service keeps for this client (an agent's assignments).
+
+    The client only fetches from it and acks (two subjects a permission can name exactly); it never
+    creates or changes a consumer. Messages are acked as they are handed out: a client that loses its
+    place asks the service to reset the consumer, which starts again from the last message of every
+    subject. A consumer the server no longer has is NotFound: the client asks for a new one.
+    """
+
+    def __init__(self, bus: Bus, stream: str, consumer: str, *, batch: int = 256) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.consumer = consumer
+        self.batch = batch
+        self._sub: Any = None
+
+    async def next_batch(self, wait: float = FETCH_WAIT) -> list[StreamMessage]:
+        try:
+            if self._sub is None:
+                self._sub = await self.bus.js.pull_subscribe_bind(consumer=self.consumer, stream=self.stream)
+            msgs = await self._sub.fetch(self.batch, timeout=wait)
+        except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            return []
+        except nats.js.errors.NotFoundError:
+            await self.close()
+            raise NotFound(f"consumer {self.consumer} of {self.stream} is gone") from None
+        except Exception as exc:
+            await self.close()
+            raise map_error(exc, f"read {self.stream}/{self.consumer}") from None
+        out = []
+        for msg in msgs:
+            meta = msg.metadata
+            out.append(StreamMessage(msg.subject, msg.data or b"", dict(msg.headers or {}), meta.sequence.stream,
+                                     meta.num_pending, meta.timestamp.timestamp()))
+            try:
+                await msg.ack()
+            except Exception:  # redelivered after the ack wait; readers ignore older revisions
+                pass
+        return out
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
 
 
 async def read_batches(reader: OrderedReader, stopping: asyncio.Event) -> AsyncIterator[list[StreamMessage]]:

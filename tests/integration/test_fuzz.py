@@ -447,7 +447,8 @@ async def check_still_serving(bus, v: Violations) -> None:
     await step("rollouts.status", lambda: call(bus, s.api(ns, s.ROLLOUT_STATUS), {"job": "after-fuzz"}))
     await step("jobs.stop", lambda: call(bus, s.api(ns, s.JOBS_STOP), {"job": "after-fuzz", "reason": "done"}))
     node = {"node_id": "after-fuzz-node", "labels": {"zone": "a"}, "hostname": "after.example.com"}
-    await step("nodes.register", lambda: call(bus, s.NODES_REGISTER, node))
+    await step("nodes.register", lambda: call(bus, s.node_register("after-fuzz-node", s.labels_digest({"zone": "a"})),
+                                               node))
 
     async def node_listed() -> bool:
         page = await call(bus, s.NODES_LIST, {"selector": {"match_ids": ["after-fuzz-node"]}})

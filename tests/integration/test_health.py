@@ -25,11 +25,28 @@ async def test_registration_validates_input_and_keeps_serving(cluster) -> None:
         ({"node_id": "n1", "labels": {}, "extra": 1}, "extra"),
         ({"labels": {}}, "node_id"),
     ):
+        subject = s.node_register("n1", s.labels_digest(body.get("labels", {})))
         with pytest.raises(InvalidInput) as err:
-            await bus.request(s.NODES_REGISTER, to_json(body))
+            await bus.request(subject, to_json(body))
         assert err.value.field == field, body
-    reply = await bus.request(s.NODES_REGISTER, to_json({"node_id": "n1", "labels": {"zone": "a"}}))
-    assert b'"state_type":"ready"' in reply
+    labels = {"zone": "a"}
+    reply = await bus.request(s.node_register("n1", s.labels_digest(labels)), to_json({"node_id": "n1", "labels": labels}))
+    assert b'"state_type":"ready"' in reply and b'"consumer":"assign-n1"' in reply
+
+
+async def test_the_subject_names_the_node_and_its_labels(cluster) -> None:
+    """What NATS permissions confine (the subject) must be what the body says: node id and labels."""
+    await cluster.start("health")
+    bus = (await cluster.api()).bus
+    labels = {"zone": "a"}
+    with pytest.raises(InvalidInput) as err:  # registering another node on one's own subject
+        await bus.request(s.node_register("n1", s.labels_digest(labels)), to_json({"node_id": "n2", "labels": labels}))
+    assert err.value.field == "node_id"
+    with pytest.raises(InvalidInput) as err:  # claiming other labels than the subject's digest
+        await bus.request(s.node_register("n1", s.labels_digest(labels)),
+                          to_json({"node_id": "n1", "labels": {"zone": "b"}}))
+    assert err.value.field == "labels"
+    assert s.labels_digest({"a": "1", "b": "2"}) == s.labels_digest({"b": "2", "a": "1"}) != s.labels_digest({})
 
 
 async def _node_state(api, node_id: str) -> str:

@@ -45,8 +45,8 @@ async def all_answer(bus: Bus) -> None:
     (s.api("default", s.JOBS_GET), {"job": "\x7f" * 150_000}),
     (s.api("default", s.JOBS_STOP), {"job": "\x7f" * 150_000}),
     (s.api("default", s.ROLLOUT_RESUME), {"job": "\x7f" * 150_000}),
-    (s.NODES_REGISTER, {"node_id": "\x7f" * 150_000}),
-    (s.NODES_REGISTER, {"node_id": "n1", "hostname": "h" * 400_000}),
+    (s.node_register("n1", s.labels_digest({})), {"node_id": "\x7f" * 150_000}),
+    (s.node_register("n1", s.labels_digest({})), {"node_id": "n1", "hostname": "h" * 400_000}),
     (s.api("default", s.JOBS_LIST), {"x" * 400_000: 1}),
     (s.api("default", s.EXECUTIONS_LIST), {"job": "j", "next_token": "\x7f" * 150_000}),
 ])
