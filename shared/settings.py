@@ -6,6 +6,7 @@ knobs exist so that tests and demos can run the real system in seconds instead o
 
 from __future__ import annotations
 
+import math
 import os
 
 import msgspec
@@ -44,6 +45,8 @@ class Settings(msgspec.Struct, kw_only=True):
     query_db: str = "shoal-query.db"
     # How long a next_token stays good: the view keeps the rows a walk's snapshot needs this long.
     page_retention: float = 600.0
+    # How often the query service replaces the key that signs page tokens (old keys verify a while longer).
+    page_key_rotation: float = 7 * 86_400.0
     traces_exporter: str = "none"
     traces_file: str = ""
     log_level: str = "INFO"
@@ -62,6 +65,13 @@ def _float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise SystemExit(f"{name}={raw!r} is not a number") from None
+
+
+def _at_least(name: str, default: float, least: float) -> float:
+    value = _float(name, default)
+    if not math.isfinite(value) or value < least:
+        raise SystemExit(f"{name}={value!r} must be at least {least:g}")
+    return value
 
 
 def from_env(**overrides: object) -> Settings:
@@ -86,6 +96,7 @@ def from_env(**overrides: object) -> Settings:
         stall_grace=_float("SHOAL_STALL_GRACE", 30.0),
         query_db=env.get("SHOAL_QUERY_DB") or "shoal-query.db",
         page_retention=_float("SHOAL_PAGE_RETENTION", 600.0),
+        page_key_rotation=_at_least("SHOAL_PAGE_KEY_ROTATION", 7 * 86_400.0, 1.0),
         traces_exporter=env.get("SHOAL_TRACES_EXPORTER") or env.get("OTEL_TRACES_EXPORTER") or "none",
         traces_file=env.get("SHOAL_TRACES_FILE", ""),
         log_level=env.get("SHOAL_LOG_LEVEL", "INFO"),

@@ -207,17 +207,3 @@ class Store:
             return True
 
         return await self.executions.mutate(execution.key, apply, headers=headers)
-
-    async def shared_secret(self, name: str, make: Callable[[], bytes]) -> bytes:
-        """A cluster-wide secret: the first replica to ask creates it, every other reads the same one."""
-        entry = await self.config.get(name)
-        if entry is not None:
-            return entry.value
-        try:
-            await self.config.create(name, make())
-        except Conflict:
-            pass
-        entry = await self.config.get(name)
-        if entry is None:
-            raise Internal(f"config {name} vanished")
-        return entry.value

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,12 +34,12 @@ from shared.store import Store
 from shared.transport import ApiRequest, ApiService, Bus, OrderedReader, is_delete, read_batches
 from shared.validation import check_namespace, check_node_id, check_token
 
+from . import tokenkeys
 from .view import Event, SnapshotGone, View, as_of
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-TOKEN_KEY = "page-token-key"
 FILL_BATCH = 5_000
 REPLY_ROOM = 8 * 1024
 STREAM_CHECK = 5.0  # seconds between checks that the events stream is still the one the view follows
@@ -81,7 +80,10 @@ class QueryService(Component):
             path = f"{stem}-{self.replica}.{ext}" if dot else f"{path}-{self.replica}"
         self.view = View(path, retention=self.settings.page_retention)
         await self.view.open()
-        self.token_key = await self.store.shared_secret(TOKEN_KEY, lambda: os.urandom(32))
+        # Every replica signs with the newest key and follows the set as it rotates (see tokenkeys).
+        self.page_keys = tokenkeys.KeyRing(self.bus, rotation=self.settings.page_key_rotation,
+                                           retention=self.settings.page_retention)
+        await self.page_keys.start(self)
         await self._check_stream()
         # The view keeps its own position (the last sequence it committed, in the same transaction as the
         # rows), so it reads the stream in order from there with no durable consumer and no acks: nothing
@@ -103,6 +105,11 @@ class QueryService(Component):
     async def stop(self) -> None:
         await super().stop()
         await self.view.close()
+
+    @property
+    def token_key(self) -> pagetoken.Key:
+        """The key new page tokens are signed with (it changes as keys rotate)."""
+        return self.page_keys.signing()
 
     async def _check_stream(self) -> None:
         """Make sure the view follows this EVENTS stream, and fill a new view.
@@ -231,7 +238,7 @@ class QueryService(Component):
         """The position inside a next_token: [snapshot sequence, sort value, id, ...what the page carries]."""
         if not token:
             return None
-        position = pagetoken.decode(self.token_key, token, scope)
+        position = pagetoken.decode(self.page_keys.lookup, token, scope)
         if len(position) != size or not isinstance(position[0], int):
             raise InvalidInput("next_token is malformed", field="next_token")
         return position
