@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
             _output(p)
         if action == "watch":
             p.add_argument("--interval", type=float, default=1.0)
+    from .auth import add_auth_parser
+
+    add_auth_parser(sub)
     return parser
 
 
@@ -175,6 +178,10 @@ def hoist_global_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(hoist_global_flags(sys.argv[1:] if argv is None else list(argv)))
+    if args.command == "auth":
+        from .auth import run as auth_run
+
+        return auth_run(args)
     settings = from_env(nats_url=args.nats_url, js_replicas=args.js_replicas,
                         **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
                            for flag, _, _ in CONNECTION_FLAGS})

@@ -492,7 +492,7 @@ def _error_from_reply(data: bytes, headers: dict[str, str]) -> ShoalError:
 def _on_error(name: str, holder: list[Bus]) -> Callable[[Exception], Awaitable[None]]:
     async def cb(exc: Exception) -> None:
         text = f"{exc or type(exc).__name__}"
-        if "Permissions Violation" in text:
+        if "permissions violation" in text.lower():  # (nats-py lowercases the server's -ERR text)
             # The server refused a publish or a subscription of this identity: worth a warning, and kept
             # (the last few) so that what was refused can be seen.
             log.warning("%s: %s", name, text)
