@@ -9,7 +9,10 @@ without dropping work (unacked messages are redelivered to another replica).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -177,8 +180,19 @@ async def start_component(factory: Callable[[Bus, Settings], Component], setting
             delay = min(delay * 2, 10.0)
 
 
+def write_ready_file(path: str, components: list[Component]) -> None:
+    """`{"service": ..., "ids": [...]}`: the Services API instances this process serves, for a readiness
+    probe (`shoal ping --ready-file PATH` asks exactly these instances, not any replica)."""
+    instances = [pair for c in components for pair in c.bus.services]
+    body = {"service": instances[0][0] if instances else "", "ids": [i for _, i in instances]}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(body, fh)
+    os.replace(tmp, path)
+
+
 def run(factory: Callable[[Bus, Settings], Component], settings: Settings, name: str, *,
-        replicas: int = 1) -> int:
+        replicas: int = 1, ready_file: str = "") -> int:
     """Run `replicas` copies of a component in this process until SIGINT/SIGTERM. Returns the exit code:
     0 after a signal, 1 when a component failed or lost its connection for good (a process is either
     serving or gone, so that a supervisor can restart it).
@@ -212,6 +226,8 @@ def run(factory: Callable[[Bus, Settings], Component], settings: Settings, name:
                 return 0
             starting.result()
             log.info("%s started (%d replica(s), NATS %s)", name, replicas, settings.nats_url)
+            if ready_file:
+                write_ready_file(ready_file, components)
             failures = [asyncio.ensure_future(c.wait_failed()) for c in components]
             waits += failures
             done, _ = await asyncio.wait({stopped, *failures}, return_when=asyncio.FIRST_COMPLETED)
@@ -222,6 +238,9 @@ def run(factory: Callable[[Bus, Settings], Component], settings: Settings, name:
             log.critical("%s: %s; exiting with status 1", name, reason)
             return 1
         finally:
+            if ready_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(ready_file)
             for waiter in waits:
                 waiter.cancel()
             await asyncio.gather(*(asyncio.wait_for(c.stop(), 15) for c in components), return_exceptions=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,7 +18,8 @@ from shared.api import (
     RolloutStatus,
 )
 from shared.codec import to_json
-from shared.errors import ShoalError
+from shared import subjects as s
+from shared.errors import InvalidInput, ShoalError
 from shared.models import ONE_SHOT_JOB_TYPES, Selector, SubmissionOutcome
 from shared.settings import Settings
 from shared.transport import Bus
@@ -231,6 +233,33 @@ async def node(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+# -- ping -------------------------------------------------------------------------------------------
+
+
+async def ping(args: argparse.Namespace, client: Client) -> int:
+    """Exit 0 if the instances in a ready file (or any instance of --service) answer $SRV.PING."""
+    if args.ready_file:
+        try:
+            with open(args.ready_file, encoding="utf-8") as fh:
+                ready = json.load(fh)
+            service, ids = str(ready["service"]), [str(i) for i in ready["ids"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"not ready: {args.ready_file}: {exc}", file=sys.stderr)
+            return 1
+        subjects = [f"{s.service_ping(service)}.{i}" for i in ids] or [s.service_ping(service)]
+    elif args.service:
+        subjects = [s.service_ping(args.service)]
+    else:
+        raise InvalidInput("give --ready-file or --service", field="ready_file")
+    for subject in subjects:
+        try:
+            await client.bus.request(subject, b"", timeout=min(args.timeout, 5.0))
+        except ShoalError as exc:
+            print(f"not ready: {subject}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
 # -- dead letters -----------------------------------------------------------------------------------
 
 
@@ -292,5 +321,5 @@ async def rollout_watch(args: argparse.Namespace, client: Client) -> int:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, Client], Awaitable[int]]] = {
-    "job": job, "node": node, "rollout": rollout, "dead-letters": dead_letters,
+    "job": job, "node": node, "rollout": rollout, "dead-letters": dead_letters, "ping": ping,
 }

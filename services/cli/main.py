@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=["scheduler", "rollout", "health", "query"])
     serve.add_argument("--replicas", type=int, default=1, help="run this many replicas in this process")
     serve.add_argument("--db", default=None, help="query service: SQLite view file (default: $SHOAL_QUERY_DB)")
+    serve.add_argument("--ready-file", default="",
+                       help="once serving, write the service's instance ids here (for `shoal ping --ready-file`)")
+
+    ping = sub.add_parser("ping", help="exit 0 if the given service instances answer (a readiness probe)")
+    ping.add_argument("--ready-file", default="", help="the file `shoal serve --ready-file` wrote")
+    ping.add_argument("--service", default="", help="or: any instance of this service (shoal-query, ...)")
 
     agent = sub.add_parser("agent", help="run a node agent (or a simulated fleet)")
     agent.add_argument("--node-id", default="", help="node id (default: the host name)")
@@ -230,7 +236,8 @@ def serve(args: argparse.Namespace, settings) -> int:
 
         return QueryService(bus, s, db_path=args.db, numbered=args.replicas > 1)
 
-    return runtime.run(factory, settings, f"shoal-{args.service}", replicas=args.replicas)
+    return runtime.run(factory, settings, f"shoal-{args.service}", replicas=args.replicas,
+                       ready_file=args.ready_file)
 
 
 def agent(args: argparse.Namespace, settings) -> int:

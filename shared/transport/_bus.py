@@ -169,6 +169,7 @@ class Bus:
         # Bumped on every reconnect; readers that keep server-side state (ordered consumers) recreate it.
         self.generation = 0
         self.violations: list[str] = []  # the server's last permission refusals of this connection
+        self.services: list[tuple[str, str]] = []  # (name, instance id) of the API services it serves
         self._on_reconnect: list[Callable[[], Awaitable[None] | None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------

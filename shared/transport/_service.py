@@ -64,6 +64,7 @@ class ApiService:
             await api._add_endpoint(endpoint, subject, handler)
         await service.start()  # subscribes discovery after the endpoints, then one flush for all
         bus.on_close(api.stop)
+        bus.services.append((name, service.id))
         return api
 
     async def _add_endpoint(self, name: str, subject: str, handler: ApiHandler) -> None:

@@ -130,3 +130,37 @@ def test_a_process_started_before_jetstream_is_ready_waits_and_then_serves(tmp_p
     finally:
         reap(proc)
         server.stop()
+
+
+def test_ping_asks_exactly_the_instances_a_process_serves(tmp_path) -> None:
+    """A readiness probe: `shoal ping --ready-file` answers for this process, not for any replica."""
+    server = Server(tmp_path / "nats")
+    server.write()
+    server.start()
+    ready = tmp_path / "ready.json"
+    args = ["serve", "scheduler", "--ready-file", str(ready)]
+    env = {**os.environ, "SHOAL_NATS_URL": server.url}
+    with open(tmp_path / "scheduler.log", "ab") as log:
+        proc = subprocess.Popen(shoal_command(*args), stdout=log, stderr=subprocess.STDOUT, env=env)
+    other = serve(server.url, "scheduler", tmp_path)  # another replica, which keeps answering
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        written = json.loads(ready.read_text())
+        assert written["service"] == s.SERVICE_SCHEDULER and len(written["ids"]) == 1
+
+        def ping() -> int:
+            return subprocess.run(shoal_command("ping", "--ready-file", str(ready)), env=env,
+                                  capture_output=True).returncode
+
+        assert ping() == 0
+        proc.kill()
+        proc.wait()
+        asyncio.run(until(lambda: answers(server.url, s.SERVICE_SCHEDULER), 10))  # the other one answers
+        assert ping() == 1  # but not for this process
+    finally:
+        reap(proc)
+        reap(other)
+        server.stop()
