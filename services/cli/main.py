@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--nodes", type=int, default=3, help="real agents to start")
     dev.add_argument("--simulate", type=int, default=0, metavar="N", help="also start N simulated nodes")
     dev.add_argument("--data-dir", default=".shoal-dev", help="state of the local stack")
+    dev.add_argument("--auth", action="store_true",
+                     help="refuse anonymous clients: every process gets its own NKey identity (shoal auth)")
     dev.add_argument("--replicas", type=int, default=1,
                      help="processes per service (scheduler-1, scheduler-2, ...; one view file per query process)")
 

@@ -12,7 +12,9 @@ JetStream store, a view file or an agent's work dir.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import os
 import signal
 import subprocess
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from shared.errors import Conflict
 from shared.natsserver import NatsServer, ServerFailed
+from shared.transport import Credentials
 
 SERVICES = ("health", "scheduler", "rollout", "query")
 REGIONS = ("us-east", "us-west", "eu-central")
@@ -122,9 +125,15 @@ class Stack:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     stable_after: float = 10.0
+    # With auth, the local nats-server refuses anonymous clients and every process connects as its own
+    # identity from `shoal auth init` (in <data dir>/nats/auth): services, each agent, the fleet; the
+    # namespaces in `tenants` get tenant identities and the user's CLI uses the admin one.
+    auth: bool = False
+    tenants: tuple[str, ...] = ("default",)
     server: NatsServer | None = None
     children: dict[str, Child] = field(default_factory=dict)
     _lock_fd: int | None = field(default=None, repr=False)
+    _agents: set[str] = field(default_factory=set, repr=False)
 
     def start(self) -> Stack:
         """Lock the data dir, then start nats-server (unless given a URL), the services and the agents."""
@@ -132,7 +141,8 @@ class Stack:
         try:
             self.log_path(NATS).parent.mkdir(exist_ok=True)
             if not self.nats_url:
-                self.server = NatsServer(self.data_dir / "nats", log_file=str(self.log_path(NATS)))
+                extra = self._make_identities() if self.auth else ""
+                self.server = NatsServer(self.data_dir / "nats", log_file=str(self.log_path(NATS)), extra=extra)
                 self._add(NATS, self._launch_server).start()
                 self.nats_url = self.server.url
             for name in self.service_names():
@@ -182,8 +192,54 @@ class Stack:
 
     # -- starting children ---------------------------------------------------------------------------
 
-    def child_env(self) -> dict[str, str]:
-        return {**os.environ, **self.env, "SHOAL_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+    def child_env(self, name: str = "") -> dict[str, str]:
+        env = {**os.environ, **self.env, "SHOAL_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+        if self.auth:
+            env["SHOAL_NATS_NKEY"] = str(self.seed(*self._identity_of(name)))
+        return env
+
+    # -- identities (auth) ---------------------------------------------------------------------------
+
+    @property
+    def auth_dir(self) -> Path:
+        return self.data_dir / "nats" / "auth"
+
+    def seed(self, kind: str, name: str) -> Path:
+        """The seed file of one identity of this stack (e.g. `seed("admin", "admin")`)."""
+        from .auth import seed_path
+
+        return self.auth_dir / seed_path(kind, name)  # type: ignore[arg-type]
+
+    def credentials(self) -> Credentials:
+        """How a user (or a test) talks to this stack: as the admin identity when auth is on."""
+        return Credentials(nkey=str(self.seed("admin", "admin"))) if self.auth else Credentials()
+
+    def _identity_of(self, name: str) -> tuple[str, str]:
+        if name == "fleet":
+            return "fleet", "fleet"
+        if name.startswith("node-") or name in self._agents:
+            return "node", name
+        return "service", "service"
+
+    def _make_identities(self) -> str:
+        """Identities for every process of the stack (kept across restarts of the same data dir), and the
+        nats-server configuration line that includes them."""
+        from .auth import add_node, add_tenant, init, load
+
+        nodes = [f"node-{i}" for i in range(1, self.nodes + 1)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            if not (self.auth_dir / "nats-auth.conf").exists():
+                init(self.auth_dir, namespaces=list(self.tenants), nodes=nodes, force=True)
+            else:  # a data dir used before: add whoever is new
+                registry = load(self.auth_dir)
+                known = {(i.kind, i.name) for i in registry.identities}
+                for node in nodes:
+                    if ("node", node) not in known:
+                        add_node(self.auth_dir, load(self.auth_dir), node, None)
+                for tenant in self.tenants:
+                    if ("tenant", tenant) not in known:
+                        add_tenant(self.auth_dir, load(self.auth_dir), tenant)
+        return 'include "auth/nats-auth.conf"\n'  # relative to the server's config file
 
     def log_path(self, name: str) -> Path:
         return self.data_dir / "logs" / f"{name}.log"
@@ -215,7 +271,7 @@ class Stack:
 
         def popen() -> subprocess.Popen[bytes]:
             with open(log_path, "ab") as log:  # the child keeps its own descriptor
-                return subprocess.Popen(command, env=self.child_env(), stdout=log, stderr=subprocess.STDOUT,
+                return subprocess.Popen(command, env=self.child_env(name), stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
 
         if child is None:
@@ -246,6 +302,7 @@ class Stack:
         return self.spawn(name, *self.service_args(name))
 
     def start_agent(self, node_id: str, labels: list[str]) -> subprocess.Popen[bytes]:
+        self._agents.add(node_id)
         args = ["agent", "--node-id", node_id, "--work-dir", str(self.data_dir / "agents" / node_id)]
         for label in labels:
             args += ["--label", label]

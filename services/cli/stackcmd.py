@@ -60,7 +60,7 @@ async def probe(url: str, source: str, wait: float = PROBE_SECONDS) -> None:
 async def wait_ready(stack: Stack, nodes: int, stopping: Callable[[], bool], timeout: float = 60.0) -> bool:
     """Until the stack answers (True) or we are asked to stop (False), supervising it meanwhile: a child
     that dies while the others start is restarted rather than waited for in vain."""
-    bus = await Bus.connect(stack.nats_url, name="shoal-dev", wait=10)
+    bus = await Bus.connect(stack.nats_url, name="shoal-dev", wait=10, credentials=stack.credentials())
     try:
         ready = asyncio.ensure_future(Client(bus).wait_ready(nodes, timeout))
         try:
@@ -85,8 +85,12 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
     replicas = getattr(args, "replicas", 1)  # processes per service: 1 where the parser has no --replicas
     if replicas < 1:
         raise InvalidInput("--replicas must be at least 1", field="replicas")
+    auth = getattr(args, "auth", False)
+    if auth and source:
+        raise InvalidInput("--auth makes identities for a local nats-server; with an external one, use "
+                           "`shoal auth` and its seeds instead", field="auth")
     stack = Stack(Path(args.data_dir), nodes=args.nodes, simulate=args.simulate, replicas=replicas,
-                  nats_url=settings.nats_url if source else "")
+                  nats_url=settings.nats_url if source else "", auth=auth)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -111,6 +115,8 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
         say(f"shoal is running: NATS at {stack.nats_url}, {args.nodes} agents"
             + (f", {args.simulate} simulated nodes" if args.simulate else ""))
         say(f"  export SHOAL_NATS_URL={stack.nats_url}")
+        if auth:
+            say(f"  export SHOAL_NATS_NKEY={stack.seed('admin', 'admin')}    # anonymous clients are refused")
         say("  shoal node list")
         say("  shoal job run examples/pipeline-logs.yaml --wait")
         say(f"logs: {stack.data_dir / 'logs'}    stop: Ctrl-C")
