@@ -213,6 +213,14 @@ def _end_of_last_line(path: Path) -> int:
     return size if newline < 0 else size - len(chunk) + newline + 1
 
 
+def job_environment() -> dict[str, str]:
+    """The agent's environment without its own NATS identity: a job has no business with the node's
+    seed, password or credentials (they stay readable to its user on disk, but are not handed over)."""
+    secret = {"SHOAL_NATS_NKEY", "SHOAL_NATS_CREDS", "SHOAL_NATS_USER", "SHOAL_NATS_PASSWORD",
+              "SHOAL_NATS_TLS_KEY", "SHOAL_NATS_TLS_CERT"}
+    return {k: v for k, v in os.environ.items() if k not in secret}
+
+
 async def start_process(execution: Execution, work_dir: Path) -> ProcessRun:
     """Start `config.command` under a shim (see shim.py) in the execution's run dir.
 
@@ -230,7 +238,7 @@ async def start_process(execution: Execution, work_dir: Path) -> ProcessRun:
     for stale in (STATE_FILE, EXIT_FILE, HEALTH_FILE):  # from a start that never got going
         (run_dir / stale).unlink(missing_ok=True)
     health_file = run_dir / HEALTH_FILE
-    env = {**os.environ, **cfg.env,
+    env = {**job_environment(), **cfg.env,
            "SHOAL_EXECUTION_ID": execution.id, "SHOAL_JOB_ID": execution.job_id,
            "SHOAL_JOB_VERSION": str(execution.job_version), "SHOAL_NODE_ID": execution.node_id,
            "SHOAL_HEALTH_FILE": str(health_file)}

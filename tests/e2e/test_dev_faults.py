@@ -319,3 +319,46 @@ def test_stack_replicas_restarts_and_a_killed_nats_server(tmp_path) -> None:
     assert stack.dead() == []
     # Stopped means unlocked: the same data dir can host a stack again.
     Stack(tmp_path / "stack").lock().unlock()
+
+
+def test_shoal_dev_with_auth_refuses_anonymous_clients_and_serves_the_admin(tmp_path) -> None:
+    """What the README shows works with auth on, as the admin identity `shoal dev --auth` prints."""
+    env = {**os.environ, **FAST_ENV}
+    env.pop("SHOAL_NATS_URL", None)
+    env.pop("SHOAL_NATS_NKEY", None)
+    proc = subprocess.Popen([SHOAL, "dev", "--auth", "--nodes", "2", "--data-dir", str(tmp_path / "dev")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        url = nkey = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (url and nkey):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "export SHOAL_NATS_URL=" in line:
+                url = line.split("=", 1)[1].strip()
+            if "export SHOAL_NATS_NKEY=" in line:
+                nkey = line.split("=", 1)[1].split()[0]
+        assert url and nkey, "shoal dev --auth did not print the URL and the admin seed"
+        anonymous = cli(url, "node", "list", check=False)
+        assert anonymous.returncode != 0 and "Traceback" not in anonymous.stderr
+        admin = {"SHOAL_NATS_NKEY": nkey}
+        listed = subprocess.run([SHOAL, "node", "list"], env={**env, **admin, "SHOAL_NATS_URL": url},
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and "node-1" in listed.stdout and "node-2" in listed.stdout, listed.stderr
+        ran = subprocess.run([SHOAL, "job", "run", "examples/query-uptime.yaml", "--wait"],
+                             env={**env, **admin, "SHOAL_NATS_URL": url}, capture_output=True, text=True, timeout=90)
+        assert ran.returncode == 0 and "completed" in ran.stdout, ran.stdout + ran.stderr
+        dead = subprocess.run([SHOAL, "dead-letters"], env={**env, **admin, "SHOAL_NATS_URL": url},
+                              capture_output=True, text=True, timeout=60)
+        assert dead.returncode == 0, dead.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

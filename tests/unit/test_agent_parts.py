@@ -286,3 +286,14 @@ def test_only_finished_run_dirs_beyond_the_newest_are_deleted(tmp_path) -> None:
     doomed = finished_run_dirs_to_delete(root, busy={"r1"}, keep=2)
     # r0: its process is alive; r1: busy; r5, r4: the newest finished ones.
     assert sorted(p.name for p in doomed) == ["r2", "r3"]
+
+
+def test_a_job_does_not_inherit_the_agents_nats_identity(monkeypatch) -> None:
+    from services.agent.executors import job_environment
+
+    monkeypatch.setenv("SHOAL_NATS_NKEY", "/etc/shoal/node.nk")
+    monkeypatch.setenv("SHOAL_NATS_PASSWORD", "secret")
+    monkeypatch.setenv("SHOAL_NATS_URL", "nats://a:4222")
+    env = job_environment()
+    assert "SHOAL_NATS_NKEY" not in env and "SHOAL_NATS_PASSWORD" not in env
+    assert env["SHOAL_NATS_URL"] == "nats://a:4222"
