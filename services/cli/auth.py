@@ -94,6 +94,11 @@ def add_auth_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
     listing = sub.add_parser("list", help="show the identities of DIR")
     listing.add_argument("dir", metavar="DIR")
+
+    page = sub.add_parser("rotate-page-key", help="sign page tokens with a new key now (connects to NATS "
+                                                  "as the service identity)")
+    page.add_argument("--revoke", action="store_true",
+                      help="also delete every older key: every token issued so far is refused (a suspected leak)")
     return auth
 
 

@@ -186,7 +186,7 @@ def hoist_global_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(hoist_global_flags(sys.argv[1:] if argv is None else list(argv)))
-    if args.command == "auth":
+    if args.command == "auth" and args.auth_command != "rotate-page-key":
         from .auth import run as auth_run
 
         return auth_run(args)
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                         **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
                            for flag, _, _ in CONNECTION_FLAGS})
     try:
+        if args.command == "auth":
+            return asyncio.run(rotate_page_key(args, settings))
         if args.command == "serve":
             return serve(args, settings)
         if args.command == "agent":
@@ -215,6 +217,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if exc.code == 400 else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+async def rotate_page_key(args: argparse.Namespace, settings) -> int:
+    """`shoal auth rotate-page-key`: a new page-token signing key at once (see docs/SECURITY.md)."""
+    from services.query.tokenkeys import rotate_now
+    from shared.store import Store
+    from shared.transport import Bus
+
+    bus = await Bus.connect(settings.nats_url, name="shoal-cli", credentials=settings.credentials())
+    try:
+        key_id = await rotate_now(Store(bus), revoke=args.revoke)
+    finally:
+        await bus.close()
+    print(f"page tokens are now signed with key {key_id}"
+          + ("; every older key is deleted, so every earlier token is refused" if args.revoke else
+             "; older keys verify until they expire"))
+    return 0
 
 
 def serve(args: argparse.Namespace, settings) -> int:

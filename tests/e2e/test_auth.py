@@ -307,3 +307,46 @@ def test_a_node_that_claims_other_labels_is_refused_by_the_server(stack: Stack, 
             await bus.close()
 
     run(scenario())
+
+
+def test_only_the_service_identity_rotates_page_token_keys_and_a_revoke_refuses_old_tokens(stack: Stack) -> None:
+    import os
+    import subprocess
+
+    from services.cli.stack import shoal_command
+    from shared.api import ListNodesRequest
+
+    def rotate(kind: str, name: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "SHOAL_NATS_URL": stack.nats_url, "SHOAL_NATS_NKEY": str(stack.seed(kind, name))}
+        return subprocess.run(shoal_command("auth", "rotate-page-key", "--revoke"), env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    async def first_page_token() -> str:
+        bus = await connect(stack, "admin", "admin")
+        try:
+            _, page = await Client(bus).list_nodes(ListNodesRequest(limit=1))
+            return page.next_token
+        finally:
+            await bus.close()
+
+    async def next_page(token: str) -> Exception | None:
+        bus = await connect(stack, "admin", "admin")
+        try:
+            await Client(bus).list_nodes(ListNodesRequest(limit=1, next_token=token))
+        except ShoalError as exc:
+            return exc
+        finally:
+            await bus.close()
+        return None
+
+    token = run(first_page_token())
+    assert token
+    denied = rotate("tenant", "team-a")
+    assert denied.returncode != 0
+    assert run(next_page(token)) is None  # the tenant changed nothing
+    done = rotate("service", "service")
+    assert done.returncode == 0 and "every older key is deleted" in done.stdout, done.stderr
+    deadline = time.monotonic() + 10
+    while (error := run(next_page(token))) is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the query replicas see the delete through their watch
+    assert error is not None and getattr(error, "field", None) == "next_token"
