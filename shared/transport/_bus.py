@@ -185,14 +185,17 @@ class Bus:
         delay = 0.25
         seeds = servers(url)
         options = (credentials or Credentials()).connect_options()
+        tries = 0
         while True:
+            tries += 1
             try:
                 nc = await nats.connect(
                     servers=seeds,
                     name=name,
                     connect_timeout=2,
-                    allow_reconnect=True,
-                    # The client retries the first connect forever when this is -1; we retry it ourselves.
+                    # The first connect is tried once per call and retried here (with reconnects allowed,
+                    # nats-py would hang after a TLS handshake failure); reconnects are allowed once connected.
+                    allow_reconnect=False,
                     max_reconnect_attempts=1,
                     reconnect_time_wait=0.5,
                     # A server that stops answering (not only one that closes the socket) is noticed in ~20 s.
@@ -206,7 +209,8 @@ class Bus:
                 )
             except Exception as exc:  # the client raises several unrelated types here
                 reason = f"{exc or type(exc).__name__}"
-                if deadline is not None and loop.time() >= deadline:
+                # (Each call tries one seed, picked at random: try as many times as there are seeds.)
+                if deadline is not None and loop.time() >= deadline and tries >= len(seeds):
                     raise Unavailable(f"cannot reach NATS at {url}: {reason}") from None
                 if deadline is None:
                     log.warning("%s: cannot reach NATS at %s (%s); retrying in %.1fs", name, url, reason, delay)
@@ -214,6 +218,7 @@ class Bus:
                 delay = min(delay * 2, 5.0)
                 continue
             # Once connected, never give up reconnecting: a service outlives server restarts.
+            nc.options["allow_reconnect"] = True
             nc.options["max_reconnect_attempts"] = -1
             bus = cls(nc, name)
             holder.append(bus)
