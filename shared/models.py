@@ -12,7 +12,7 @@ and re-encodes to the same keys.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast, get_args
 
 import msgspec
 
@@ -170,6 +170,45 @@ class ObservedState(msgspec.Struct, kw_only=True):
     state_type: ObservedStateType
     message: str = ""
     details: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+# Why an execution ended (status.details.reason): the agent's view of an exit, or the health service's
+# verdict. The first group is node trouble (never the version's failure), the second the rollout's signals.
+FailureReason = Literal["exit", "timeout", "stopped", "start-error", "agent-error", "agent-restart",
+                        "agent-shutdown", "unhealthy", "deadline", "lost"]
+FAILURE_REASONS: frozenset[str] = frozenset(get_args(FailureReason))
+
+
+class ExecutionDetails(msgspec.Struct, kw_only=True, frozen=True):
+    """The keys of `status.details` shoal itself writes, typed (the schema leaves details open, so the
+    map stays a map on the wire; this is how the code reads it)."""
+
+    reason: FailureReason | None = None
+    finished_at: str = ""  # RFC 3339: when it reached a terminal state (restart backoff counts from here)
+    lost_from: str = ""  # the observed state it had when its node fell silent
+    lost_at: str = ""
+    restarts: int = 0  # how many restarts came before it in its chain
+    exit_code: int | None = None
+
+
+def details(execution: Execution) -> ExecutionDetails:
+    """The typed view of an execution's details; values of the wrong type read as absent."""
+    d = execution.status.details
+    reason = d.get("reason")
+    restarts = d.get("restarts", 0)
+    exit_code = d.get("exit_code")
+    return ExecutionDetails(
+        reason=cast(FailureReason, reason) if isinstance(reason, str) and reason in FAILURE_REASONS else None,
+        finished_at=_text(d.get("finished_at")),
+        lost_from=_text(d.get("lost_from")),
+        lost_at=_text(d.get("lost_at")),
+        restarts=restarts if isinstance(restarts, int) and not isinstance(restarts, bool) else 0,
+        exit_code=exit_code if isinstance(exit_code, int) and not isinstance(exit_code, bool) else None,
+    )
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 class ExecutionStatus(msgspec.Struct, kw_only=True, omit_defaults=True):

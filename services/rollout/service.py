@@ -21,7 +21,8 @@ from shared.store import Record, Store
 from shared.transport import ApiRequest, ApiService, Consumer, ConsumerSpec, Delivery
 from shared.validation import check_namespace
 
-from .controller import Controller, latest_by_node
+from .controller import Controller
+from .decide import latest_by_node
 from .model import IN_PROGRESS, Rollout, Timer
 
 log = logging.getLogger(__name__)
@@ -179,10 +180,8 @@ class RolloutService(Component):
         if rollout.state not in IN_PROGRESS:
             raise Conflict(f"rollout of {body.job!r} is {rollout.state}; only a rollout in progress can be aborted",
                            field="job", retryable=False)
-        spec = (await self.store.job_version(rollout.namespace, rollout.job_id, rollout.job_version)).spec
-        executions = [r.value for r in await self.store.executions_of_job(rollout.namespace, rollout.job_id)]
-        await self.controller.fail(job_record.value, rollout, record.revision, spec,
-                                   f"aborted: {body.reason or 'by request'}", executions)
+        if not await self.controller.fail(rollout.namespace, rollout.job_id, f"aborted: {body.reason or 'by request'}"):
+            raise Conflict("the rollout changed while this request was applied; try again", field="job")
         await self.controller.reconcile(rollout.namespace, rollout.job_id)
         fresh = await self.controller.rollouts.get(record.key)
         job = await self.store.jobs.get(job_record.key)

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
 
 from shared import subjects as s
 from shared.api import PutJobRequest
 from shared.codec import from_json, to_canonical_json, to_json, to_msgpack
 from shared.durations import utcnow
+from shared.ids import derived_id
 from shared.errors import Conflict, Internal, InvalidInput, Poison, ShoalError, shown
 from shared.models import ENDED_JOB_STATES, Evaluation, Job, JobSpec, JobState, JobVersion, SubmissionOutcome
 from shared.store import Store
@@ -40,11 +40,6 @@ SEQ_PREFIX = "seq-"  # submissions without a usable id are known by their stream
 
 def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(to_canonical_json(spec)).hexdigest()
-
-
-def _derived_id(*parts: str) -> str:
-    """A deterministic UUID, so that redelivered work creates the same records instead of new ones."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "shoal:" + ":".join(parts)))
 
 
 class Submissions:
@@ -119,7 +114,7 @@ class Submissions:
         if not created:
             warnings.append(f"spec unchanged; deployed again as version {job.version}")
         evaluation = Evaluation(
-            id=_derived_id("eval", submission_id),
+            id=derived_id("eval", submission_id),
             namespace=namespace,
             job_id=job.id,
             job_version=job.version,
@@ -219,7 +214,7 @@ class Submissions:
         existing = await self.store.job_id_by_name(namespace, name)
         if existing is not None:
             return existing
-        job_id = _derived_id("job", namespace, name, submission_id)
+        job_id = derived_id("job", namespace, name, submission_id)
         try:
             await self.store.job_names.create(s.job_name_key(namespace, name), job_id.encode())
         except Conflict:

@@ -308,7 +308,7 @@ async def test_restart_policies(cluster, wait_for, policy, exit_code, restarts, 
             assert later.node_id == earlier.node_id
         assert [e.status.details.get("restarts", 0) for e in items[:3]] == [0, 1, 2]
         # Exponential backoff: the second gap is longer than the first.
-        from services.rollout.controller import finished_at
+        from services.rollout.decide import finished_at
 
         gaps = [(b.status.created_at - finished_at(a)).total_seconds() for a, b in zip(items, items[1:3])]
         assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[1] > gaps[0], gaps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.rollout.controller import budget_exceeded
+from services.rollout.decide import budget_exceeded
 from services.rollout.waves import canary_size, percent_of, plan_waves, wave_of, wave_size
 from shared.models import Canary, RolloutSpec
 

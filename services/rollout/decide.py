@@ -1,0 +1,573 @@
+"""What one reconcile pass of a job's rollout decides, as a pure function: no bus, no clock, no I/O.
+
+`decide(view)` looks at a job, its rollout record, the spec it rolls out and every execution of the
+job, and returns one `Step`: the executions to create (and the ones they replace), the ones to stop,
+the new rollout record, the job's state, the timers to set and the version to mark stable. It is the
+rule book of docs/ROLLOUTS.md in one place, unit-tested without a server (tests/unit/test_decide.py);
+`apply.py` carries a step out with compare-and-set writes, and the controller keeps the triggers.
+
+A step that changes the rollout record ends the pass: the record is written first (compare-and-set
+on the revision `decide` saw), and if that fails nothing after it is applied and the next pass decides
+again from what the store holds. Everything else a step does is idempotent: execution ids derive from
+what caused them, and a repeated step changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import msgspec
+
+from shared.durations import parse_rfc3339
+from shared.ids import derived_id
+from shared.models import (
+    ENDED_JOB_STATES,
+    ONE_SHOT_JOB_TYPES,
+    TERMINAL_STATES,
+    DesiredState,
+    Execution,
+    ExecutionStatus,
+    Job,
+    JobSpec,
+    JobStateType,
+    ObservedState,
+    details,
+)
+
+from .model import IN_PROGRESS, Rollout
+
+HEALTH_VERDICTS = frozenset({"unhealthy", "deadline"})
+# Failures that say something about the node, not about the version: they are restarted by the restart
+# policy and never spend the failure budget (an operator restarting agents must not roll back a release).
+NODE_TROUBLE = frozenset({"agent-restart", "agent-shutdown"})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The settings a decision depends on."""
+
+    restart_backoff_base: float = 1.0
+    restart_backoff_max: float = 60.0
+    stall_grace: float = 30.0
+
+
+@dataclass
+class View:
+    """Everything one pass decides from."""
+
+    job: Job
+    rollout: Rollout | None
+    spec: JobSpec | None  # of the rolled-out version (None without a rollout)
+    executions: list[Execution]
+    now: dt.datetime
+    policy: Policy = field(default_factory=Policy)
+    # spec hashes of the versions a rollback compares (the stable one and the rolled-out one)
+    spec_hashes: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Create:
+    execution: Execution
+    replaces: Execution | None = None  # its previous_execution_id; that one's next is linked to it
+
+
+@dataclass(frozen=True)
+class Stop:
+    execution: Execution
+    reason: str
+    next_id: str = ""
+
+
+@dataclass(frozen=True)
+class JobStateChange:
+    state: JobStateType
+    message: str
+    source_version: int | None  # None: whatever version the job is at
+    force: bool = False
+
+
+@dataclass
+class Step:
+    """One pass's decisions, in the order they are applied."""
+
+    rollout: Rollout | None = None  # the new record, written first (compare-and-set)
+    rollout_first: bool = True  # False: the other effects go before the record (stopping everything)
+    creates: list[Create] = field(default_factory=list)
+    stops: list[Stop] = field(default_factory=list)
+    job_state: JobStateChange | None = None
+    mark_stable: int = 0
+    timers: list[tuple[dt.datetime, str]] = field(default_factory=list)
+    again: bool = False  # another pass should follow (the rollout record changed)
+
+    @property
+    def empty(self) -> bool:
+        return (self.rollout is None and not self.creates and not self.stops and self.job_state is None
+                and not self.mark_stable and not self.timers)
+
+
+# -- the pass --------------------------------------------------------------------------------------
+
+
+def decide(view: View) -> Step:
+    job, record, executions, now = view.job, view.rollout, view.executions, view.now
+    step = Step()
+    if job.state.state_type == "stopped" or (record is not None and record.state == "stopped"):
+        step.stops = stop_all(executions, "job stopped")
+        if record is not None and record.state != "stopped":
+            step.rollout = stopped(record, now)
+            step.rollout_first = False
+        step.job_state = JobStateChange("stopped", job.state.message or "stopped", None)
+        return step
+    if record is None or view.spec is None:
+        return step
+    rollout, spec = _copy(record), view.spec
+
+    if timed_out(job, rollout, spec, now, step):
+        step.stops = stop_all(executions, rollout.message)
+        step.job_state = JobStateChange("failed", rollout.message, None, force=True)
+        return step
+    if rollout.state == "queued":
+        step.job_state = JobStateChange("queued", "waiting for eligible nodes", rollout.source_version)
+        return step
+
+    latest = latest_by_node(executions, rollout)
+    started = rollout.started_targets()
+    in_rollout = rollout.state in IN_PROGRESS
+
+    # 1. Executions for every node whose wave has started.
+    if not (rollout.state == "failed" and not rollout.rollback_of):
+        for index, node_id in enumerate(started):
+            if node_id in latest:
+                continue
+            previous = active_other(executions, node_id, rollout.job_version)
+            created = new_execution(derived_id(rollout.deployment_id, node_id), job, spec, rollout.job_version,
+                                    node_id, rollout.wave_number(index), rollout.deployment_id,
+                                    previous.id if previous else "", 0, now)
+            step.creates.append(Create(created, previous))
+            latest[node_id] = created
+
+    # 2. Failures against the budget (node trouble is not the version's failure), and stalls.
+    newly_failed = [
+        n for n in started
+        if n not in rollout.failed_nodes and latest.get(n) is not None
+        and latest[n].observed == "failed" and latest[n].status.stable_at is None
+        and details(latest[n]).reason not in NODE_TROUBLE
+    ]
+    if in_rollout and newly_failed:
+        count_failures(view, rollout, newly_failed, step)
+        return step
+    if rollout.state == "deploying":
+        stalled = stalled_executions(rollout, spec, started, latest, now, view.policy, step)
+        if stalled:
+            reason = "stalled: still {} {:g}s after it was created (health deadline + grace)"
+            limit = _stall_limit(spec, view.policy).total_seconds()
+            step.stops += [Stop(e, reason.format(e.observed, limit)) for e in stalled]
+            names = ", ".join(f"{e.node_id} ({e.observed})" for e in stalled[:5])
+            more = f" and {len(stalled) - 5} more" if len(stalled) > 5 else ""
+            rollout.message = f"wave {rollout.current_wave}: {names}{more} never settled; counted as failed"
+            count_failures(view, rollout, [e.node_id for e in stalled], step)
+            return step
+
+    # 3. Restarts by policy: the rolled-out version where its wave has started, and whatever still runs
+    #    on the targets it has not reached yet (they must not be left bare meanwhile).
+    keep: set[str] = set()  # ended executions the policy will still restart (they stay desired running)
+    for node_id in started:
+        execution = latest.get(node_id)
+        if execution is None or not restartable(execution, spec, rollout):
+            continue
+        keep.add(execution.id)
+        if needs_restart(execution, spec, rollout):
+            successor = restart(job, rollout, spec, execution, now, view.policy, step)
+            if successor is not None:
+                latest[node_id] = successor
+    unreached = set(rollout.targets) - set(started)
+    for execution in current_elsewhere(executions, unreached, rollout.job_version):
+        own = execution.job_spec
+        if own is not None and restartable(execution, own, rollout):
+            keep.add(execution.id)
+            if needs_restart(execution, own, rollout):
+                restart(job, rollout, own, execution, now, view.policy, step)
+
+    # 4. Stop what is superseded (older versions once the new one is stable, non-targets), and say of
+    #    what has ended that it is no longer meant to run.
+    step.stops += retire(executions, latest, set(rollout.targets), rollout, keep)
+
+    # 5. Waves.
+    if rollout.state == "deploying" and advance(rollout, spec, latest, now, step):
+        return step
+
+    step.job_state = job_state_of(job, rollout, spec, latest)
+    return step
+
+
+# -- the rules -------------------------------------------------------------------------------------
+
+
+def budget_exceeded(failed: int, targets: int, max_nodes: int, max_percent: float) -> bool:
+    """The rollout stops as soon as failed nodes exceed the count or the percentage of the targets."""
+    if failed > max_nodes:
+        return True
+    return targets > 0 and failed * 100 > max_percent * targets
+
+
+def settled(execution: Execution | None) -> bool:
+    """Done with validation: stable, finished successfully, or failed (counted against the budget)."""
+    if execution is None:
+        return False
+    return execution.status.stable_at is not None or execution.observed in ("completed", "failed")
+
+
+def restartable(execution: Execution, spec: JobSpec, rollout: Rollout) -> bool:
+    """An ended execution that the restart policy replaces (now, or once its rollout allows it)."""
+    if execution.desired != "running" or execution.status.next_execution_id:
+        return False
+    if rollout.state == "failed" and not rollout.rollback_of:
+        return False  # a failed rollout is not kept alive by restarts
+    observed = execution.observed
+    if observed == "completed":
+        return spec.restart_policy == "always"
+    if observed in ("failed", "stopped"):
+        return spec.restart_policy in ("on-failure", "always")
+    return False
+
+
+def needs_restart(execution: Execution, spec: JobSpec, rollout: Rollout) -> bool:
+    """Restart it now (once its backoff has passed)."""
+    if not restartable(execution, spec, rollout):
+        return False
+    if details(execution).reason in HEALTH_VERDICTS and rollout.state in IN_PROGRESS:
+        return False  # a health verdict during a rollout is the rollout's signal, not a crash
+    return True
+
+
+def restart(job: Job, rollout: Rollout, spec: JobSpec, execution: Execution, now: dt.datetime, policy: Policy,
+            step: Step) -> Execution | None:
+    """The execution that replaces an exited one, once its backoff has passed (else a timer for then)."""
+    restarts = details(execution).restarts
+    delay = min(policy.restart_backoff_max, policy.restart_backoff_base * 2 ** restarts)
+    due = finished_at(execution) + dt.timedelta(seconds=delay)
+    if now < due:
+        step.timers.append((due, f"restart-{execution.id}"))
+        return None
+    successor = new_execution(derived_id(execution.id, "restart"), job, spec, execution.job_version,
+                              execution.node_id, execution.rollout_wave, rollout.deployment_id, execution.id,
+                              restarts + 1, now)
+    step.creates.append(Create(successor, execution))
+    return successor
+
+
+def count_failures(view: View, rollout: Rollout, newly_failed: list[str], step: Step) -> None:
+    """Add failed nodes to the record; past the budget, fail the rollout (and roll back)."""
+    assert view.spec is not None
+    rollout.failed_nodes = [*rollout.failed_nodes, *newly_failed]
+    budget = view.spec.rollout
+    if rollout.rollback_of or not budget_exceeded(len(rollout.failed_nodes), len(rollout.targets),
+                                                  budget.max_failed_nodes, budget.max_failed_nodes_percent):
+        rollout.updated_at = view.now
+        step.rollout, step.again = rollout, True
+        return
+    reason = (f"{len(rollout.failed_nodes)} of {len(rollout.targets)} nodes failed, more than the budget "
+              f"(max_failed_nodes {budget.max_failed_nodes}, max_failed_nodes_percent "
+              f"{budget.max_failed_nodes_percent:g})")
+    fail(view, rollout, reason, step)
+
+
+def fail(view: View, rollout: Rollout, reason: str, step: Step) -> None:
+    """Stop the rollout and, unless disabled, restore the last stable version on every target."""
+    assert view.spec is not None
+    job, now = view.job, view.now
+    stable = job.stable_version
+    if view.spec.rollout.no_auto_rollback:
+        message = f"{reason}; automatic rollback disabled"
+    elif rollout.rollback_of:
+        message = f"{reason}; this was already a rollback, so it stops here"
+    elif stable == 0 or stable == rollout.job_version:
+        message = f"{reason}; no earlier stable version, version {rollout.job_version} stopped"
+        step.stops += stop_all([e for e in view.executions if e.job_version == rollout.job_version], message)
+    elif view.spec_hashes.get(stable) == view.spec_hashes.get(rollout.job_version):
+        message = f"{reason}; version {stable} has the same spec, so there is nothing to roll back to"
+    else:
+        message = f"{reason}; rolling back to version {stable}"
+        targets = list(rollout.targets)  # every target: none is left bare
+        step.rollout = Rollout(
+            namespace=rollout.namespace, job_id=rollout.job_id,
+            deployment_id=derived_id(rollout.deployment_id, "rollback"),
+            job_version=stable, source_version=rollout.source_version, strategy="immediate",
+            state="deploying", targets=targets, wave_sizes=[len(targets)] if targets else [],
+            rollback_of=rollout.job_version, cause=reason, previous_version=rollout.job_version,
+            message=message, created_at=now, updated_at=now,
+        )
+        step.again = True
+        step.job_state = JobStateChange("rollout_failed", message, None, force=True)
+        return
+    rollout.state = "failed"
+    rollout.message = message
+    rollout.updated_at = rollout.finished_at = now
+    step.rollout, step.again = rollout, True
+    step.job_state = JobStateChange("rollout_failed", message, None, force=True)
+
+
+def timed_out(job: Job, rollout: Rollout, spec: JobSpec, now: dt.datetime, step: Step) -> bool:
+    """Queue and total timeouts; True if one fired (the rollout fails; the caller stops everything)."""
+    if job.state.state_type in ENDED_JOB_STATES or rollout.state in ("failed", "stopped"):
+        return False
+    timeouts = spec.timeouts
+    message = ""
+    if rollout.state == "queued" and timeouts.queue_timeout and rollout.queued_since is not None:
+        if now >= rollout.queued_since + dt.timedelta(seconds=timeouts.queue_timeout):
+            message = f"no eligible nodes within queue_timeout ({timeouts.queue_timeout}s)"
+    if not message and timeouts.total_timeout:
+        if now >= rollout.created_at + dt.timedelta(seconds=timeouts.total_timeout):
+            message = f"total_timeout ({timeouts.total_timeout}s) exceeded"
+    if not message:
+        return False
+    rollout.state = "failed"
+    rollout.timed_out = True
+    rollout.message = message
+    rollout.updated_at = rollout.finished_at = now
+    step.rollout, step.again = rollout, True
+    return True
+
+
+def _stall_limit(spec: JobSpec, policy: Policy) -> dt.timedelta:
+    check = spec.rollout.health_check
+    assert check is not None
+    return dt.timedelta(microseconds=check.deadline // 1000, seconds=policy.stall_grace)
+
+
+def stalled_executions(rollout: Rollout, spec: JobSpec, started: list[str], latest: dict[str, Execution],
+                       now: dt.datetime, policy: Policy, step: Step) -> list[Execution]:
+    """Executions of a gated wave that never settle (pending, starting or unjudged) long past their health
+    deadline; otherwise a timer for when the next one could stall."""
+    if not rollout.gated or spec.rollout.health_check is None:
+        return []
+    limit = _stall_limit(spec, policy)
+    stalled: list[Execution] = []
+    soonest: dt.datetime | None = None
+    for node_id in started:
+        execution = latest.get(node_id)
+        if (execution is None or node_id in rollout.failed_nodes or settled(execution)
+                or execution.observed == "lost" or execution.desired != "running"):
+            continue
+        due = execution.status.created_at + limit
+        if now >= due:
+            stalled.append(execution)
+        elif soonest is None or due < soonest:
+            soonest = due
+    if not stalled and soonest is not None:
+        step.timers.append((soonest, "stall-check"))
+    return stalled
+
+
+def retire(executions: list[Execution], latest: dict[str, Execution], targets: set[str], rollout: Rollout,
+           keep: set[str]) -> list[Stop]:
+    stops: list[Stop] = []
+    for execution in executions:
+        if execution.desired == "stopped":
+            continue
+        if execution.observed in TERMINAL_STATES:
+            # Ended, and not waiting for a restart: no longer meant to run (so no node ever shows two
+            # executions of a job desired running, nor an ended one that says it should run).
+            if execution.id not in keep:
+                stops.append(Stop(execution, f"ended: {execution.observed}"))
+            continue
+        replacement = latest.get(execution.node_id)
+        if execution.job_version == rollout.job_version and replacement is execution:
+            continue
+        if execution.node_id not in targets:
+            reason = "node no longer selected"
+        elif execution.job_version != rollout.job_version and replacement is not None and (
+            replacement.status.stable_at is not None or replacement.observed == "completed"
+        ):
+            reason = f"replaced by version {rollout.job_version}"
+        elif execution.job_version == rollout.job_version and execution is not replacement:
+            reason = "superseded by a restart"
+        else:
+            continue
+        stops.append(Stop(execution, reason, replacement.id if replacement is not None else ""))
+    return stops
+
+
+def advance(rollout: Rollout, spec: JobSpec, latest: dict[str, Execution], now: dt.datetime, step: Step) -> bool:
+    """Start the next wave, await promotion, or finish; True if the record changes."""
+    started = rollout.started_targets()
+    if not all(settled(latest.get(n)) or n in rollout.failed_nodes for n in started):
+        return False
+    rollout.updated_at = now
+    if rollout.gated and rollout.current_wave < len(rollout.wave_sizes):
+        if rollout.strategy == "canary" and rollout.current_wave == 1 and not spec.rollout.auto_promote:
+            rollout.state = "awaiting_promotion"
+            rollout.message = "canary healthy; waiting for promotion"
+        else:
+            rollout.message = f"wave {rollout.current_wave} healthy"
+            rollout.current_wave += 1
+    else:
+        rollout.state = "succeeded"
+        rollout.finished_at = now
+        rollout.message = finished_message(rollout)
+        if not rollout.rollback_of:
+            step.mark_stable = rollout.job_version
+    step.rollout, step.again = rollout, True
+    return True
+
+
+def job_state_of(job: Job, rollout: Rollout, spec: JobSpec, latest: dict[str, Execution]) -> JobStateChange:
+    """The job's state as its rollout and its current executions say."""
+    state = rollout.state
+    source = rollout.source_version
+    if rollout.timed_out:
+        return JobStateChange("failed", rollout.message, source)
+    if rollout.rollback_of or state == "failed":
+        if state == "succeeded":
+            message = f"rolled back to version {rollout.job_version} after: {rollout.cause}"
+        else:
+            message = rollout.message
+        return JobStateChange("rollout_failed", message, source)
+    if state in ("paused", "awaiting_promotion"):
+        return JobStateChange("rollout_paused", rollout.message, source)
+    if state == "deploying":
+        waves = f" (wave {rollout.current_wave} of {len(rollout.wave_sizes)})" if rollout.gated else ""
+        return JobStateChange("deploying", f"deploying version {rollout.job_version}{waves}", source)
+    current = [latest[n] for n in rollout.targets if n in latest]
+    if job.type in ONE_SHOT_JOB_TYPES and current and all(
+            e.observed in TERMINAL_STATES and not needs_restart(e, spec, rollout) for e in current):
+        failed = [e for e in current if e.observed != "completed"]
+        if failed:
+            return JobStateChange("failed", f"{len(failed)} of {len(current)} executions failed", source)
+        return JobStateChange("completed", f"completed on {len(current)} nodes", source)
+    troubled = [e for e in current if e.observed in ("degraded", "lost", "failed")]
+    if troubled:
+        return JobStateChange("degraded", f"{len(troubled)} of {len(current)} executions degraded, lost or failed",
+                              source)
+    return JobStateChange("running", f"version {rollout.job_version} on {len(current)} nodes", source)
+
+
+def job_state_change(job: Job, change: JobStateChange, now: dt.datetime) -> bool:
+    """Apply `change` to `job` in place unless it must not: a stopped job stays stopped, a newer version's
+    own rollout sets its state (unless forced), and an unchanged state is no change. True if changed."""
+    if job.state.state_type == "stopped" and change.state != "stopped":
+        return False
+    if change.source_version is not None and job.version != change.source_version and not change.force:
+        return False
+    if job.state.state_type == change.state and job.state.message == change.message:
+        return False
+    job.state = msgspec.structs.replace(job.state, state_type=change.state, message=change.message)
+    job.modified_at = now
+    job.revision += 1
+    return True
+
+
+def mark_stable(job: Job, version: int, now: dt.datetime) -> bool:
+    if job.stable_version >= version:
+        return False
+    job.stable_version = version
+    job.revision += 1
+    job.modified_at = now
+    return True
+
+
+def stop_all(executions: list[Execution], reason: str) -> list[Stop]:
+    return [Stop(e, reason) for e in executions if e.desired != "stopped"]
+
+
+def stopped(rollout: Rollout, now: dt.datetime) -> Rollout:
+    record = _copy(rollout)
+    record.state = "stopped"
+    record.message = "job stopped"
+    record.updated_at = record.finished_at = now
+    return record
+
+
+def desire_stop(execution: Execution, reason: str, next_id: str) -> bool:
+    """Set desired stopped in place (and the successor link if none yet); False if already stopped."""
+    if execution.desired == "stopped":
+        return False
+    execution.status.desired_state = DesiredState(state_type="stopped", message=reason)
+    if next_id and not execution.status.next_execution_id:
+        execution.status.next_execution_id = next_id
+    return True
+
+
+def link(execution: Execution, next_id: str) -> bool:
+    """previous.next = next (the newest attempt to replace an execution is the one it points to)."""
+    if execution.status.next_execution_id == next_id:
+        return False
+    execution.status.next_execution_id = next_id
+    return True
+
+
+def finished_at(execution: Execution) -> dt.datetime:
+    """When the execution reached its terminal state (recorded by the health service)."""
+    return parse_rfc3339(details(execution).finished_at) or execution.status.updated_at
+
+
+def latest_by_node(executions: list[Execution], rollout: Rollout) -> dict[str, Execution]:
+    """Per node, the newest execution of the rolled-out version that belongs to this rollout.
+
+    That is one this deployment created (restarts make chains; the head is the newest), or one of an
+    earlier deployment of the same version that is still meant to run (a rollback keeps those).
+    """
+    latest: dict[str, Execution] = {}
+    for execution in executions:
+        if execution.job_version != rollout.job_version:
+            continue
+        if execution.eval_id != rollout.deployment_id and (
+            execution.desired != "running" or execution.observed in TERMINAL_STATES
+        ):
+            continue
+        held = latest.get(execution.node_id)
+        if held is None or (execution.status.created_at, execution.id) > (held.status.created_at, held.id):
+            latest[execution.node_id] = execution
+    return latest
+
+
+def active_other(executions: list[Execution], node_id: str, version: int) -> Execution | None:
+    """The execution of another version that a new one on this node replaces: the newest one still
+    running there, else the newest one meant to run that nothing follows yet (a failed version that a
+    rollback undoes)."""
+    meant = [e for e in executions if e.node_id == node_id and e.job_version != version and e.desired == "running"]
+    live = [e for e in meant if e.observed not in TERMINAL_STATES]
+    candidates = live or [e for e in meant if not e.status.next_execution_id]
+    return max(candidates, key=lambda e: (e.status.created_at, e.id), default=None)
+
+
+def current_elsewhere(executions: list[Execution], nodes: set[str], version: int) -> list[Execution]:
+    """On each of `nodes`, the newest execution of another version than `version` that is meant to run
+    and that nothing replaces yet: what a rollout that has not reached the node leaves running there."""
+    current: dict[str, Execution] = {}
+    for e in executions:
+        if (e.node_id in nodes and e.job_version != version and e.desired == "running"
+                and not e.status.next_execution_id):
+            held = current.get(e.node_id)
+            if held is None or (e.status.created_at, e.id) > (held.status.created_at, held.id):
+                current[e.node_id] = e
+    return list(current.values())
+
+
+def finished_message(rollout: Rollout) -> str:
+    if rollout.rollback_of:
+        return f"rolled back to version {rollout.job_version} on {len(rollout.targets)} nodes after: {rollout.cause}"
+    failed = f", {len(rollout.failed_nodes)} failed" if rollout.failed_nodes else ""
+    return f"version {rollout.job_version} rolled out to {len(rollout.targets)} nodes{failed}"
+
+
+def new_execution(execution_id: str, job: Job, spec: JobSpec, version: int, node_id: str, wave: int,
+                  eval_id: str, previous_id: str, restarts: int, now: dt.datetime) -> Execution:
+    extra: dict[str, object] = {"restarts": restarts} if restarts else {}
+    return Execution(
+        id=execution_id, eval_id=eval_id, job_id=job.id, job_type=spec.type, job_version=version,
+        namespace=job.namespace, node_id=node_id, rollout_wave=wave,
+        status=ExecutionStatus(created_at=now, updated_at=now, revision=1,
+                               desired_state=DesiredState(state_type="running"),
+                               observed_state=ObservedState(state_type="pending"),
+                               previous_execution_id=previous_id, details=extra),
+        job_spec=spec,
+    )
+
+
+def _copy(rollout: Rollout) -> Rollout:
+    """A copy `decide` may change (the view's record stays as it was read)."""
+    return msgspec.structs.replace(rollout, targets=list(rollout.targets), wave_sizes=list(rollout.wave_sizes),
+                                   failed_nodes=list(rollout.failed_nodes))
+

@@ -1,0 +1,10 @@
+"""Deterministic ids: what redelivered work creates again is the same record, not a second one."""
+
+from __future__ import annotations
+
+import uuid
+
+
+def derived_id(*parts: str) -> str:
+    """A UUID derived from what caused the record (a submission, a deployment and a node, a predecessor)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "shoal:" + ":".join(parts)))
