@@ -182,6 +182,33 @@ EVENTS_PREFIX = f"{ROOT}.events"
 EVENTS_EXECUTION = f"{EVENTS_PREFIX}.execution"
 EVENTS_JOB = f"{EVENTS_PREFIX}.job"
 EVENTS_NODE = f"{EVENTS_PREFIX}.node"
+EVENTS_ROLLOUT = f"{EVENTS_PREFIX}.rollout"
+# Events of jobs, executions and rollouts carry a partition token after their kind, computed by the
+# server from the namespace and job id (`shoal.events.execution.<partition>.<ns>.<job>.<node>.<exec>`):
+# one rollout replica owns each partition, so every event of a job reaches the one replica that holds
+# the job's state in memory. Fixed: changing it would move jobs between partitions.
+PARTITIONS = 16
+
+
+def partition_events(partition: int) -> list[str]:
+    """The filter subjects of one partition's events."""
+    return [f"{kind}.{partition}.>" for kind in (EVENTS_EXECUTION, EVENTS_JOB, EVENTS_ROLLOUT)]
+
+
+def event_job(subject: str) -> tuple[str, str]:
+    """(namespace, job id) of a job, rollout or execution event (read from the end of the subject, so
+    that events written before partitions existed read the same)."""
+    tokens = subject.split(".")
+    if subject.startswith(EVENTS_EXECUTION + "."):
+        return tokens[-4], tokens[-3]
+    return tokens[-2], tokens[-1]
+
+
+def consumer_rollout_partition(partition: int) -> str:
+    return f"rollout-p{partition}"
+
+
+ROLLOUT_LEASE_PREFIX = "rollout"  # shoal_leases keys: rollout.partition.<k>, rollout.member.<replica id>
 
 # --- streams ---------------------------------------------------------------------------------------
 STREAM_SUBMISSIONS = "SHOAL_SUBMISSIONS"
@@ -196,7 +223,6 @@ STREAM_DEAD = "SHOAL_DEAD"
 CONSUMER_SCHEDULER_SUBMISSIONS = "scheduler-submissions"
 CONSUMER_SCHEDULER_EVALS = "scheduler-evals"
 CONSUMER_ROLLOUT_PLANS = "rollout-plans"
-CONSUMER_ROLLOUT_EVENTS = "rollout-events"
 CONSUMER_ROLLOUT_TIMERS = "rollout-timers"
 CONSUMER_HEALTH_REPORTS = "health-reports"
 

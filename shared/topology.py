@@ -15,6 +15,9 @@ from . import subjects as s
 from .transport import BucketSpec, Bus, Source, StreamSpec
 
 DAY = 86_400.0
+# The server computes each job's partition from its namespace and id (tokens 1 and 2 of the key).
+_PARTITION = f"{{{{partition({s.PARTITIONS},1,2)}}}}"
+_W1, _W2 = "{{wildcard(1)}}", "{{wildcard(2)}}"
 
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
@@ -72,10 +75,14 @@ STREAMS: tuple[StreamSpec, ...] = (
         name=s.STREAM_EVENTS,
         retention="limits",
         max_age=30 * DAY,
-        description="Every change of a job, execution or node (msgpack), sourced from their buckets",
+        description="Every change of a job, execution, rollout or node (msgpack), sourced from their buckets; "
+                    "jobs, executions and rollouts by partition",
         sources=(
-            Source(s.kv_stream(s.BUCKET_JOBS), f"$KV.{s.BUCKET_JOBS}.>", f"{s.EVENTS_JOB}.>"),
-            Source(s.kv_stream(s.BUCKET_EXECUTIONS), f"$KV.{s.BUCKET_EXECUTIONS}.>", f"{s.EVENTS_EXECUTION}.>"),
+            Source(s.kv_stream(s.BUCKET_JOBS), f"$KV.{s.BUCKET_JOBS}.*.*", f"{s.EVENTS_JOB}.{_PARTITION}.{_W1}.{_W2}"),
+            Source(s.kv_stream(s.BUCKET_EXECUTIONS), f"$KV.{s.BUCKET_EXECUTIONS}.*.*.*.*",
+                   f"{s.EVENTS_EXECUTION}.{_PARTITION}.{_W1}.{_W2}.{{{{wildcard(3)}}}}.{{{{wildcard(4)}}}}"),
+            Source(s.kv_stream(s.BUCKET_ROLLOUTS), f"$KV.{s.BUCKET_ROLLOUTS}.*.*",
+                   f"{s.EVENTS_ROLLOUT}.{_PARTITION}.{_W1}.{_W2}"),
             Source(s.kv_stream(s.BUCKET_NODES), f"$KV.{s.BUCKET_NODES}.>", f"{s.EVENTS_NODE}.>"),
         ),
     ),

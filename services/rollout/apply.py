@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from shared import subjects as s
@@ -45,18 +45,25 @@ class Applier:
         self.store = store
         self.rollouts = rollouts
 
-    async def apply(self, job: Job, revision: int, step: rules.Step) -> bool:
+    async def apply(self, job: Job, revision: int, step: rules.Step,
+                    written: Callable[[Execution], None] | None = None) -> bool:
         """Apply `step`, decided from the rollout record at `revision`; False if that record changed
-        meanwhile (nothing after it was applied)."""
+        meanwhile (nothing after it was applied). `written` hears of every execution as written (so that
+        an owner's memory of the job follows its own writes at once)."""
+        heard = written or (lambda e: None)
         key = s.rollout_key(job.namespace, job.id)
         if step.rollout is not None and step.rollout_first:
             try:
                 await self.rollouts.update(key, step.rollout, last=revision)
             except Conflict:
                 return False
-        await gather_bounded(self._create(c) for c in step.creates)
-        await gather_bounded(self.store.mutate_execution(
-            stop.execution, lambda e, stop=stop: rules.desire_stop(e, stop.reason, stop.next_id)) for stop in step.stops)
+        for execution in await gather_bounded(self._create(c, heard) for c in step.creates):
+            heard(execution)
+        for record in await gather_bounded(self.store.mutate_execution(
+                stop.execution, lambda e, stop=stop: rules.desire_stop(e, stop.reason, stop.next_id))
+                for stop in step.stops):
+            if record is not None:
+                heard(record.value)
         if step.rollout is not None and not step.rollout_first:
             stopped = step.rollout
             await self.rollouts.mutate(key, lambda r: _become(r, stopped))
@@ -72,7 +79,7 @@ class Applier:
             await self.schedule(job.namespace, job.id, due, reason)
         return True
 
-    async def _create(self, create: rules.Create) -> Execution:
+    async def _create(self, create: rules.Create, heard: Callable[[Execution], None]) -> Execution:
         """Create it (if another pass or replica already did, ids being deterministic, that one is the
         truth), then point the execution it replaces at it."""
         execution = create.execution
@@ -84,7 +91,9 @@ class Applier:
                 execution = existing.value
         if create.replaces is not None:
             next_id = execution.id
-            await self.store.mutate_execution(create.replaces, lambda e: rules.link(e, next_id))
+            linked = await self.store.mutate_execution(create.replaces, lambda e: rules.link(e, next_id))
+            if linked is not None:
+                heard(linked.value)
         return execution
 
     async def schedule(self, namespace: str, job_id: str, due: dt.datetime, reason: str) -> None:

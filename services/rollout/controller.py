@@ -16,19 +16,21 @@ import logging
 from shared import subjects as s
 from shared.durations import utcnow
 from shared.errors import Conflict
-from shared.models import Plan
+from shared.models import JobVersion, Plan
 from shared.settings import Settings
 from shared.store import Bucket, Store
 from shared.transport import Bus
 
 from . import decide as rules
 from .apply import Applier
+from .jobstate import JobState
 from .model import Rollout
 from .waves import plan_waves
 
 log = logging.getLogger(__name__)
 
 MAX_PASSES = 8
+VERSIONS_KEPT = 10_000
 
 
 class Controller:
@@ -42,6 +44,7 @@ class Controller:
                                    restart_backoff_max=settings.restart_backoff_max,
                                    stall_grace=settings.stall_grace)
         self.passes = 0  # reconcile passes run by this replica (benchmarks read it)
+        self._versions: dict[tuple[str, str, int], JobVersion] = {}
 
     # -- plans -------------------------------------------------------------------------------------
 
@@ -112,9 +115,11 @@ class Controller:
 
     # -- reconcile ---------------------------------------------------------------------------------
 
-    async def reconcile(self, namespace: str, job_id: str) -> None:
+    async def reconcile(self, namespace: str, job_id: str, state: JobState | None = None) -> None:
+        """Passes until the job is where its rollout wants it. With `state` (the partition owner's memory of
+        the job) a pass reads two records, not every execution of the job."""
         for _ in range(MAX_PASSES):
-            loaded = await self.view(namespace, job_id)
+            loaded = await self.view(namespace, job_id, state)
             if loaded is None:
                 return
             view, revision = loaded
@@ -122,33 +127,50 @@ class Controller:
             step = rules.decide(view)
             if step.empty:
                 return
-            applied = await self.applier.apply(view.job, revision, step)
+            applied = await self.applier.apply(view.job, revision, step, state.offer if state is not None else None)
             if applied and not step.again:
                 return
         log.info("reconcile of %s/%s did not settle in %d passes; the next trigger continues",
                  namespace, job_id, MAX_PASSES)
 
-    async def view(self, namespace: str, job_id: str) -> tuple[rules.View, int] | None:
+    async def view(self, namespace: str, job_id: str, state: JobState | None = None) -> tuple[rules.View, int] | None:
         """What a pass decides from, and the revision of the rollout record it read (0: none)."""
         job_record = await self.store.jobs.get(s.job_key(namespace, job_id))
         if job_record is None:
             return None
         job = job_record.value
         record = await self.rollouts.get(s.rollout_key(namespace, job_id))
-        executions = [r.value for r in await self.store.executions_of_job(namespace, job_id)]
+        if state is None:
+            executions = [r.value for r in await self.store.executions_of_job(namespace, job_id)]
+            specs = {e.job_version: e.job_spec for e in executions if e.job_spec is not None}
+        else:
+            if not state.loaded:
+                await state.load(self.store)
+            executions, specs = list(state.executions.values()), state.specs
         rollout = record.value if record is not None else None
         spec = None
         hashes: dict[int, str] = {}
         if rollout is not None:
-            current = await self.store.job_version(namespace, job_id, rollout.job_version)
+            current = await self.version(namespace, job_id, rollout.job_version)
             spec = current.spec
+            specs.setdefault(rollout.job_version, spec)
             hashes[rollout.job_version] = current.spec_hash
             stable = job.stable_version
             if stable and stable != rollout.job_version:
-                hashes[stable] = (await self.store.job_version(namespace, job_id, stable)).spec_hash
+                hashes[stable] = (await self.version(namespace, job_id, stable)).spec_hash
         view = rules.View(job=job, rollout=rollout, spec=spec, executions=executions, now=utcnow(),
-                          policy=self.policy, spec_hashes=hashes)
+                          policy=self.policy, spec_hashes=hashes, specs=specs)
         return view, record.revision if record is not None else 0
+
+    async def version(self, namespace: str, job_id: str, version: int) -> JobVersion:
+        """A job version (they never change once written: kept once read)."""
+        key = (namespace, job_id, version)
+        found = self._versions.get(key)
+        if found is None:
+            found = self._versions[key] = await self.store.job_version(namespace, job_id, version)
+            while len(self._versions) > VERSIONS_KEPT:
+                self._versions.pop(next(iter(self._versions)))
+        return found
 
     async def fail(self, namespace: str, job_id: str, reason: str) -> bool:
         """Fail a rollout in progress by hand (abort): roll back as a failure past the budget would. False

@@ -64,6 +64,8 @@ class View:
     policy: Policy = field(default_factory=Policy)
     # spec hashes of the versions a rollback compares (the stable one and the rolled-out one)
     spec_hashes: dict[int, str] = field(default_factory=dict)
+    # the spec of every version the executions run (an execution's own copy may be left out)
+    specs: dict[int, JobSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def decide(view: View) -> Step:
                 latest[node_id] = successor
     unreached = set(rollout.targets) - set(started)
     for execution in current_elsewhere(executions, unreached, rollout.job_version):
-        own = execution.job_spec
+        own = view.specs.get(execution.job_version) or execution.job_spec
         if own is not None and restartable(execution, own, rollout):
             keep.add(execution.id)
             if needs_restart(execution, own, rollout):

@@ -8,26 +8,87 @@ pauses, resumes or aborts its rollout.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from shared import subjects as s
 from shared.api import RolloutRequest, RolloutStatus, WaveStatus
-from shared.codec import decode_message, from_json, to_json
+from shared.codec import decode_message, from_json, from_msgpack_or_none, to_json
 from shared.durations import rfc3339, utcnow
 from shared.errors import Conflict, NotFound
 from shared.models import Plan
 from shared.runtime import Component
 from shared.store import Record, Store
-from shared.transport import ApiRequest, ApiService, Consumer, ConsumerSpec, Delivery
+from shared.models import Execution
+from shared.transport import ApiRequest, ApiService, Bus, Consumer, ConsumerSpec, Delivery, is_delete
 from shared.validation import check_namespace
 
 from .controller import Controller
 from .decide import latest_by_node
+from .jobstate import JobState
+from .partitions import Ownership
 from .model import IN_PROGRESS, Rollout, Timer
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+LEGACY_EVENTS_CONSUMER = "rollout-events"
+
+
+class Partition:
+    """One owned partition: its events consumer, and the state of its jobs in memory.
+
+    Each batch of events updates the jobs' states, then every job it touched is reconciled once
+    (coalescing), one job after another (a job's passes never overlap), and the batch is acked after
+    that. A job whose reconcile fails fails only its own events (retried, then dead letters).
+    """
+
+    def __init__(self, bus: Bus, controller: Controller, k: int, *, jobs_kept: int = 10_000) -> None:
+        self.controller = controller
+        self.k = k
+        self.jobs: OrderedDict[tuple[str, str], JobState] = OrderedDict()
+        self.jobs_kept = jobs_kept
+        self.consumer = Consumer(bus, ConsumerSpec(stream=s.STREAM_EVENTS, durable=s.consumer_rollout_partition(k),
+                                                   filter_subjects=tuple(s.partition_events(k)),
+                                                   max_ack_pending=8192), batch=512)
+
+    async def start(self) -> None:
+        await self.consumer.start_batch(self.on_events)
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        self.jobs.clear()
+
+    def state(self, namespace: str, job_id: str) -> JobState:
+        key = (namespace, job_id)
+        state = self.jobs.get(key)
+        if state is None:
+            state = self.jobs[key] = JobState(namespace, job_id)
+            while len(self.jobs) > self.jobs_kept:
+                self.jobs.popitem(last=False)  # the least recently touched: loaded again if needed
+        self.jobs.move_to_end(key)
+        return state
+
+    async def on_events(self, deliveries: Sequence[Delivery]) -> dict[Delivery, Exception]:
+        touched: dict[tuple[str, str], list[Delivery]] = {}
+        for d in deliveries:
+            namespace, job_id = s.event_job(d.subject)
+            state = self.state(namespace, job_id)
+            touched.setdefault((namespace, job_id), []).append(d)
+            if d.subject.startswith(s.EVENTS_EXECUTION + ".") and state.loaded:
+                if is_delete(d.headers):
+                    state.forget(d.subject.rsplit(".", 1)[-1])
+                elif (execution := from_msgpack_or_none(d.data, Execution, d.subject)) is not None:
+                    state.offer(execution)
+        failures: dict[Delivery, Exception] = {}
+        for (namespace, job_id), events in touched.items():
+            try:
+                await self.controller.reconcile(namespace, job_id, self.state(namespace, job_id))
+            except Exception as exc:
+                log.warning("reconcile of %s/%s failed: %s", namespace, job_id, exc)
+                self.jobs.pop((namespace, job_id), None)  # load it afresh next time
+                failures.update((d, exc) for d in events)
+        return failures
 
 
 class RolloutService(Component):
@@ -49,39 +110,28 @@ class RolloutService(Component):
 
         await Consumer(self.bus, ConsumerSpec(stream=s.STREAM_PLANS, durable=s.CONSUMER_ROLLOUT_PLANS),
                        concurrency=8).start_single(self.on_plan)
-        await Consumer(
-            self.bus,
-            ConsumerSpec(stream=s.STREAM_EVENTS, durable=s.CONSUMER_ROLLOUT_EVENTS,
-                         filter_subject=f"{s.EVENTS_EXECUTION}.>", max_ack_pending=4096),
-            batch=256,
-        ).start_batch(self.on_execution_events)
         await Consumer(self.bus, ConsumerSpec(stream=s.STREAM_TIMERS, durable=s.CONSUMER_ROLLOUT_TIMERS),
                        concurrency=4).start_single(self.on_timer)
+        # Events go to the owner of their job's partition, which keeps the job's executions in memory.
+        await self.bus.delete_consumer(s.STREAM_EVENTS, LEGACY_EVENTS_CONSUMER)  # shared by all, before partitions
+        self.partitions: dict[int, Partition] = {}
+        self.ownership = Ownership(self.bus, self._gained, self._lost)
+        self.spawn(lambda: self.ownership.run(self.stopping), "partitions")
 
     # -- triggers ----------------------------------------------------------------------------------
 
     async def on_plan(self, delivery: Delivery) -> None:
         await self.controller.apply_plan(decode_message(delivery.data, Plan, f"plan on {delivery.subject}"))
 
-    async def on_execution_events(self, deliveries: Sequence[Delivery]) -> dict[Delivery, Exception]:
-        """Coalesce a batch of execution events into one reconcile per job; acked only after it.
+    async def _gained(self, k: int) -> None:
+        partition = Partition(self.bus, self.controller, k)
+        await partition.start()
+        self.partitions[k] = partition
 
-        A job whose reconcile fails fails only its own events (they are retried, and become dead letters
-        if it never succeeds): every other job of the batch goes on.
-        """
-        jobs: dict[tuple[str, str], list[Delivery]] = {}
-        for d in deliveries:
-            parts = d.subject.split(".")  # shoal.events.execution.<ns>.<job>.<node>.<exec>
-            if len(parts) == 7:
-                jobs.setdefault((parts[3], parts[4]), []).append(d)
-        failures: dict[Delivery, Exception] = {}
-        for (namespace, job_id), events in jobs.items():
-            try:
-                await self.controller.reconcile(namespace, job_id)
-            except Exception as exc:
-                log.warning("reconcile of %s/%s failed: %s", namespace, job_id, exc)
-                failures.update((d, exc) for d in events)
-        return failures
+    async def _lost(self, k: int) -> None:
+        partition = self.partitions.pop(k, None)
+        if partition is not None:
+            await partition.stop()
 
     async def on_timer(self, delivery: Delivery) -> None:
         timer = decode_message(delivery.data, Timer, f"timer on {delivery.subject}")

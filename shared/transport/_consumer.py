@@ -101,6 +101,7 @@ class ConsumerSpec:
     stream: str
     durable: str
     filter_subject: str | None = None
+    filter_subjects: tuple[str, ...] = ()  # several filters (instead of filter_subject)
     ack_wait: float = 5.0
     max_attempts: int = 10  # deliveries before a message is a dead letter
     max_ack_pending: int = 1000
@@ -187,21 +188,24 @@ class Consumer:
     async def _bind(self) -> None:
         spec = self.spec
         config = api.ConsumerConfig(
+            name=spec.durable,
             durable_name=spec.durable,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait,
             max_deliver=-1,  # counted here (max_attempts), so that the last failure becomes a dead letter
             max_ack_pending=spec.max_ack_pending,
-            filter_subject=spec.filter_subject,
+            filter_subject=None if spec.filter_subjects else spec.filter_subject,
+            filter_subjects=list(spec.filter_subjects) or None,
             inactive_threshold=spec.inactive_threshold,
         )
         if spec.deliver_from_seq is not None:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = spec.deliver_from_seq
         try:
-            self._sub = await self.bus.js.pull_subscribe(
-                spec.filter_subject or ">", durable=spec.durable, stream=spec.stream, config=config
-            )
+            # Create, or update an existing durable to this config (an older release may have made it with
+            # another ack wait); then read from it.
+            await self.bus.js.add_consumer(spec.stream, config=config)
+            self._sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         except Exception as exc:
             raise map_error(exc, f"consumer {spec.stream}/{spec.durable}") from None
 

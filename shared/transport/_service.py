@@ -63,6 +63,10 @@ class ApiService:
         for endpoint, subject, handler in endpoints:
             await api._add_endpoint(endpoint, subject, handler)
         await service.start()  # subscribes discovery after the endpoints, then one flush for all
+        # nats-py writes a flush's PING straight to the socket, ahead of commands still queued: a second
+        # round trip makes sure the server has every subscription before callers are told we serve.
+        await bus.flush()
+        await bus.flush()
         bus.on_close(api.stop)
         bus.services.append((name, service.id))
         return api

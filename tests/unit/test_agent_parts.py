@@ -207,7 +207,7 @@ async def test_an_exited_process_is_read_back_with_its_exit_code(tmp_path) -> No
         assert isinstance(found, Outcome)
         assert found.exit_code == code and found.message.startswith(message) and not found.succeeded
         assert found.output == "bye\n"
-        assert not run.alive()  # reaped
+        await _until(lambda: not run.alive())  # the supervisor writes the exit file, then ends: reaped
 
 
 async def test_the_output_tail_is_read_from_the_output_file(tmp_path) -> None:
