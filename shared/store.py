@@ -199,6 +199,16 @@ class Store:
         headers: dict[str, str] | None = None,
     ) -> Record[Execution] | None:
         """CAS-change one execution; bumps revision and updated_at only when something changed."""
+        return await self.change_execution(execution.key, change, headers=headers)
+
+    async def change_execution(
+        self,
+        key: str,
+        change: Callable[[Execution], bool | None],
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> Record[Execution] | None:
+        """`mutate_execution` by key (one read, not two, when the caller has no record yet); None if absent."""
 
         def apply(current: Execution) -> bool:
             if change(current) is False:
@@ -206,4 +216,4 @@ class Store:
             touch(current)
             return True
 
-        return await self.executions.mutate(execution.key, apply, headers=headers)
+        return await self.executions.mutate(key, apply, headers=headers)

@@ -16,7 +16,7 @@ from shared.errors import Conflict
 from shared.lease import Lease, run_as_leader
 from shared.models import TERMINAL_STATES, Execution, HealthReport, Report, StateReport
 from shared.runtime import Component
-from shared.store import Bucket, Store
+from shared.store import Bucket, Mirror, Store
 from shared.transport import ApiService, Consumer, ConsumerSpec, Delivery
 
 from . import windows
@@ -34,6 +34,8 @@ class HealthService(Component):
     async def start(self) -> None:
         self.store = Store(self.bus)
         self.windows: Bucket[windows.HealthWindow] = Bucket(self.bus, s.BUCKET_HEALTH, windows.HealthWindow)
+        self.window_mirror = Mirror(self.windows)
+        self.spawn(lambda: self.window_mirror.run(self.stopping), "watch-windows")
         registry = NodeRegistry(self.bus, self.store, self.settings.heartbeat_interval)
         self.liveness = Liveness(self.bus, self.store, self.settings.node_timeout, self.settings.lost_grace)
         await self.liveness.listen()
@@ -70,14 +72,12 @@ class HealthService(Component):
 
     async def apply_state(self, report: StateReport) -> None:
         key = s.execution_key(report.namespace, report.job_id, report.node_id, report.execution_id)
-        record = await self.store.executions.get(key)
-        if record is None:
+        now = utcnow()
+        written = await self.store.change_execution(key, lambda e: apply_report(e, report, now))
+        if written is None:
             log.info("report for unknown execution %s", key)
             return
-        now = utcnow()
-        written = await self.store.mutate_execution(record.value, lambda e: apply_report(e, report, now))
-        if written is not None:
-            await self._track_window(key, written.value)
+        await self._track_window(key, written.value)
 
     async def apply_health(self, report: HealthReport) -> None:
         key = s.execution_key(report.namespace, report.job_id, report.node_id, report.execution_id)
@@ -130,12 +130,14 @@ class HealthService(Component):
         await self.check_deadlines()
 
     async def check_deadlines(self) -> None:
+        """Fail validating executions past their deadline. The windows are followed in memory (every
+        replica watches the health bucket), so a sweep reads only the windows that are due."""
+        if not self.window_mirror.ready.is_set():
+            return
         now = utcnow()
-        for record in await self.windows.scan(">"):
-            window = record.value
-            if window.deadline_at is None or now < window.deadline_at:
-                continue
-            key = record.key
+        due = [(key, w) for key, w in list(self.window_mirror.items.items())
+               if w.deadline_at is not None and w.deadline_at <= now]
+        for key, window in due:
             execution = await self.store.executions.get(key)
             if execution is not None and execution.value.observed == "lost":
                 continue  # its node is away: if it comes back still validating, the deadline still holds

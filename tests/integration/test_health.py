@@ -144,6 +144,10 @@ async def test_a_validating_execution_lost_past_its_deadline_still_fails_by_it(c
     await health.store.executions.create(e.key, e)
     await health.windows.create(e.key, windows.new_window(e))
     await health.store.mutate_execution(e, lambda x: mark_lost(x, utcnow(), "n1"))
+    for _ in range(100):  # the sweep reads the windows as its watch has them
+        if e.key in health.window_mirror.items:
+            break
+        await asyncio.sleep(0.05)
     await health.check_deadlines()  # a sweep while the node is away
     # The node comes back within the grace; its agent says the process is still up.
     await health.apply_state(StateReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
