@@ -25,6 +25,7 @@ MODULES: dict[str, list[str]] = {
     "services/health/transitions.py": ["tests/unit/test_health_rules.py"],
     "services/health/windows.py": ["tests/unit/test_health_rules.py"],
     "services/rollout/waves.py": ["tests/unit/test_rollout_rules.py"],
+    "services/rollout/decide.py": ["tests/unit/test_decide.py"],
 }
 
 CONFIG = """

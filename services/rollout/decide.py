@@ -114,6 +114,9 @@ class Step:
 def decide(view: View) -> Step:
     job, record, executions, now = view.job, view.rollout, view.executions, view.now
     step = Step()
+    if record is not None and record.state == "stopped" and record.source_version < job.version \
+            and job.state.state_type != "stopped":
+        return step  # a stopped rollout of an earlier version: the new version's own plan comes next
     if job.state.state_type == "stopped" or (record is not None and record.state == "stopped"):
         step.stops = stop_all(executions, "job stopped")
         if record is not None and record.state != "stopped":
@@ -137,8 +140,9 @@ def decide(view: View) -> Step:
     started = rollout.started_targets()
     in_rollout = rollout.state in IN_PROGRESS
 
-    # 1. Executions for every node whose wave has started.
-    if not (rollout.state == "failed" and not rollout.rollback_of):
+    # 1. Executions for every node whose wave has started (not once the rollout failed, nor ever again
+    #    once it timed out).
+    if not (rollout.state == "failed" and not rollout.rollback_of) and not rollout.timed_out:
         for index, node_id in enumerate(started):
             if node_id in latest:
                 continue
@@ -224,14 +228,20 @@ def restartable(execution: Execution, spec: JobSpec, rollout: Rollout) -> bool:
     """An ended execution that the restart policy replaces (now, or once its rollout allows it)."""
     if execution.desired != "running" or execution.status.next_execution_id:
         return False
-    if rollout.state == "failed" and not rollout.rollback_of:
-        return False  # a failed rollout is not kept alive by restarts
+    if (rollout.state == "failed" and not rollout.rollback_of) or rollout.timed_out:
+        return False  # a failed (or timed out) rollout is not kept alive by restarts
     observed = execution.observed
     if observed == "completed":
         return spec.restart_policy == "always"
     if observed in ("failed", "stopped"):
         return spec.restart_policy in ("on-failure", "always")
     return False
+
+
+def awaits_restart(execution: Execution, spec: JobSpec, rollout: Rollout) -> bool:
+    """Node trouble that the policy replaces: not settled until the replacement is (its wave waits)."""
+    return (execution.observed == "failed" and details(execution).reason in NODE_TROUBLE
+            and restartable(execution, spec, rollout))
 
 
 def needs_restart(execution: Execution, spec: JobSpec, rollout: Rollout) -> bool:
@@ -394,7 +404,8 @@ def retire(executions: list[Execution], latest: dict[str, Execution], targets: s
 def advance(rollout: Rollout, spec: JobSpec, latest: dict[str, Execution], now: dt.datetime, step: Step) -> bool:
     """Start the next wave, await promotion, or finish; True if the record changes."""
     started = rollout.started_targets()
-    if not all(settled(latest.get(n)) or n in rollout.failed_nodes for n in started):
+    if not all((settled(latest.get(n)) and not awaits_restart(latest[n], spec, rollout)) or n in rollout.failed_nodes
+               for n in started):
         return False
     rollout.updated_at = now
     if rollout.gated and rollout.current_wave < len(rollout.wave_sizes):
