@@ -158,8 +158,10 @@ class Controller:
             stable = job.stable_version
             if stable and stable != rollout.job_version:
                 hashes[stable] = (await self.version(namespace, job_id, stable)).spec_hash
-        view = rules.View(job=job, rollout=rollout, spec=spec, executions=executions, now=utcnow(),
-                          policy=self.policy, spec_hashes=hashes, specs=specs)
+        if state is not None and rollout is not None:
+            state.prune(rollout.deployment_id)
+        view = rules.View(job=job, rollout=rollout, spec=spec, executions=rules.relevant(executions, rollout),
+                          now=utcnow(), policy=self.policy, spec_hashes=hashes, specs=specs)
         return view, record.revision if record is not None else 0
 
     async def version(self, namespace: str, job_id: str, version: int) -> JobVersion:

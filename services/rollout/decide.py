@@ -210,6 +210,16 @@ def decide(view: View) -> Step:
 # -- the rules -------------------------------------------------------------------------------------
 
 
+def relevant(executions: list[Execution], rollout: Rollout | None) -> list[Execution]:
+    """The executions a decision can depend on: all but those that ended, are no longer meant to run and
+    belong to an earlier deployment (history: nothing decides from it, so a job updated many times costs
+    a pass what one update does)."""
+    if rollout is None:
+        return executions
+    return [e for e in executions if e.eval_id == rollout.deployment_id or e.desired != "stopped"
+            or e.observed not in TERMINAL_STATES]
+
+
 def budget_exceeded(failed: int, targets: int, max_nodes: int, max_percent: float) -> bool:
     """The rollout stops as soon as failed nodes exceed the count or the percentage of the targets."""
     if failed > max_nodes:

@@ -12,7 +12,7 @@ job on 100,000 nodes keeps one spec, not 100,000.
 
 from __future__ import annotations
 
-from shared.models import Execution, JobSpec
+from shared.models import TERMINAL_STATES, Execution, JobSpec
 from shared.store import Store
 
 
@@ -35,6 +35,13 @@ class JobState:
             self.specs.setdefault(execution.job_version, execution.job_spec)
             execution.job_spec = None
         self.executions[execution.id] = execution
+
+    def prune(self, deployment_id: str) -> None:
+        """Drop what ended, is no longer meant to run and belongs to an earlier deployment: no decision
+        reads it (see decide.relevant), so memory and passes follow the job's present, not its history."""
+        for key in [k for k, e in self.executions.items() if e.eval_id != deployment_id
+                    and e.desired == "stopped" and e.observed in TERMINAL_STATES]:
+            del self.executions[key]
 
     def forget(self, execution_id: str) -> None:
         self.executions.pop(execution_id, None)

@@ -1262,3 +1262,18 @@ def test_a_stopped_rollout_of_an_earlier_version_does_not_stop_a_new_submission(
     if step.job_state is not None:
         job_state_change(resubmitted, step.job_state, NOW)
     assert resubmitted.state.state_type == "pending"
+
+
+def test_history_is_not_what_a_decision_reads() -> None:
+    """Ended, no longer meant to run, of an earlier deployment: nothing decides from it."""
+    from services.rollout.decide import relevant
+
+    record = rollout(2)
+    history = old("n1", observed="completed", desired="stopped")
+    kept = [
+        old("n2", observed="completed", desired="running"),  # ended, but still said to run: retire stops it
+        old("n3", observed="running", desired="stopped"),  # told to stop, still running
+        execution("n1", observed="failed", desired="stopped"),  # this deployment's: it is the node's latest
+    ]
+    assert relevant([history, *kept], record) == kept
+    assert relevant([history], None) == [history]
