@@ -144,8 +144,15 @@ class RegisterNodeResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     consumer: str = ""  # of SHOAL_ASSIGNMENTS: where this node's assignments are read (not for a fleet's nodes)
 
 
+class OpenFleetRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The fleet's node ids, so that its consumer reads only their assignments; none: every node's (a fleet
+    too large to name in one request, or an agent from before fleets named their nodes)."""
+
+    nodes: Annotated[list[NodeRef], msgspec.Meta(max_length=100_000)] = []
+
+
 class OpenFleetResponse(msgspec.Struct, kw_only=True):
-    consumer: str  # of SHOAL_ASSIGNMENTS: every node's assignments
+    consumer: str  # of SHOAL_ASSIGNMENTS: the assignments of the fleet's nodes
     heartbeat_interval: float
 
 

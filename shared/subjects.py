@@ -86,7 +86,7 @@ def heartbeat(node_id: str) -> str:
 
 
 def fleet_open(fleet: str) -> str:
-    """A simulated fleet asks for its consumer of every node's assignments here."""
+    """A simulated fleet asks here for its consumer of its nodes' assignments."""
     return f"{FLEETS_OPEN_PREFIX}.{fleet}"
 
 
@@ -94,7 +94,7 @@ ASSIGN_PREFIX = f"{ROOT}.assign"
 STREAM_ASSIGNMENTS = "SHOAL_ASSIGNMENTS"
 ASSIGN_CONSUMER_PREFIX = "assign-"
 FLEET_CONSUMER_PREFIX = f"{ASSIGN_CONSUMER_PREFIX}fleet-"
-# A node named `fleet-x` would own `assign-fleet-x`, fleet x's consumer of every node's assignments.
+# A node named `fleet-x` would own `assign-fleet-x`, fleet x's consumer of its nodes' assignments.
 RESERVED_NODE_PREFIX = FLEET_CONSUMER_PREFIX[len(ASSIGN_CONSUMER_PREFIX):]
 
 

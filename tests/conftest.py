@@ -94,6 +94,7 @@ class Cluster:
         self.settings = settings
         self.tmp = tmp
         self.components: list[Component] = []
+        self._agents = 0
         self.client: Client | None = None
         self._bus: Bus | None = None
 
@@ -105,7 +106,8 @@ class Cluster:
             db = kwargs.pop("db", str(self.tmp / f"query-{len(self.components)}.db"))
             component = await start_component(lambda b, s: QueryService(b, s, db_path=db), self.settings, kind)
         elif kind == "agent":
-            kwargs.setdefault("work_dir", str(self.tmp / f"agent-{len(self.components)}"))
+            self._agents += 1  # each agent its own work dir (and so its own fleet), even after others stopped
+            kwargs.setdefault("work_dir", str(self.tmp / f"agent-{self._agents}"))
             kwargs.setdefault("stop_grace", 2.0)
             component = await start_component(lambda b, s: AgentService(b, s, **kwargs), self.settings, kind)
         else:

@@ -1,9 +1,11 @@
 """The node agent process: one real node, or a fleet of simulated ones for scale tests.
 
-It registers each node (retrying until the health service answers), writes heartbeats, watches the
-executions assigned to its nodes and hands each version of each execution to that node's `NodeAgent`.
-A simulated fleet shares one connection, one watch and one heartbeat loop, so thousands of nodes fit in
-one process; with `disconnect_rate` its nodes drop off the network now and then, as edge nodes do.
+It registers each node (retrying until the health service answers), writes heartbeats for each node from
+its registration on, reads the executions assigned to its nodes and hands each version of each execution
+to that node's `NodeAgent`. A simulated fleet shares one connection, one heartbeat loop and a consumer per
+thousand nodes that filters just its own, so thousands of nodes fit in one process and fleets in one
+cluster do not read each other's work; with `disconnect_rate` its nodes drop off the network now and
+then, as edge nodes do.
 
 What the agent runs survives the agent: real runs in their run dirs, a simulated fleet's in one file
 (fleetstate.py), so a restarted agent re-adopts them (see node.py). `crash()` simulates kill -9 for tests.
@@ -21,7 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from shared import subjects as s
-from shared.api import OpenFleetResponse, RegisterNodeRequest, RegisterNodeResponse
+from shared.api import OpenFleetRequest, OpenFleetResponse, RegisterNodeRequest, RegisterNodeResponse
 from shared.codec import from_json, from_msgpack_or_none, to_json, to_msgpack
 from shared.durations import utcnow
 from shared.errors import InvalidInput, NotFound, ShoalError
@@ -38,6 +40,16 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 HEARTBEAT_BATCH = 200
+# Registrations awaiting a reply at once. A health replica serves 64 at a time; more in flight keeps it
+# (or a second replica) busy: one health process registered 2,000 nodes in 0.65 s with 128 in flight,
+# 0.8-1.0 s with 32 or 64, no faster with 256.
+REGISTER_IN_FLIGHT = 128
+# Nodes per consumer of a simulated fleet: nats-server checks each filter subject of a consumer against
+# every other when it creates one, so one of 4,000 filters took 2 s, one of 10,000 would outlast the
+# request; shards of 1,000 take 0.07 s each.
+FLEET_SHARD_NODES = 1000
+# Bytes of max_payload for the rest of the health service's consumer request, and our headers.
+FLEET_REQUEST_ROOM = 8192
 DEFAULT_SIM_LABELS = ("simulated=true", "zone=zone-{i%3}")
 _TEMPLATE = re.compile(r"\{i(?::(\d+)d|%(\d+))?\}")
 
@@ -72,6 +84,34 @@ class FleetNode:
         self.agent = agent
         self.offline_until = 0.0
         self.backlog: dict[str, tuple[Execution, dict[str, str]]] = {}
+        self.registered = False  # heartbeats start with the registration
+
+
+class Shard:
+    """One consumer of this agent's assignments and the nodes it filters: a real node's own consumer, or
+    one of a simulated fleet's (named `<fleet>` when the fleet fits in one, `<fleet>-<k>` otherwise)."""
+
+    __slots__ = ("name", "node_ids", "consumer", "caught_up")
+
+    def __init__(self, name: str, node_ids: list[str]) -> None:
+        self.name = name
+        self.node_ids = node_ids
+        self.consumer = ""  # of SHOAL_ASSIGNMENTS, named by the health service
+        self.caught_up = False
+
+
+def fleet_shards(fleet: str, node_ids: list[str], max_payload: int) -> tuple[list[Shard], bool]:
+    """A simulated fleet's consumers, FLEET_SHARD_NODES nodes each, and whether they name their nodes.
+
+    A fleet whose shard would not fit in one request (a server with a small max_payload) is one consumer
+    that names no node: it reads every node's assignments and drops the others'."""
+    chunks = [node_ids[i:i + FLEET_SHARD_NODES] for i in range(0, len(node_ids), FLEET_SHARD_NODES)] or [[]]
+    # The health service's request lists `shoal.assign.<node>.>` for each: larger than ours.
+    if max(sum(len(s.assignments(n)) + 4 for n in chunk) for chunk in chunks) + FLEET_REQUEST_ROOM > max_payload:
+        return [Shard(fleet, list(node_ids))], False
+    if len(chunks) == 1:
+        return [Shard(fleet, chunks[0])], True
+    return [Shard(f"{fleet}-{k}", chunk) for k, chunk in enumerate(chunks)], True
 
 
 class Revisions:
@@ -110,11 +150,14 @@ class AgentService(Component):
         self.random = random.Random(seed)
         self.heartbeat_interval = settings.heartbeat_interval
         root = Path(work_dir)
-        self.consumer = ""  # of SHOAL_ASSIGNMENTS, named by the health service
         # A fleet's name is stable for one work dir (so a restarted fleet finds its consumer again) and
         # differs between fleets (two fleets must not share one consumer).
         self.fleet_name = "f" + hashlib.sha256(f"{socket.gethostname()}:{root.resolve()}".encode()).hexdigest()[:12]
         self.revisions = Revisions()
+        # Assignment messages read, and how many of them were for nodes this agent does not run (a fleet's
+        # consumer filters its own nodes; these are what another fleet's would cost it).
+        self.assignments_read = 0
+        self.foreign_assignments = 0
         self.fleet = FleetJournal(root) if simulate else None
         if simulate:
             templates = sim_labels or list(DEFAULT_SIM_LABELS)
@@ -127,6 +170,8 @@ class AgentService(Component):
             nid = node_id or socket.gethostname().split(".")[0]
             agent = NodeAgent(nid, self.reporter, work_dir=root, stop_grace=stop_grace)
             self.nodes[nid] = FleetNode(nid, dict(labels or {}), agent)
+        self.named = True  # whether the consumers filter this agent's nodes (a fleet too large for that: not)
+        self.shards = [Shard(self.fleet_name, list(self.nodes))]
 
     async def start(self) -> None:
         if self.fleet is not None:
@@ -135,8 +180,10 @@ class AgentService(Component):
         self.reporter.start()
         if self.simulated:
             await self._open_fleet()
-        await self._register_all()
+        # Each node beats from its registration on: a fleet that takes longer to register than the node
+        # timeout must not see its first nodes disconnected while the last still register.
         self.spawn(self._heartbeat_loop, "heartbeats")
+        await self._register_all()
         self.spawn(self._follow_assignments, "assignments")
 
     # -- registration ------------------------------------------------------------------------------
@@ -157,14 +204,23 @@ class AgentService(Component):
                 delay = min(delay * 2, 5.0)
 
     async def _open_fleet(self) -> None:
-        """A simulated fleet reads every node's assignments from one consumer the health service keeps."""
-        reply = from_json(await self._ask(s.fleet_open(self.fleet_name), b"{}", f"fleet {self.fleet_name}"),
-                          OpenFleetResponse)
-        self.consumer = reply.consumer
+        """A simulated fleet reads its nodes' assignments from consumers the health service keeps, each
+        filtering the nodes it names (`fleet_shards`), so that it never reads another fleet's."""
+        self.shards, self.named = fleet_shards(self.fleet_name, list(self.nodes), self.bus.max_payload)
+        if not self.named:
+            log.warning("fleet %s has %d nodes, too many to name in one request (max_payload %d): it reads "
+                        "every node's assignments", self.fleet_name, len(self.nodes), self.bus.max_payload)
+        for shard in self.shards:
+            await self._open_shard(shard)
+
+    async def _open_shard(self, shard: Shard) -> None:
+        body = to_json(OpenFleetRequest(nodes=shard.node_ids if self.named else []))
+        reply = from_json(await self._ask(s.fleet_open(shard.name), body, f"fleet {shard.name}"), OpenFleetResponse)
+        shard.consumer = reply.consumer
         self.heartbeat_interval = reply.heartbeat_interval
 
     async def _register_all(self) -> None:
-        gate = asyncio.Semaphore(32)
+        gate = asyncio.Semaphore(REGISTER_IN_FLIGHT)
 
         async def one(node: FleetNode) -> None:
             async with gate:
@@ -184,7 +240,8 @@ class AgentService(Component):
                           RegisterNodeResponse)
         self.heartbeat_interval = reply.heartbeat_interval
         if reply.consumer:
-            self.consumer = reply.consumer
+            self.shards[0].consumer = reply.consumer
+        node.registered = True
         await self._beat(node, 0)
 
     async def _beat(self, node: FleetNode, seq: int) -> None:
@@ -197,7 +254,7 @@ class AgentService(Component):
         while not await self.sleep(self.heartbeat_interval):
             seq += 1
             now = loop.time()
-            online = [node for node in self.nodes.values() if not self._offline(node, now)]
+            online = [node for node in self.nodes.values() if node.registered and not self._offline(node, now)]
             # A fleet's heartbeats go out together, not one round trip after another.
             for i in range(0, len(online), HEARTBEAT_BATCH):
                 results = await asyncio.gather(*(self._beat(n, seq) for n in online[i:i + HEARTBEAT_BATCH]),
@@ -226,42 +283,50 @@ class AgentService(Component):
 
     async def _follow_assignments(self) -> None:
         """Read this agent's assignments (the executions of its node, or of a fleet's nodes, newest state
-        of each) from the consumer the health service keeps for it, and hand each to its node.
+        of each) from the consumers the health service keeps for it, and hand each to its node.
 
-        The first batches are the whole current assignment (the consumer starts from the last state of
-        every execution); when it is delivered, each node may tidy what it no longer needs. A redelivered
-        older state of an execution (after an ack was lost) is ignored: revisions only move forward. A
-        consumer that has gone (expired while the agent was away) is asked for again.
+        The first batches are the whole current assignment (a consumer starts from the last state of
+        every execution it filters); when it is delivered, each node may tidy what it no longer needs. A
+        redelivered older state of an execution (after an ack was lost) is ignored: revisions only move
+        forward. A consumer that has gone (expired while the agent was away) is asked for again.
         """
+        for shard in self.shards:
+            shard.caught_up = False
+        async with asyncio.TaskGroup() as shards:  # one crashing stops all: the loop is started again
+            for shard in self.shards:
+                shards.create_task(self._follow(shard))
+
+    async def _follow(self, shard: Shard) -> None:
         loop = asyncio.get_running_loop()
-        reader = PullReader(self.bus, s.STREAM_ASSIGNMENTS, self.consumer, batch=512)
-        caught_up = False
+        reader = PullReader(self.bus, s.STREAM_ASSIGNMENTS, shard.consumer, batch=512)
         try:
             while not self.stopping.is_set():
                 try:
                     batch = await reader.next_batch()
                 except NotFound:
-                    log.warning("assignments consumer %s is gone; registering again", self.consumer)
-                    await (self._open_fleet() if self.simulated else self._register_all())
-                    caught_up = False
-                    reader = PullReader(self.bus, s.STREAM_ASSIGNMENTS, self.consumer, batch=512)
+                    log.warning("assignments consumer %s is gone; asking for it again", shard.consumer)
+                    await (self._open_shard(shard) if self.simulated else self._register_all())
+                    shard.caught_up = False
+                    reader = PullReader(self.bus, s.STREAM_ASSIGNMENTS, shard.consumer, batch=512)
                     continue
                 for msg in batch:
                     self._assigned(msg, loop.time())
-                if not caught_up and (not batch or batch[-1].pending == 0):
-                    caught_up = True  # the current assignment is all here; changes follow
-                    for node in self.nodes.values():
-                        node.agent.assignment_seen()
-                    if self.fleet is not None:
+                if not shard.caught_up and (not batch or batch[-1].pending == 0):
+                    shard.caught_up = True  # the current assignment is all here; changes follow
+                    for node_id in shard.node_ids:
+                        self.nodes[node_id].agent.assignment_seen()
+                    if self.fleet is not None and all(other.caught_up for other in self.shards):
                         self.fleet.assignment_seen()
         finally:
             await reader.close()
 
     def _assigned(self, msg: StreamMessage, now: float) -> None:
-        if is_delete(msg.headers):
-            return
+        self.assignments_read += 1
         node = self.nodes.get(msg.subject.split(".")[2])  # shoal.assign.<node>.<ns>.<job>.<execution>
         if node is None:
+            self.foreign_assignments += 1
+            return
+        if is_delete(msg.headers):
             return
         execution = from_msgpack_or_none(msg.data, Execution, f"assignment {msg.subject}")
         if execution is None or not self.revisions.newer(execution.id, execution.status.revision):

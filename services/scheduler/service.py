@@ -22,7 +22,7 @@ from shared.durations import utcnow
 from shared.errors import InvalidInput, NotFound
 from shared.models import Evaluation, Job, JobState
 from shared.runtime import Component
-from shared.store import Mirror, Store
+from shared.store import Store
 from shared.transport import (
     DEAD_ATTEMPTS,
     DEAD_CONSUMER,
@@ -38,13 +38,14 @@ from shared.transport import (
 )
 from shared.validation import check_namespace, check_token
 
-from .evaluations import Evaluations
+from .evaluations import Evaluations, nodes_mirror, wanting_jobs_mirror
 from .submissions import Submissions
 
 VERSION = "0.1.0"
 DEAD_LETTERS_PAGE = 200
 SEQUENCE = re.compile(r"[1-9][0-9]{0,17}")  # a stream sequence, as dead-letter pages carry it
 PREVIEW_BYTES = 512
+EVALS_BATCH = 256  # evaluations taken in one fetch (and node joins decided together)
 
 
 def _dead_letter(m: StoredMessage) -> DeadLetter:
@@ -66,10 +67,13 @@ class SchedulerService(Component):
 
     async def start(self) -> None:
         self.store = Store(self.bus)
-        self.nodes = Mirror(self.store.nodes)
+        self.nodes = nodes_mirror(self.store)
         self.spawn(lambda: self.nodes.run(self.stopping), "watch-nodes")
+        # Node joins read the jobs that want new nodes from here, not from a scan of every job.
+        self.jobs = wanting_jobs_mirror(self.store)
+        self.spawn(lambda: self.jobs.run(self.stopping), "watch-jobs")
         submissions = Submissions(self.bus, self.store)
-        evaluations = Evaluations(self.bus, self.store, self.nodes)
+        self.evaluations = evaluations = Evaluations(self.bus, self.store, self.nodes, self.jobs)
 
         await ApiService.start(self.bus, s.SERVICE_SCHEDULER, VERSION, "Job submission and scheduling",
                                queue_group=s.QUEUE_GROUP, endpoints=[
@@ -83,9 +87,11 @@ class SchedulerService(Component):
             concurrency=32,  # each submission waits on several JetStream round trips: overlap them
             on_dead=submissions.on_dead,
         ).start_single(submissions.handle)
+        # A whole fetch at once, so that node joins arriving together make one plan per job (a fleet coming
+        # back is a burst of them); job evaluations in it still run side by side.
         await Consumer(
-            self.bus, ConsumerSpec(stream=s.STREAM_EVALS, durable=s.CONSUMER_SCHEDULER_EVALS), concurrency=8,
-        ).start_single(evaluations.handle)
+            self.bus, ConsumerSpec(stream=s.STREAM_EVALS, durable=s.CONSUMER_SCHEDULER_EVALS), batch=EVALS_BATCH,
+        ).start_batch(evaluations.handle_batch)
 
     async def stop_job(self, req: ApiRequest) -> bytes:
         namespace = check_namespace(req.token(2))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import nats
@@ -379,7 +379,8 @@ class Bus:
             raise map_error(exc, f"create bucket {spec.name}") from None
 
     async def reset_pull_consumer(self, stream: str, name: str, filter_subject: str, *, ack_wait: float = 5.0,
-                                  inactive_threshold: float = 7 * 86_400.0) -> None:
+                                  inactive_threshold: float = 7 * 86_400.0,
+                                  filter_subjects: Sequence[str] = ()) -> None:
         """(Re)create a durable pull consumer that starts with the last message of every subject it
         filters, then follows new ones: what a reader that lost its place (an agent that restarted) needs.
         Created by a service on a client's behalf, so that clients never create consumers themselves."""
@@ -389,7 +390,8 @@ class Bus:
             pass
         except Exception as exc:
             raise map_error(exc, f"reset consumer {stream}/{name}") from None
-        config = ConsumerConfig(durable_name=name, filter_subject=filter_subject, ack_policy=AckPolicy.EXPLICIT,
+        config = ConsumerConfig(durable_name=name, filter_subject=None if filter_subjects else filter_subject,
+                                filter_subjects=list(filter_subjects) or None, ack_policy=AckPolicy.EXPLICIT,
                                 deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_wait=ack_wait, max_deliver=-1,
                                 inactive_threshold=inactive_threshold)
         try:
