@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 FILL_BATCH = 5_000
 REPLY_ROOM = 8 * 1024
-STREAM_CHECK = 5.0  # seconds between checks that the events stream is still the one the view follows
+STREAM_CHECK = 5.0
+JOBS_REMEMBERED = 10_000  # seconds between checks that the events stream is still the one the view follows
 
 
 def fitting(sizes: Sequence[int], budget: int) -> int:
@@ -71,6 +72,7 @@ class QueryService(Component):
         self.db_path = db_path or settings.query_db
         self.numbered = numbered  # replicas in one process each keep their own view file
         self.lag = 0  # events in the stream after the last one applied, as of the last batch
+        self._jobs: dict[tuple[str, str], tuple[int, str, int]] = {}  # (ns, ref) -> (jobs_changed, id, version)
 
     async def start(self) -> None:
         self.store = Store(self.bus)
@@ -182,7 +184,14 @@ class QueryService(Component):
     # -- executions --------------------------------------------------------------------------------
 
     async def _resolve_job(self, namespace: str, ref: str) -> tuple[str, int]:
+        """(id, latest version) of a job named by id or name; remembered until the jobs table changes, so
+        that a page of a job's executions is one read of the view, not two."""
         check_token(ref, "job", "job id or name")
+        key = (namespace, ref)
+        known = self._jobs.get(key)
+        if known is not None and known[0] == self.view.jobs_changed:
+            return known[1], known[2]
+        changed = self.view.jobs_changed
         row = await self.view.one(
             "SELECT id, version FROM jobs WHERE namespace = ? AND (id = ? OR name = ?) "
             "ORDER BY (id = ?) DESC, created_at DESC LIMIT 1",
@@ -190,6 +199,9 @@ class QueryService(Component):
         )
         if row is None:
             raise NotFound(f"job {ref!r} not found in namespace {namespace!r}", field="job")
+        if len(self._jobs) >= JOBS_REMEMBERED:
+            self._jobs.clear()
+        self._jobs[key] = (changed, row[0], row[1])
         return row[0], row[1]
 
     async def list_executions(self, req: ApiRequest) -> bytes:

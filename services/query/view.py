@@ -148,6 +148,7 @@ class View:
         self.stream_id = ""  # the creation time of the EVENTS stream this view follows
         self.last_seq = 0
         self.pruned_through = 0  # snapshots older than this sequence can no longer be read
+        self.jobs_changed = 0  # bumped whenever a batch changes the jobs table (caches of it compare this)
         self._next_prune = 0.0
         self._writing = asyncio.Lock()
         self._caught_up = asyncio.Condition()
@@ -244,6 +245,8 @@ class View:
         now = time.time()
         # Versions are kept by stream time, so a view rebuilt from an old stream prunes what is old.
         await self._commit(ops, last, min(max((event.at for event in events), default=0.0) or now, now))
+        if any(table == "jobs" for table, _, _ in ops):
+            self.jobs_changed += 1  # after the commit: a cache filled from a read before it is stale from now
 
     async def complete_from(self, seq: int) -> None:
         """Record that this view holds everything as of `seq`, and nothing older: it was filled from the
