@@ -4,8 +4,11 @@ Each benchmark runs in its own process (its own nats-server, its own event loop)
 so they never compete for the 2 cores. The table replaces whatever is between the markers
 `<!-- results:start -->` and `<!-- results:end -->` in docs/BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--write] [--only pagination,submissions,fleet]
+    .venv/bin/python bench/run.py [--write] [--only pagination,submissions,fleet,deployed]
     make bench
+
+`deployed` runs the stack as deployed (every service, nats-server and the agents their own processes) at
+1,000, 5,000 and 10,000 nodes, a fresh stack each: it takes a few minutes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-BENCHMARKS = ("pagination", "submissions", "fleet")
+BENCHMARKS = ("pagination", "submissions", "fleet", "deployed")
 
 sys.path.insert(0, str(HERE))
 from common import Result, markdown_table  # noqa: E402
