@@ -35,6 +35,7 @@ from .runstate import finished_run_dirs_to_delete
 log = logging.getLogger(__name__)
 
 FINISHED_MEMORY = 10_000
+STARTING_AFTER = 0.5  # seconds a launch may take before the agent reports "starting"
 ALIVE_STATES = frozenset({"starting", "validating", "running", "degraded", "lost", "stopping"})
 
 
@@ -163,12 +164,17 @@ class NodeAgent:
                 else:
                     self._report(execution, "running", "re-adopted after an agent restart")
             else:
-                self._report(execution, "starting", "starting")
+                # "starting" only if starting takes a while: a run that is up at once goes straight to
+                # "running", one report (and one write of the execution) instead of two.
+                starting = asyncio.get_running_loop().call_later(
+                    STARTING_AFTER, lambda: self._report(execution, "starting", "starting"))
                 try:
                     local.run = await self._launch(execution)
                 except (ShoalError, OSError) as exc:
                     self._report(execution, "failed", f"could not start: {exc}", details={"reason": "start-error"})
                     return
+                finally:
+                    starting.cancel()
                 if local.stop_requested:
                     await local.run.stop(self.stop_grace)
                 self._report(execution, "running", "running")

@@ -57,7 +57,15 @@ class Controller:
             now = utcnow()
             await self.rollouts.mutate(s.rollout_key(plan.namespace, plan.job_id),
                                        lambda r: r.state != "stopped" and _stop(r, now))
-        await self.reconcile(plan.namespace, plan.job_id)
+        # The record's change reaches the owner of the job's partition as an event: it reconciles.
+
+    async def wake(self, namespace: str, job_id: str) -> None:
+        """A timer of the job fell due: touch its rollout record so that the partition's owner reconciles."""
+        def bump(rollout: Rollout) -> bool:
+            rollout.wakes += 1
+            return True
+
+        await self.rollouts.mutate(s.rollout_key(namespace, job_id), bump)
 
     async def _deploy(self, plan: Plan) -> None:
         key = s.rollout_key(plan.namespace, plan.job_id)

@@ -41,6 +41,9 @@ class Rollout(msgspec.Struct, kw_only=True, omit_defaults=True):
     updated_at: Timestamp
     queued_since: Timestamp | None = None
     finished_at: Timestamp | None = None
+    # Bumped when one of the job's timers falls due: the change reaches the owner of the job's partition
+    # as an event, which reconciles the job (timers are taken by any replica).
+    wakes: int = 0
 
     @property
     def gated(self) -> bool:

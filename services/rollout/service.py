@@ -1,8 +1,10 @@
 """The rollout service: turns plans into executions, wave by wave, and answers the rollout API.
 
-It reconciles a job whenever something about it changes: a plan arrives, one of its executions changes
-(the EVENTS stream), a timer falls due (restart backoff, queue and total timeouts), or a user promotes,
-pauses, resumes or aborts its rollout.
+Plans, timers and the rollout API are taken by any replica and only write the job's rollout record (a
+plan makes it, a due timer bumps its `wakes`, the API changes its state). Every change of a job, of its
+rollout record or of one of its executions then reaches, as an event of the job's partition, the one
+replica that owns the partition (`partitions.py`): it keeps the job's executions in memory and
+reconciles the job (`Partition`, `Controller.reconcile`).
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class RolloutService(Component):
         if remaining > 0:
             await delivery.nak(delay=remaining + 0.05)
             return
-        await self.controller.reconcile(timer.namespace, timer.job_id)
+        await self.controller.wake(timer.namespace, timer.job_id)
 
     # -- API ---------------------------------------------------------------------------------------
 
@@ -197,7 +199,6 @@ class RolloutService(Component):
             await self.controller.rollouts.update(record.key, rollout, last=record.revision)
         except Conflict:
             raise Conflict("the rollout changed while this request was applied; try again", field="job") from None
-        await self.controller.reconcile(rollout.namespace, rollout.job_id)
         fresh = await self.controller.rollouts.get(record.key)
         job = await self.store.jobs.get(job_record.key)
         return to_json(await self._status(job or job_record, fresh.value if fresh else rollout))
@@ -232,7 +233,6 @@ class RolloutService(Component):
                            field="job", retryable=False)
         if not await self.controller.fail(rollout.namespace, rollout.job_id, f"aborted: {body.reason or 'by request'}"):
             raise Conflict("the rollout changed while this request was applied; try again", field="job")
-        await self.controller.reconcile(rollout.namespace, rollout.job_id)
         fresh = await self.controller.rollouts.get(record.key)
         job = await self.store.jobs.get(job_record.key)
         return to_json(await self._status(job or job_record, fresh.value if fresh else rollout))
