@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=["scheduler", "rollout", "health", "query"])
+    serve.add_argument("service", choices=["scheduler", "rollout", "health", "query", "gateway"])
+    serve.add_argument("--port", type=int, default=None,
+                       help="gateway: HTTP port (default: $SHOAL_HTTP_PORT or 8080)")
+    serve.add_argument("--host", default=None, help="gateway: address to listen on (default: $SHOAL_HTTP_HOST or 127.0.0.1)")
     serve.add_argument("--replicas", type=int, default=1, help="run this many replicas in this process")
     serve.add_argument("--db", default=None, help="query service: SQLite view file (default: $SHOAL_QUERY_DB)")
     serve.add_argument("--ready-file", default="",
@@ -253,6 +256,10 @@ def serve(args: argparse.Namespace, settings) -> int:
             from services.health import HealthService
 
             return HealthService(bus, s)
+        if args.service == "gateway":
+            from services.gateway import GatewayService
+
+            return GatewayService(bus, s, port=args.port, host=args.host)
         from services.query import QueryService
 
         return QueryService(bus, s, db_path=args.db, numbered=args.replicas > 1)
