@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from shared import subjects as s
+from shared import telemetry
 from shared.api import RolloutRequest, RolloutStatus, WaveStatus
 from shared.codec import decode_message, from_json, from_msgpack_or_none, to_json
 from shared.durations import rfc3339, utcnow
@@ -73,10 +74,13 @@ class Partition:
 
     async def on_events(self, deliveries: Sequence[Delivery]) -> dict[Delivery, Exception]:
         touched: dict[tuple[str, str], list[Delivery]] = {}
+        traces: dict[tuple[str, str], dict[str, str]] = {}
         for d in deliveries:
             namespace, job_id = s.event_job(d.subject)
             state = self.state(namespace, job_id)
             touched.setdefault((namespace, job_id), []).append(d)
+            if trace := telemetry.trace_headers(d.headers):
+                traces[(namespace, job_id)] = trace  # the job's trace: what its reconcile writes carries on
             if d.subject.startswith(s.EVENTS_EXECUTION + ".") and state.loaded:
                 if is_delete(d.headers):
                     state.forget(d.subject.rsplit(".", 1)[-1])
@@ -85,7 +89,9 @@ class Partition:
         failures: dict[Delivery, Exception] = {}
         for (namespace, job_id), events in touched.items():
             try:
-                await self.controller.reconcile(namespace, job_id, self.state(namespace, job_id))
+                with telemetry.span("reconcile", headers=traces.get((namespace, job_id)),
+                                    attributes={"shoal.namespace": namespace, "shoal.job_id": job_id}):
+                    await self.controller.reconcile(namespace, job_id, self.state(namespace, job_id))
             except Exception as exc:
                 log.warning("reconcile of %s/%s failed: %s", namespace, job_id, exc)
                 self.jobs.pop((namespace, job_id), None)  # load it afresh next time

@@ -188,8 +188,9 @@ class Bus:
         tries = 0
         while True:
             tries += 1
+            nc = Client()
             try:
-                nc = await nats.connect(
+                await nc.connect(
                     servers=seeds,
                     name=name,
                     connect_timeout=2,
@@ -209,6 +210,7 @@ class Bus:
                 )
             except Exception as exc:  # the client raises several unrelated types here
                 reason = f"{exc or type(exc).__name__}"
+                await _discard(nc)
                 # (Each call tries one seed, picked at random: try as many times as there are seeds.)
                 if deadline is not None and loop.time() >= deadline and tries >= len(seeds):
                     raise Unavailable(f"cannot reach NATS at {url}: {reason}") from None
@@ -529,6 +531,14 @@ def _on_reconnect(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None]]
             await holder[0]._reconnected()
 
     return cb
+
+
+async def _discard(nc: Client) -> None:
+    """Close what a failed connect left open (the client leaves its socket to the garbage collector)."""
+    try:
+        await nc.close()
+    except Exception:  # nothing more to release
+        pass
 
 
 def _on_closed(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None]]:

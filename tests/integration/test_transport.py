@@ -158,3 +158,34 @@ async def test_a_service_that_answers_ping_answers_every_endpoint(bus: Bus, nats
         await starting
     finally:
         await client.close()
+
+
+async def test_a_refused_connect_leaves_no_socket_open() -> None:
+    """A server that refuses us (here: an authorization violation) must not leave our socket open until the
+    garbage collector finds it (an unclosed transport, and a descriptor held by a retrying service)."""
+    closed = asyncio.Event()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"x","version":"2.10.0","max_payload":1048576,"headers":true}\r\n')
+        await reader.readline()  # CONNECT
+        writer.write(b"-ERR 'Authorization Violation'\r\n")
+        await writer.drain()
+        try:
+            while await asyncio.wait_for(reader.read(1024), 3):
+                pass
+            closed.set()  # EOF: the client closed its end
+        except asyncio.TimeoutError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    import gc
+    gc.disable()  # (the collector would close it for us, by chance)
+    try:
+        with pytest.raises(Unavailable):
+            await Bus.connect(f"nats://127.0.0.1:{port}", name="refused")
+        await asyncio.wait_for(closed.wait(), 3)
+    finally:
+        gc.enable()
+        server.close()
