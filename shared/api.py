@@ -80,6 +80,49 @@ class GetExecutionResponse(msgspec.Struct):
     execution: Execution
 
 
+# --- job output ------------------------------------------------------------------------------------
+
+OUTPUT_CHUNK_BYTES = 4096  # bytes of output one chunk holds at most
+DEFAULT_LOG_CHUNKS = 100
+StreamSeq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a stream sequence
+
+
+class OutputChunk(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The next piece of what one execution's command wrote (stdout and stderr, as they interleaved),
+    published by its agent as msgpack on `shoal.output.<node>.<ns>.<job>.<execution>` (SHOAL_OUTPUT keeps
+    the last 64 of each execution). Chunks of one execution are published one after another, so stream
+    order is `seq` order; a gap in `seq` is output that was not kept (dropped while NATS was away)."""
+
+    seq: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # 1, 2, ... within the execution
+    data: Annotated[bytes, msgspec.Meta(max_length=OUTPUT_CHUNK_BYTES)] = b""  # utf-8, possibly cut mid-character
+    at: Timestamp  # when the agent read it
+    final: bool = False  # the execution ended: nothing follows
+
+
+class ExecutionLogsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of `executions.logs`: a job's output, in the order it was stored."""
+
+    job: Ref  # id or name
+    node_id: NodeRef = ""  # only this node's executions
+    execution_id: Ref = ""  # only this execution (of any version of the job)
+    after: StreamSeq | None = None  # the `next` of an earlier reply: continue after it
+    limit: Limit | None = None  # chunks (default 100, at most 1000); a reply also stops before max_payload
+
+
+class LogItem(msgspec.Struct, kw_only=True):
+    execution_id: str
+    node_id: str
+    seq: int  # the chunk's number within its execution
+    text: str  # the chunk as utf-8 (invalid bytes replaced)
+    at: Timestamp
+    final: bool
+
+
+class ExecutionLogsResponse(msgspec.Struct, kw_only=True):
+    items: list[LogItem]
+    next: int  # pass as `after` to continue (a follow polls with it)
+
+
 class GetJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     job: Ref  # id or name
 
@@ -199,6 +242,32 @@ class WaveStatus(msgspec.Struct, kw_only=True):
     states: dict[str, int]  # observed state -> executions of the rolled-out version
 
 
+class NodeFailure(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Why one node failed in a rollout: its failed execution of the version, as the node reported it."""
+
+    node_id: str
+    execution_id: str = ""
+    state: str = ""  # observed state (failed; stopped for a stalled execution)
+    message: str = ""  # observed state's message ("exited with code 3", "could not start: ...")
+    reason: str = ""  # status.details.reason: exit, start-error, unhealthy, deadline, lost, ...
+    exit_code: int | None = None
+    output: str = ""  # the last line of its output, when it left one
+    at: str = ""  # RFC 3339: when it ended (or last changed)
+
+
+class RollbackStory(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """On a rollback, the rollout that failed: which version, why, where, and against which budget (that
+    version's own, not the stable version's that the rollback places)."""
+
+    version: int  # the version that failed
+    cause: str  # why its rollout failed ("3 of 5 nodes failed, more than the budget ...", "aborted: ...")
+    target_nodes: int  # targets of the failed rollout
+    failed_nodes: list[str]  # nodes where that version failed, sorted
+    failures: list[NodeFailure] = []  # the first few of them, with what their executions said
+    max_failed_nodes: int  # the failed version's budget (0 included: any failure was fatal)
+    max_failed_nodes_percent: float
+
+
 class RolloutStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     job_id: str
     job_name: str
@@ -218,3 +287,5 @@ class RolloutStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     message: str = ""
     started_at: str = ""
     finished_at: str = ""
+    failures: list[NodeFailure] = []  # the first few failed nodes of this rollout, with their executions' messages
+    rollback: RollbackStory | None = None  # set on a rollback: the failed rollout's story

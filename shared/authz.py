@@ -154,13 +154,13 @@ def _rules(kind: Kind, name: str, key: str, digest: str) -> Permissions:
         consumer = s.assign_consumer(name)
         return Permissions(
             publish_allow=[s.node_register(name, digest), s.heartbeat(name), s.report(name), s.pull_next(consumer),
-                           s.ack(consumer)],
+                           s.ack(consumer), s.output_of_node(name)],
             subscribe_allow=replies,
         )
     if kind == "fleet":
         return Permissions(
             publish_allow=[f"{s.NODES_REGISTER}.>", s.heartbeat("*"), s.report("*"), s.fleet_open("*"),
-                           s.pull_next("*"), s.ack("*")],
+                           s.pull_next("*"), s.ack("*"), s.output_of_node("*")],
             subscribe_allow=replies,
         )
     raise InvalidInput(f"unknown identity kind {shown(kind)}", field="kind")

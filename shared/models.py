@@ -375,6 +375,32 @@ class HealthReport(msgspec.Struct, kw_only=True, omit_defaults=True, tag="health
 Report = StateReport | HealthReport
 
 
+class SpecChange(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One difference between the current version's spec and a submitted one, at a dotted path
+    (`rollout.max_parallel`, `labels.team`); lists are compared whole (`config.command`)."""
+
+    path: str
+    change: Literal["added", "removed", "changed"]
+    old: Any = None  # absent when added
+    new: Any = None  # absent when removed
+
+
+class DryRunPlan(msgspec.Struct, kw_only=True):
+    """What a submission would do, as a dry run works it out: the nodes the selector matches now (and,
+    when none, why), the waves the rollout would use, and what changes against the current version."""
+
+    ready_nodes: int  # ready nodes of the fleet
+    matched_nodes: int  # of them, those the selector matches: the targets
+    node_ids: list[str] = []  # the first few targets, sorted by id
+    matched_disconnected: int = 0  # disconnected nodes the selector matches (not targets)
+    no_match: list[str] = []  # when nothing matches: each selector requirement no ready node meets, and why
+    strategy: Strategy = "immediate"
+    waves: list[int] = []  # node count of each wave, in order
+    current_version: int = 0  # 0: a new job
+    current_state: str = ""  # the job's state now ("" for a new job)
+    changes: list[SpecChange] = []  # against the current version's spec (empty for a new job)
+
+
 class SubmissionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The answer to one published PutJobRequest, kept by submission id and published to its waiter."""
 
@@ -388,3 +414,4 @@ class SubmissionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     warnings: list[str] = []
     error: ErrorBody | None = None
     at: Timestamp
+    plan: DryRunPlan | None = None  # a dry run's explanation (absent otherwise)

@@ -39,6 +39,7 @@ def api(namespace: str, operation: str) -> str:
 
 EXECUTIONS_LIST = "executions.list"
 EXECUTIONS_GET = "executions.get"
+EXECUTIONS_LOGS = "executions.logs"
 JOBS_GET = "jobs.get"
 JOBS_LIST = "jobs.list"
 JOBS_STOP = "jobs.stop"
@@ -120,6 +121,32 @@ def pull_next(consumer: str) -> str:
 def ack(consumer: str) -> str:
     """Acks of messages delivered by `consumer`."""
     return f"$JS.ACK.{STREAM_ASSIGNMENTS}.{consumer}.>"
+
+
+# --- job output (msgpack OutputChunk): what each execution's command wrote, kept as a tail ------------
+OUTPUT_PREFIX = f"{ROOT}.output"
+STREAM_OUTPUT = "SHOAL_OUTPUT"
+
+
+def output(node_id: str, namespace: str, job_id: str, execution_id: str) -> str:
+    """Where an agent publishes one execution's output: `shoal.output.<node>.<ns>.<job>.<execution>`."""
+    return f"{OUTPUT_PREFIX}.{node_id}.{namespace}.{job_id}.{execution_id}"
+
+
+def output_of_node(node_id: str) -> str:
+    """Every output subject of one node (a node identity may publish these only; `*`: any node's)."""
+    return f"{OUTPUT_PREFIX}.{node_id}.>"
+
+
+def output_filter(namespace: str, job_id: str, node_id: str = "*", execution_id: str = "*") -> str:
+    """The output of a job's executions, optionally of one node or one execution."""
+    return output(node_id, namespace, job_id, execution_id)
+
+
+def output_parts(subject: str) -> tuple[str, str, str, str]:
+    """(node, namespace, job id, execution id) of an output subject."""
+    _, _, node_id, namespace, job_id, execution_id = subject.split(".", 5)
+    return node_id, namespace, job_id, execution_id
 
 # --- job submission (JSON PutJobRequest, captured by the SUBMISSIONS stream) ----------------------
 SUBMIT_PREFIX = f"{ROOT}.submit"

@@ -5,6 +5,7 @@ harmless. The EVENTS stream is filled by the server itself from the job, executi
 (stream sourcing): every committed state change becomes an event with no second write that a crash
 could lose, and the query service's view can be rebuilt by replaying it (once it has dropped events
 older than its 30 days, a new view starts from the buckets' current state and follows it from there).
+OUTPUT keeps only a tail of each execution's output: agents publish into it, the query service reads it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ DAY = 86_400.0
 # The server computes each job's partition from its namespace and id (tokens 1 and 2 of the key).
 _PARTITION = f"{{{{partition({s.PARTITIONS},1,2)}}}}"
 _W1, _W2 = "{{wildcard(1)}}", "{{wildcard(2)}}"
+# Job output keeps the tail of each execution: its last 64 chunks (an agent ships at most 4 KiB in one),
+# and at most 1 GiB in all, the oldest going first.
+OUTPUT_CHUNKS_KEPT = 64
+OUTPUT_MAX_BYTES = 1024 * 1024 * 1024
 
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
@@ -70,6 +75,16 @@ STREAMS: tuple[StreamSpec, ...] = (
         max_msgs=100_000,
         max_bytes=256 * 1024 * 1024,
         description="Dead letters: messages that failed max_attempts times, with their error (Shoal-Dead-* headers)",
+    ),
+    StreamSpec(
+        name=s.STREAM_OUTPUT,
+        subjects=(s.output("*", "*", "*", "*"),),
+        retention="limits",
+        max_age=7 * DAY,
+        max_msgs_per_subject=OUTPUT_CHUNKS_KEPT,
+        max_bytes=OUTPUT_MAX_BYTES,
+        description="What each execution's command wrote (msgpack OutputChunk, at most 4 KiB each) on "
+                    "shoal.output.<node>.<ns>.<job>.<execution>: the last 64 chunks of each, for 7 days",
     ),
     StreamSpec(
         name=s.STREAM_EVENTS,

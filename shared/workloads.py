@@ -23,6 +23,7 @@ class Simulate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     exit_code: int | None = None
     duration: Annotated[float, msgspec.Meta(ge=0)] | None = None
     hang: bool = False
+    output: Annotated[str, msgspec.Meta(max_length=256)] = ""  # a line it prints every second (none if empty)
 
     def applies_to(self, node_id: str) -> bool:
         return self.only_nodes is None or node_id in self.only_nodes

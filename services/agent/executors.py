@@ -8,6 +8,9 @@
 - config: `config.files` written atomically (temporary file + rename) under the agent's config root.
 - simulated nodes: a fake run whose behaviour comes from `config.simulate`.
 
+What each prints is shipped by output.py: a process's `shoal-output.log`, the files a config job wrote,
+a simulated run's `config.simulate.output` line.
+
 Health channel of a real process: the agent sets SHOAL_HEALTH_FILE; the process may append lines
 `ok [N]` and `error [N]` (N defaults to 1). Each health interval the agent counts the new lines; an
 interval with no lines from a live process counts as one unit of work with no errors (liveness).
@@ -30,8 +33,9 @@ from shared.errors import InvalidInput
 from shared.models import Execution
 from shared.workloads import Simulate, command_config, files_config, simulate_config
 
-from .runstate import (EXIT_FILE, HEALTH_FILE, OUTPUT_FILE, STATE_FILE, ExitStatus, RunState, boot_id, is_running,
-                       process_start, read_struct, read_tail, utcnow, write_struct)
+from .output import FileSource, LinesSource, OutputSource, TextSource
+from .runstate import (EXIT_FILE, HEALTH_FILE, OUTPUT_FILE, OUTPUT_POSITION_FILE, STATE_FILE, ExitStatus, RunState,
+                       boot_id, is_running, process_start, read_struct, read_tail, utcnow, write_struct)
 
 OUTPUT_TAIL = 2048
 SHIM_MODULE = "services.agent.shim"
@@ -68,6 +72,10 @@ class Run:
         """Seconds since the execution started; a re-adopted run started before this agent did."""
         return 0.0
 
+    def output(self) -> OutputSource | None:
+        """Where what the execution prints comes from (see output.py); None: it prints nothing."""
+        return None
+
 
 class ProcessRun(Run):
     """A command under its shim (see shim.py): started by this agent, or re-adopted after a restart.
@@ -95,6 +103,10 @@ class ProcessRun(Run):
 
     def elapsed(self) -> float:
         return max(0.0, (utcnow() - self.state.started_at).total_seconds())
+
+    def output(self) -> OutputSource:
+        # A re-adopted process goes on from where the previous agent's shipping got to.
+        return FileSource(self.run_dir, resume=self.adopted)
 
     def alive(self) -> bool:
         if self._returncode is not None:
@@ -235,7 +247,7 @@ async def start_process(execution: Execution, work_dir: Path) -> ProcessRun:
         raise InvalidInput("config.command is empty", field="spec.config.command")
     run_dir = run_dir_of(execution, work_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (STATE_FILE, EXIT_FILE, HEALTH_FILE):  # from a start that never got going
+    for stale in (STATE_FILE, EXIT_FILE, HEALTH_FILE, OUTPUT_POSITION_FILE):  # from a start that never got going
         (run_dir / stale).unlink(missing_ok=True)
     health_file = run_dir / HEALTH_FILE
     env = {**job_environment(), **cfg.env,
@@ -327,6 +339,11 @@ def recover_process(execution: Execution, work_dir: Path) -> ProcessRun | Outcom
     return None  # the shim was killed too (or never got to start the command)
 
 
+def leftover_output(execution: Execution, work_dir: Path) -> OutputSource:
+    """The output a process printed after the last chunk a previous agent shipped (it ended meanwhile)."""
+    return FileSource(run_dir_of(execution, work_dir), resume=True)
+
+
 class DoneRun(Run):
     """An execution that finished while starting (config files written)."""
 
@@ -338,6 +355,9 @@ class DoneRun(Run):
 
     async def stop(self, grace: float) -> None:
         return None
+
+    def output(self) -> OutputSource | None:
+        return TextSource(self.outcome.output + "\n") if self.outcome.output else None
 
 
 def write_files(execution: Execution, config_root: Path) -> DoneRun:
@@ -383,6 +403,9 @@ class SimulatedRun(Run):
 
     def elapsed(self) -> float:
         return max(0.0, (utcnow() - self.started_at).total_seconds())
+
+    def output(self) -> OutputSource | None:
+        return LinesSource(self.b.output, self.elapsed) if self.b is not None and self.b.output else None
 
     async def wait(self) -> Outcome:
         b = self.b

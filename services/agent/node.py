@@ -27,8 +27,9 @@ from shared.durations import utcnow
 from shared.errors import ShoalError
 from shared.models import TERMINAL_STATES, Execution, HealthReport, StateReport
 
-from .executors import Outcome, Run, recover_process, simulated, start_process, write_files
+from .executors import Outcome, Run, leftover_output, recover_process, simulated, start_process, write_files
 from .fleetstate import FleetJournal
+from .output import OutputShipper
 from .reporter import Reporter
 from .runstate import finished_run_dirs_to_delete
 
@@ -49,9 +50,11 @@ class LocalRun:
 
 class NodeAgent:
     def __init__(self, node_id: str, reporter: Reporter, *, work_dir: Path, simulate: bool = False,
-                 stop_grace: float = 10.0, fleet: FleetJournal | None = None) -> None:
+                 stop_grace: float = 10.0, fleet: FleetJournal | None = None,
+                 output: OutputShipper | None = None) -> None:
         self.node_id = node_id
         self.reporter = reporter
+        self.output = output  # ships what executions print (None: nothing is shipped)
         self.work_dir = work_dir
         self.simulate = simulate
         self.stop_grace = stop_grace
@@ -127,6 +130,8 @@ class NodeAgent:
 
     def _take_over(self, execution: Execution, found: Run | Outcome) -> None:
         if isinstance(found, Outcome):
+            if self.output is not None and not self.simulate:  # what it printed after the last chunk shipped
+                self.output.ship(execution, leftover_output(execution, self.work_dir))
             self._finish(execution, found)  # it ended while no agent watched: that is the truth to report
             self._remember(execution.id)
         else:
@@ -178,15 +183,29 @@ class NodeAgent:
                 if local.stop_requested:
                     await local.run.stop(self.stop_grace)
                 self._report(execution, "running", "running")
+            self._ship_output(execution, local.run)
             outcome = await self._wait(local)
+            self._output_ended(execution.id)  # its last chunk goes out before its final state
             self._finish(local.execution, outcome)
         except Exception as exc:  # a bug here must not take the agent down
             log.exception("execution %s failed in the agent", execution.id)
             self._report(execution, "failed", f"agent error: {exc}", details={"reason": "agent-error"})
         finally:
+            if not self.closing:  # (a shutdown ends the output itself, once the run is stopped)
+                self._output_ended(execution.id)
             self.runs.pop(execution.id, None)
             self._remember(execution.id)
         self._tidy()
+
+    def _ship_output(self, execution: Execution, run: Run) -> None:
+        if self.output is not None:
+            source = run.output()
+            if source is not None:
+                self.output.open(execution, source)
+
+    def _output_ended(self, execution_id: str) -> None:
+        if self.output is not None:
+            self.output.close(execution_id)
 
     def _remember(self, execution_id: str) -> None:
         self.finished[execution_id] = None
@@ -305,6 +324,7 @@ class NodeAgent:
             if run is not None:
                 with contextlib.suppress(Exception):
                     await run.stop(min(self.stop_grace, 5.0))
+            self._output_ended(local.execution.id)
             self._report(local.execution, "failed", "the agent shut down", details={"reason": "agent-shutdown"})
             if self.fleet is not None:
                 self.fleet.forget(local.execution.id)

@@ -9,7 +9,9 @@ re-attaches to tasks still running, the agent keeps in `<work dir>/executions/<e
   start time, which tells our process from an unrelated one that got the same pid later;
 - `shoal-exit.json` (`ExitStatus`), written by the shim when the command ends: the exit code or the
   signal, the one thing a process that is not our child cannot tell us through wait();
-- `shoal-output.log`: the command's stdout and stderr (the agent reports its tail);
+- `shoal-output.log`: the command's stdout and stderr (the agent reports its tail, and ships it in
+  chunks: see output.py);
+- `shoal-output.pos`: how far the agent has shipped that output (rewritten with each chunk, no fsync);
 - `health`: the health channel the command appends to (see executors).
 
 Both JSON files are replaced atomically (temporary file + rename), so a reader sees a whole old or a
@@ -41,6 +43,7 @@ T = TypeVar("T")
 STATE_FILE = "shoal-run.json"
 EXIT_FILE = "shoal-exit.json"
 OUTPUT_FILE = "shoal-output.log"
+OUTPUT_POSITION_FILE = "shoal-output.pos"
 HEALTH_FILE = "health"
 KEEP_FINISHED_RUNS = 50
 

@@ -9,6 +9,7 @@ then, as edge nodes do.
 
 What the agent runs survives the agent: real runs in their run dirs, a simulated fleet's in one file
 (fleetstate.py), so a restarted agent re-adopts them (see node.py). `crash()` simulates kill -9 for tests.
+What the executions print goes to SHOAL_OUTPUT in chunks, next to the reports (output.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from shared.transport import Bus, PullReader, StreamMessage, is_delete
 
 from .fleetstate import FleetJournal
 from .node import NodeAgent
+from .output import OutputShipper
 from .reporter import Reporter
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,7 @@ class AgentService(Component):
                  disconnect_duration: float = 5.0, stop_grace: float = 10.0, seed: int | None = None) -> None:
         super().__init__(bus, settings)
         self.reporter = Reporter(bus)
+        self.output = OutputShipper(bus)  # what executions print, into SHOAL_OUTPUT
         self.nodes: dict[str, FleetNode] = {}
         self.simulated = simulate > 0
         self.disconnect_rate = disconnect_rate
@@ -164,11 +167,11 @@ class AgentService(Component):
             for i in range(1, simulate + 1):
                 nid = expand(sim_prefix, i)
                 agent = NodeAgent(nid, self.reporter, work_dir=root / nid, simulate=True, stop_grace=stop_grace,
-                                  fleet=self.fleet)
+                                  fleet=self.fleet, output=self.output)
                 self.nodes[nid] = FleetNode(nid, parse_labels([expand(t, i) for t in templates]), agent)
         else:
             nid = node_id or socket.gethostname().split(".")[0]
-            agent = NodeAgent(nid, self.reporter, work_dir=root, stop_grace=stop_grace)
+            agent = NodeAgent(nid, self.reporter, work_dir=root, stop_grace=stop_grace, output=self.output)
             self.nodes[nid] = FleetNode(nid, dict(labels or {}), agent)
         self.named = True  # whether the consumers filter this agent's nodes (a fleet too large for that: not)
         self.shards = [Shard(self.fleet_name, list(self.nodes))]
@@ -178,6 +181,7 @@ class AgentService(Component):
             self.fleet.load()
             self.spawn(lambda: self.fleet.run(self.stopping), "fleet-state")
         self.reporter.start()
+        self.output.start()
         if self.simulated:
             await self._open_fleet()
         # Each node beats from its registration on: a fleet that takes longer to register than the node
@@ -342,7 +346,7 @@ class AgentService(Component):
             await node.agent.shutdown()
         if self.fleet is not None:
             await self.fleet.flush()
-        await self.reporter.drain()
+        await asyncio.gather(self.reporter.drain(), self.output.drain())
         await super().stop()
 
     async def crash(self) -> None:
@@ -360,6 +364,7 @@ class AgentService(Component):
             tasks.append(reporter)
         for node in self.nodes.values():
             node.agent.abandon()
+        await self.output.abandon()
         if tasks:
             await asyncio.wait(tasks, timeout=2)
         self.bus.closing = True  # closed on purpose: not a connection lost to the server

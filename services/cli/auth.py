@@ -11,8 +11,11 @@ not the conf, is the source: a command that fails half-way is repaired by the ne
     shoal auth rotate DIR (--node ID | --tenant NS | --identity NAME)
     shoal auth revoke DIR (--node ID | --tenant NS | --identity NAME) [--previous]
     shoal auth list DIR
+    shoal auth add-token FILE (--admin | --tenant NS...) [--name N]
 
 Changes take effect when nats-server reloads its configuration (SIGHUP), without a restart.
+`add-token` is the HTTP gateway's: it prints a new bearer token once and stores only its hash in FILE
+(SHOAL_GATEWAY_TOKENS), which the gateway reads again when it changes.
 """
 
 from __future__ import annotations
@@ -95,6 +98,15 @@ def add_auth_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     listing = sub.add_parser("list", help="show the identities of DIR")
     listing.add_argument("dir", metavar="DIR")
 
+    token = sub.add_parser("add-token", help="create a bearer token of the HTTP gateway: printed once, its hash "
+                                             "stored in FILE (SHOAL_GATEWAY_TOKENS)")
+    token.add_argument("file", metavar="FILE")
+    role = token.add_mutually_exclusive_group(required=True)
+    role.add_argument("--admin", action="store_true", help="every route of every namespace")
+    role.add_argument("--tenant", action="append", default=None, dest="token_namespaces", metavar="NS",
+                      help="only the routes of this namespace (repeatable)")
+    token.add_argument("--name", default="", help="who or what holds it (shown in the file, never secret)")
+
     page = sub.add_parser("rotate-page-key", help="sign page tokens with a new key now (connects to NATS "
                                                   "as the service identity)")
     page.add_argument("--revoke", action="store_true",
@@ -114,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     """Carry out `shoal auth ACTION`; print what was written and what to do next. Returns the exit code."""
     try:
         _no_namespace(args)
+        if args.auth_command == "add-token":
+            return add_gateway_token(Path(args.file), admin=args.admin, namespaces=args.token_namespaces or [],
+                                     name=args.name)
         directory = Path(args.dir)
         if args.auth_command == "init":
             return init(directory, namespaces=args.namespaces, nodes=args.nodes, fleet=not args.no_fleet,
@@ -262,6 +277,19 @@ def revoke(directory: Path, registry: Registry, kind: Kind, name: str, *, previo
         print(f"revoked {kind} {name} key {key.public_key}")
     print("clients using a revoked key are disconnected by the reload, and refused from then on")
     _next_steps(directory)
+    return 0
+
+
+def add_gateway_token(path: Path, *, admin: bool, namespaces: list[str], name: str) -> int:
+    """`shoal auth add-token`: the token alone on stdout (so `TOKEN=$(shoal auth add-token ...)` works),
+    what was done on stderr."""
+    from services.gateway.tokens import add_token
+
+    token = add_token(path, role="admin" if admin else "tenant", namespaces=namespaces, name=name)
+    print(token)
+    scope = "admin" if admin else f"tenant of {', '.join(namespaces)}"
+    print(f"stored the hash of a new {scope} token in {path}; the token is shown only now: send it as "
+          "`Authorization: Bearer <token>`", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,8 @@ import yaml
 
 from shared import subjects as s
 from shared.api import (
+    ExecutionLogsRequest,
+    ExecutionLogsResponse,
     GetSubmissionRequest,
     ListDeadLettersRequest,
     ListDeadLettersResponse,
@@ -42,23 +45,46 @@ from shared.transport import Bus
 T = TypeVar("T")
 
 
+STDIN = "-"  # `shoal job run -` reads the spec from standard input
+
+
 def load_spec(path: str) -> JobSpec:
-    """A job spec from a YAML or JSON file, validated against the schema's types."""
+    """A job spec from a YAML or JSON file (or standard input, for "-"), validated against the schema's types."""
     file = Path(path)
+    shown = "standard input" if path == STDIN else path
     try:
-        text = file.read_text(encoding="utf-8")
+        text = sys.stdin.read() if path == STDIN else file.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc.strerror}", field="file") from None
-    try:
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise InvalidInput(f"{path} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {exc}",
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"cannot read {shown}: not UTF-8 text ({exc.reason} at byte {exc.start})",
                            field="file") from None
+    is_json = file.suffix == ".json" or (path == STDIN and text.lstrip().startswith("{"))
+    try:
+        data = json.loads(text) if is_json else yaml.safe_load(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{shown} is not valid JSON: {exc}", field="file") from None
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{shown} is not valid YAML: {yaml_problem(exc)}", field="file") from None
     if isinstance(data, dict) and "spec" in data and "name" not in data:
         data = data["spec"]  # a PutJobRequest-shaped file
     if not isinstance(data, dict):
         raise InvalidInput(f"{path} must hold a job spec (a mapping)", field="file")
     return convert(data, JobSpec, prefix="spec.")
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line, placed by line and column (PyYAML's own text names no file and spans
+    several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        text = exc.problem or exc.context or "malformed"
+        context = ""
+        if exc.context and exc.problem and exc.context_mark is not None:
+            context = f" ({exc.context} at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+        return f"{where}{text}{context}"
+    return " ".join(str(exc).split())
 
 
 def decode_reply(data: bytes, tp: type[T]) -> T:
@@ -113,6 +139,11 @@ class Client:
     async def list_executions(self, request: ListJobExecutionsRequest) -> tuple[bytes, ListJobExecutionsResponse]:
         raw = await self._call(s.EXECUTIONS_LIST, request)
         return raw, decode_reply(raw, ListJobExecutionsResponse)
+
+    async def logs(self, request: ExecutionLogsRequest) -> tuple[bytes, ExecutionLogsResponse]:
+        """What a job's commands printed, from after `request.after`; `next` continues."""
+        raw = await self._call(s.EXECUTIONS_LOGS, request)
+        return raw, decode_reply(raw, ExecutionLogsResponse)
 
     async def all_executions(self, job: str, **filters: Any) -> list[Any]:
         """Every page of a job's executions."""

@@ -1,7 +1,8 @@
 """The `shoal` command: run the services, agents and a local stack, and talk to the API.
 
 Errors that a user can cause (unreachable NATS, a missing job, bad input) print one line and exit
-non-zero; a traceback always means a bug.
+non-zero; a traceback always means a bug. Output piped into a command that stops reading early
+(`shoal job list -o json | head`) ends quietly, as a command killed by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -20,10 +21,25 @@ from shared.settings import DEFAULT_NATS_URL, from_env
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_TIMEOUT = 124  # --timeout passed before a job or rollout settled (as timeout(1) exits)
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
+# Commands whose requests name the namespace (-n) in their subjects.
+NAMESPACED_COMMANDS = frozenset({"job", "rollout"})
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("shoal")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Job orchestration for fleets of edge nodes.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--nats-url", default=None,
                         help=f"NATS seed list, comma-separated (default: $SHOAL_NATS_URL or {DEFAULT_NATS_URL})")
     for flag, env, text in CONNECTION_FLAGS:
@@ -78,9 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     job = sub.add_parser("job", help="submit, inspect and stop jobs").add_subparsers(dest="job_command",
                                                                                       required=True, metavar="ACTION")
     run = job.add_parser("run", help="submit a job spec (YAML or JSON)")
-    run.add_argument("file")
-    run.add_argument("--wait", action="store_true", help="wait until the job is deployed or finished")
-    run.add_argument("--dry-run", action="store_true", help="validate without applying")
+    run.add_argument("file", help="the spec file; - reads it from standard input")
+    run.add_argument("--wait", action="store_true",
+                     help="wait until the job is deployed or finished; exit 1 if it failed (saying why) or is "
+                          "queued with no node to run on")
+    run.add_argument("--timeout", dest="wait_timeout", type=_seconds, default=None, metavar="SECONDS",
+                     help=f"with --wait: give up after this long, exit {EXIT_TIMEOUT} (default: no limit)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="apply nothing; show the nodes it would run on (or why none), its waves and what "
+                          "changes against the current version")
     run.add_argument("--force", action="store_true", help="apply even if the spec is unchanged")
     _output(run)
     jl = job.add_parser("list", help="list jobs")
@@ -104,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     js = job.add_parser("stop", help="stop a job: every execution's desired state becomes stopped")
     js.add_argument("job", help="job id or name")
     js.add_argument("--reason", default="")
+    jo = job.add_parser("logs", help="what the job's commands printed (the last lines of each execution)")
+    jo.add_argument("job", help="job id or name")
+    jo.add_argument("--node", default="", help="only this node")
+    jo.add_argument("-f", "--follow", action="store_true", help="then print what they print next, until Ctrl-C or "
+                                                                 "until every execution has ended")
+    jo.add_argument("--since-start", action="store_true", help="all the output that is kept, not its last lines")
 
     node = sub.add_parser("node", help="inspect nodes").add_subparsers(dest="node_command", required=True,
                                                                        metavar="ACTION")
@@ -132,11 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
         if action in ("status", "promote", "pause", "resume", "abort"):
             _output(p)
         if action == "watch":
-            p.add_argument("--interval", type=float, default=1.0)
+            p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+            p.add_argument("--timeout", dest="watch_timeout", type=_seconds, default=None, metavar="SECONDS",
+                           help=f"give up after this long, exit {EXIT_TIMEOUT} (default: until it ends)")
     from .auth import add_auth_parser
 
     add_auth_parser(sub)
+    completion = sub.add_parser("completion", help="print a shell completion script: "
+                                                   "source <(shoal completion bash)")
+    completion.add_argument("shell", choices=["bash", "zsh"])
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
 
 
 def _output(p: argparse.ArgumentParser) -> None:
@@ -164,6 +207,108 @@ GLOBAL_VALUE_FLAGS = frozenset({"--nats-url", "-n", "--namespace", "--js-replica
                                 *(flag for flag, _, _ in CONNECTION_FLAGS)})
 
 
+# Options whose value is a file or directory (the completion offers file names for them).
+PATH_OPTIONS = frozenset({"--nats-creds", "--nats-nkey", "--nats-tls-ca", "--nats-tls-cert", "--nats-tls-key",
+                          "--ready-file", "--db", "--work-dir", "--data-dir", "--examples", "--out", "--dir"})
+
+
+def _completion_tables(parser: argparse.ArgumentParser) -> dict[str, dict[str, Any]]:
+    """Per command path ("", "job", "job run", ...): its subcommands, options, the options that take a
+    value (with their choices), and what its positional argument accepts."""
+    tables: dict[str, dict[str, Any]] = {}
+
+    def visit(p: argparse.ArgumentParser, path: str) -> None:
+        entry: dict[str, Any] = {"commands": [], "options": [], "values": {}, "positional": None}
+        tables[path] = entry
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    entry["commands"].append(name)
+                    visit(child, f"{path} {name}".strip())
+            elif action.option_strings:
+                entry["options"] += action.option_strings
+                if action.nargs != 0:
+                    for flag in action.option_strings:
+                        entry["values"][flag] = list(action.choices or [])
+            elif entry["positional"] is None:
+                entry["positional"] = list(action.choices) if action.choices else "files"
+    visit(parser, "")
+    return tables
+
+
+def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """A bash completion for `shoal`, made from the parser itself (so it never lags behind a new flag);
+    zsh runs the same through bashcompinit. Use: `source <(shoal completion bash)`."""
+    tables = _completion_tables(parser)
+    # After a command, only the global flags that may stand anywhere (hoisted before parsing) apply.
+    hoisted = [flag for flag in tables[""]["options"] if flag in GLOBAL_VALUE_FLAGS]
+    global_values = {flag: allowed for flag, allowed in tables[""]["values"].items() if flag in GLOBAL_VALUE_FLAGS}
+
+    def case(name: str, rows: dict[str, str]) -> str:
+        arms = "".join(f'        "{key}") echo {shlex_quote(value)} ;;\n' for key, value in rows.items() if value)
+        return f"_shoal_{name}() {{\n    case \"$1\" in\n{arms}    esac\n}}\n"
+
+    def shlex_quote(text: str) -> str:
+        return "'" + text.replace("'", "'\\''") + "'"
+
+    commands = {path: " ".join(e["commands"]) for path, e in tables.items()}
+    options = {path: " ".join(dict.fromkeys(e["options"] + (hoisted if path else [])))
+               for path, e in tables.items()}
+    takes = {path: " ".join(dict.fromkeys([*e["values"], *(global_values if path else [])]))
+             for path, e in tables.items()}
+    choices: dict[str, str] = {}
+    for path, e in tables.items():
+        for flag, allowed in {**(global_values if path else {}), **e["values"]}.items():
+            choices[f"{path}|{flag}"] = " ".join(allowed) if allowed else ("@files" if flag in PATH_OPTIONS else "")
+    positional = {path: ("@files" if e["positional"] == "files" else " ".join(e["positional"]))
+                  for path, e in tables.items() if e["positional"] and not e["commands"]}
+    body = f"""# shoal {shell} completion: source <(shoal completion {shell})
+{case("commands", commands)}{case("options", options)}{case("takes_value", takes)}{case("choices", choices)}{case("positional", positional)}
+_shoal() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="" path="" word i skip=0 words
+    ((COMP_CWORD > 0)) && prev="${{COMP_WORDS[COMP_CWORD-1]}}"
+    COMPREPLY=()
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word="${{COMP_WORDS[i]}}"
+        if ((skip)); then skip=0; continue; fi
+        case "$word" in
+            --*=*) continue ;;
+            -*) case " $(_shoal_takes_value "$path") " in *" $word "*) skip=1 ;; esac; continue ;;
+        esac
+        case " $(_shoal_commands "$path") " in
+            *" $word "*) path="${{path:+$path }}$word" ;;
+        esac
+    done
+    if ((skip)); then
+        words="$(_shoal_choices "$path|$prev")"
+        if [[ "$words" == "@files" ]]; then
+            COMPREPLY=($(compgen -f -- "$cur"))
+        elif [[ -n "$words" ]]; then
+            COMPREPLY=($(compgen -W "$words" -- "$cur"))
+        fi
+        return 0
+    fi
+    if [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "$(_shoal_options "$path")" -- "$cur"))
+        return 0
+    fi
+    words="$(_shoal_commands "$path")"
+    [[ -z "$words" ]] && words="$(_shoal_positional "$path")"
+    if [[ "$words" == "@files" ]]; then
+        COMPREPLY=($(compgen -f -- "$cur"))
+    else
+        COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    fi
+    return 0
+}}
+"""
+    if shell == "zsh":
+        return ("#compdef shoal\n" + body.replace("# shoal zsh completion", "# shoal zsh completion (bash's, through "
+                                                                         "bashcompinit)", 1)
+                + "autoload -U +X bashcompinit && bashcompinit\ncomplete -o default -F _shoal shoal\n")
+    return body + "complete -o default -F _shoal shoal\n"
+
+
 def hoist_global_flags(argv: list[str]) -> list[str]:
     """`argv` with every global flag (and its value) moved before the subcommand."""
     front: list[str] = []
@@ -187,8 +332,21 @@ def hoist_global_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing more, and let no later flush of stdout complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def run(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(hoist_global_flags(sys.argv[1:] if argv is None else list(argv)))
+    if args.command == "completion":
+        print(completion_script(parser, args.shell), end="")
+        return 0
     if args.command == "auth" and args.auth_command != "rotate-page-key":
         from .auth import run as auth_run
 
@@ -211,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import demo
 
             return demo(args, settings)
+        if args.command in NAMESPACED_COMMANDS:
+            check_cli_namespace(args.namespace)
         from . import commands
 
         handler: Callable[[Any, Any], Awaitable[int]] = commands.HANDLERS[args.command]
@@ -220,6 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if exc.code == 400 else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def check_cli_namespace(namespace: str) -> None:
+    """A namespace the API can be asked about (it is a subject token), before anything is sent."""
+    from shared.validation import check_namespace
+
+    try:
+        check_namespace(namespace, "namespace")
+    except ShoalError as exc:
+        raise type(exc)(f"{exc.message} (set by -n/--namespace or $SHOAL_NAMESPACE)") from None
 
 
 async def rotate_page_key(args: argparse.Namespace, settings) -> int:

@@ -4,6 +4,9 @@ Used by `shoal dev`, `shoal demo` and the end-to-end tests. Each service and age
 `shoal serve ...` / `shoal agent ...` subprocess talking to the others only through NATS, exactly as
 in a deployment; stopping sends SIGTERM and waits, so each process shuts down cleanly.
 
+A stack may also run the HTTP gateway (`shoal dev` does): on a port chosen before it starts, so that
+its URL stays the same when the supervisor starts it again.
+
 Every child, nats-server included, can be supervised as a process manager would in a deployment:
 `supervise_once()` notices a child that exited, writes why into its log, and starts the same command
 again after a growing delay. A stack holds a lock on its data dir, so that two stacks never share a
@@ -17,6 +20,7 @@ import fcntl
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +35,18 @@ from shared.transport import Credentials
 SERVICES = ("health", "scheduler", "rollout", "query")
 REGIONS = ("us-east", "us-west", "eu-central")
 NATS = "nats"  # the child name of the stack's own nats-server (its log is logs/nats.log)
+GATEWAY = "gateway"  # the child name of the HTTP gateway
+GATEWAY_HOST = "127.0.0.1"
 LOCK_FILE = "stack.lock"
+GATEWAY_TOKENS = "gateway-tokens.json"  # with auth: the gateway's token file, in the auth dir
+GATEWAY_ADMIN_TOKEN = "gateway-admin.token"  # with auth: the admin token of the dashboard (mode 0600)
+
+
+def free_port(host: str = GATEWAY_HOST) -> int:
+    """A TCP port nothing listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def shoal_command(*args: str) -> list[str]:
@@ -130,6 +145,12 @@ class Stack:
     # namespaces in `tenants` get tenant identities and the user's CLI uses the admin one.
     auth: bool = False
     tenants: tuple[str, ...] = ("default",)
+    # The HTTP gateway (`shoal dev`): started after the services on `http_port` (0: a free port, chosen
+    # once at start and kept across restarts).
+    gateway: bool = False
+    http_port: int = 0
+    # Label templates of the simulated fleet's nodes (`--sim-label zone=z{i%3}`); none: the agent's defaults.
+    sim_labels: tuple[str, ...] = ()
     server: NatsServer | None = None
     children: dict[str, Child] = field(default_factory=dict)
     _lock_fd: int | None = field(default=None, repr=False)
@@ -147,11 +168,14 @@ class Stack:
                 self.nats_url = self.server.url
             for name in self.service_names():
                 self.start_service(name)
+            if self.gateway:
+                self.start_gateway()
             for i in range(1, self.nodes + 1):
                 self.start_agent(f"node-{i}", node_labels(i))
             if self.simulate:
+                labels = [arg for label in self.sim_labels for arg in ("--sim-label", label)]
                 self.spawn("fleet", "agent", "--simulate", str(self.simulate),
-                           "--work-dir", str(self.data_dir / "agents" / "fleet"))
+                           "--work-dir", str(self.data_dir / "agents" / "fleet"), *labels)
         except BaseException:
             self.stop()  # no half-started stack left behind, and the data dir is free again
             raise
@@ -196,6 +220,8 @@ class Stack:
         env = {**os.environ, **self.env, "SHOAL_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
         if self.auth:
             env["SHOAL_NATS_NKEY"] = str(self.seed(*self._identity_of(name)))
+            if name == GATEWAY:
+                env["SHOAL_GATEWAY_TOKENS"] = str(self.auth_dir / GATEWAY_TOKENS)
         return env
 
     # -- identities (auth) ---------------------------------------------------------------------------
@@ -215,6 +241,7 @@ class Stack:
         return Credentials(nkey=str(self.seed("admin", "admin"))) if self.auth else Credentials()
 
     def _identity_of(self, name: str) -> tuple[str, str]:
+        # The gateway enforces tokens itself and reads SHOAL_EVENTS for its event streams: a service.
         if name == "fleet":
             return "fleet", "fleet"
         if name.startswith("node-") or name in self._agents:
@@ -300,6 +327,37 @@ class Stack:
     def start_service(self, name: str) -> subprocess.Popen[bytes]:
         """Start the service process `name` (a name from `service_names()`), or start it again once dead."""
         return self.spawn(name, *self.service_args(name))
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{GATEWAY_HOST}:{self.http_port}/"
+
+    def start_gateway(self) -> subprocess.Popen[bytes]:
+        """Start the HTTP gateway; its port is chosen now if none was given, and kept for its restarts.
+
+        With auth the gateway requires a bearer token: an admin token is made once per data dir and kept
+        in `gateway-admin.token` beside the seeds (see `gateway_token()`).
+        """
+        if not self.http_port:
+            self.http_port = free_port()
+        if self.auth:
+            self._gateway_token()
+        return self.spawn(GATEWAY, "serve", "gateway", "--port", str(self.http_port), "--host", GATEWAY_HOST)
+
+    def gateway_token(self) -> Path | None:
+        """The file holding the dashboard's admin token (auth only)."""
+        return self.auth_dir / GATEWAY_ADMIN_TOKEN if self.auth else None
+
+    def _gateway_token(self) -> None:
+        path = self.auth_dir / GATEWAY_ADMIN_TOKEN
+        if path.exists() and (self.auth_dir / GATEWAY_TOKENS).exists():
+            return
+        from services.gateway.tokens import add_token
+
+        from .auth import SEED_MODE, write_atomic
+
+        token = add_token(self.auth_dir / GATEWAY_TOKENS, role="admin", name="shoal-dev")
+        write_atomic(path, token.encode() + b"\n", SEED_MODE)
 
     def start_agent(self, node_id: str, labels: list[str]) -> subprocess.Popen[bytes]:
         self._agents.add(node_id)

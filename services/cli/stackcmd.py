@@ -3,7 +3,8 @@
 It owns its data dir (a second `shoal dev` on the same one fails at once, naming the first), checks an
 external NATS before starting anything against it, and supervises what it starts: a child that exits
 is started again after a growing delay, with the reason printed here and written to that child's log,
-so that one crash never takes the stack down.
+so that one crash never takes the stack down. It also runs the HTTP gateway and prints the dashboard's
+URL once the gateway answers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -57,12 +60,40 @@ async def probe(url: str, source: str, wait: float = PROBE_SECONDS) -> None:
     await bus.close()
 
 
+# The gateway is local: a proxy from the environment must not stand between.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def gateway_answers(url: str) -> bool:
+    """Whether the gateway's /healthz says it serves (it does once connected to NATS)."""
+    try:
+        with _LOCAL.open(f"{url}healthz", timeout=1.0) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+async def wait_gateway(url: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await asyncio.to_thread(gateway_answers, url):
+        if loop.time() > deadline:
+            raise Unavailable(f"the gateway at {url} did not answer within {timeout:.0f}s; see its log")
+        await asyncio.sleep(0.25)
+
+
 async def wait_ready(stack: Stack, nodes: int, stopping: Callable[[], bool], timeout: float = 60.0) -> bool:
     """Until the stack answers (True) or we are asked to stop (False), supervising it meanwhile: a child
     that dies while the others start is restarted rather than waited for in vain."""
     bus = await Bus.connect(stack.nats_url, name="shoal-dev", wait=10, credentials=stack.credentials())
+
+    async def ready_all() -> None:
+        await Client(bus).wait_ready(nodes, timeout)
+        if stack.gateway:
+            await wait_gateway(stack.dashboard_url, timeout)
+
     try:
-        ready = asyncio.ensure_future(Client(bus).wait_ready(nodes, timeout))
+        ready = asyncio.ensure_future(ready_all())
         try:
             while not ready.done():
                 await asyncio.wait({ready}, timeout=TICK)
@@ -89,8 +120,13 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
     if auth and source:
         raise InvalidInput("--auth makes identities for a local nats-server; with an external one, use "
                            "`shoal auth` and its seeds instead", field="auth")
+    http_port = getattr(args, "http_port", 0) or 0  # 0 where the parser has no --http-port: a free port
+    if not 0 <= http_port <= 65535:
+        raise InvalidInput(f"--http-port {http_port} is not between 0 and 65535", field="http_port")
+    sim_labels = tuple(getattr(args, "sim_label", None) or ())
     stack = Stack(Path(args.data_dir), nodes=args.nodes, simulate=args.simulate, replicas=replicas,
-                  nats_url=settings.nats_url if source else "", auth=auth)
+                  nats_url=settings.nats_url if source else "", auth=auth, gateway=True, http_port=http_port,
+                  sim_labels=sim_labels)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -117,6 +153,10 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
         say(f"  export SHOAL_NATS_URL={stack.nats_url}")
         if auth:
             say(f"  export SHOAL_NATS_NKEY={stack.seed('admin', 'admin')}    # anonymous clients are refused")
+        say(f"dashboard: {stack.dashboard_url}")
+        token = stack.gateway_token()
+        if token is not None:
+            say(f"  the dashboard asks for a token: the admin token is in {token}")
         say("  shoal node list")
         say("  shoal job run examples/pipeline-logs.yaml --wait")
         say(f"logs: {stack.data_dir / 'logs'}    stop: Ctrl-C")

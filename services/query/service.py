@@ -4,7 +4,8 @@ ListJobExecutions is keyset-paginated: a page is one SQL read ordered by (create
 and the next_token holds the last row's (value, id). Every page of a walk reads the view as of the
 stream sequence of its first page (carried in the token), so a walk returns exactly the executions
 that matched at that moment, each once, whatever is inserted, updated or deleted in between.
-Replies are assembled from the stored JSON bodies without decoding them.
+Replies are assembled from the stored JSON bodies without decoding them. Job output is read from
+SHOAL_OUTPUT itself (by subject, from a stream sequence), not from the view.
 """
 
 from __future__ import annotations
@@ -12,21 +13,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from shared import pagetoken
 from shared import subjects as s
 from shared.api import (
+    DEFAULT_LOG_CHUNKS,
+    ExecutionLogsRequest,
     GetExecutionRequest,
     GetJobRequest,
     ListJobExecutionsRequest,
     ListJobsRequest,
     ListNodesRequest,
+    LogItem,
+    OutputChunk,
     page_limit,
 )
-from shared.codec import from_json
-from shared.errors import InvalidInput, NotFound, Unavailable
+from shared.codec import from_json, from_msgpack, to_json
+from shared.errors import Internal, InvalidInput, NotFound, Unavailable
 from shared.runtime import Component
 from shared.selector import SelectorError, compile_selector
 from shared.settings import Settings
@@ -44,6 +50,11 @@ FILL_BATCH = 5_000
 REPLY_ROOM = 8 * 1024
 STREAM_CHECK = 5.0
 JOBS_REMEMBERED = 10_000  # seconds between checks that the events stream is still the one the view follows
+LOG_READ_BATCH = 64  # output chunks read from the stream at a time
+LOG_EXAMINED = 1024  # chunks one request reads at most (others' versions included): `next` goes on from there
+# Seconds a chunk of an execution the view does not know is held back (the view may be a moment behind);
+# older ones are not of this job's executions (or not of the node that published them), and are skipped.
+LOG_HOLD = 2.0
 
 
 def fitting(sizes: Sequence[int], budget: int) -> int:
@@ -99,6 +110,7 @@ class QueryService(Component):
                                queue_group=s.QUEUE_GROUP, endpoints=[
                                    ("executions-list", s.api("*", s.EXECUTIONS_LIST), self.list_executions),
                                    ("executions-get", s.api("*", s.EXECUTIONS_GET), self.get_execution),
+                                   ("executions-logs", s.api("*", s.EXECUTIONS_LOGS), self.execution_logs),
                                    ("jobs-get", s.api("*", s.JOBS_GET), self.get_job),
                                    ("jobs-list", s.api("*", s.JOBS_LIST), self.list_jobs),
                                    ("nodes-list", s.NODES_LIST, self.list_nodes),
@@ -305,6 +317,84 @@ class QueryService(Component):
         if row is None:
             raise NotFound(f"execution {q.id!r} not found in namespace {namespace!r}", field="id")
         return b'{"execution":' + row[0] + b"}"
+
+    async def execution_logs(self, req: ApiRequest) -> bytes:
+        """What a job's executions printed (SHOAL_OUTPUT), in stream order from after `after`: by default the
+        latest version's executions, or one node's, or one execution's (of any version). Read by subject
+        with single-message gets, so nothing is left on the server; a reply stops at `limit` chunks or
+        before max_payload (or after LOG_EXAMINED chunks read), and `next` is where to continue, which may
+        be past the last item (nothing more matched up to there). A chunk counts only if the view places its
+        execution in this job on the node that published it (a node may publish under its own id only)."""
+        namespace = check_namespace(req.token(2))
+        q = from_json(req.data, ExecutionLogsRequest)
+        limit = page_limit(q.limit, default=DEFAULT_LOG_CHUNKS)
+        if q.node_id:
+            check_node_id(q.node_id)
+        if q.execution_id:
+            check_token(q.execution_id, "execution_id", "execution id")
+        job_id, version = await self._resolve_job(namespace, q.job)
+        subjects = s.output_filter(namespace, job_id, q.node_id or "*", q.execution_id or "*")
+        # Every chunk stored by now is there to be read: once they are read, `next` may skip to here.
+        mark = (await self.bus.stream_info(s.STREAM_OUTPUT))["last_seq"]
+        position = q.after or 0
+        items: list[bytes] = []
+        size, budget = 0, self._reply_budget()
+        placed: dict[str, tuple[str, int]] = {}  # execution id -> (node, version), as the view has it
+        examined = 0
+        while examined < LOG_EXAMINED:
+            want = min(LOG_READ_BATCH, limit - len(items))
+            msgs = await self.bus.read_stream(s.STREAM_OUTPUT, subjects, position + 1, want)
+            examined += len(msgs)
+            await self._place(namespace, job_id, msgs, placed)
+            stop = False
+            now = time.time()
+            for m in msgs:
+                node_id, _, _, execution_id = s.output_parts(m.subject)
+                where = placed.get(execution_id)
+                if where is None and now - m.at < LOG_HOLD:
+                    stop = True  # perhaps not in the view yet: continue from here next time
+                    break
+                chunk = None
+                if where is not None and where[0] == node_id and (q.execution_id or where[1] == version):
+                    chunk = self._chunk(m.subject, m.data)
+                if chunk is not None:
+                    item = to_json(LogItem(execution_id=execution_id, node_id=node_id, seq=chunk.seq,
+                                           text=chunk.data.decode(errors="replace"), at=chunk.at,
+                                           final=chunk.final))
+                    if items and size + len(item) + 1 > budget:
+                        stop = True
+                        break
+                    items.append(item)
+                    size += len(item) + 1
+                position = m.seq
+                if len(items) == limit:
+                    stop = True
+                    break
+            if stop:
+                break
+            if len(msgs) < want:  # nothing more matches: what is left up to the mark is not ours
+                position = max(position, mark)
+                break
+        return b'{"items":[' + b",".join(items) + b'],"next":' + str(position).encode() + b"}"
+
+    @staticmethod
+    def _chunk(subject: str, data: bytes) -> OutputChunk | None:
+        try:
+            return from_msgpack(data, OutputChunk)
+        except Internal as exc:  # (a chunk over 4 KiB, say: skipped on every read, so not logged loudly)
+            log.debug("skipping output chunk on %s: %s", subject, exc)
+            return None
+
+    async def _place(self, namespace: str, job_id: str, msgs: Sequence[Any], placed: dict[str, tuple[str, int]]) -> None:
+        """Learn the node and version of the executions of `msgs` that the view knows."""
+        wanted = {s.output_parts(m.subject)[3] for m in msgs} - placed.keys()
+        if not wanted:
+            return
+        marks = ", ".join("?" * len(wanted))
+        rows = await self.view.rows(f"SELECT id, node_id, job_version FROM executions WHERE namespace = ? AND "
+                                    f"job_id = ? AND id IN ({marks})", (namespace, job_id, *wanted))
+        for execution_id, node_id, version in rows:
+            placed[execution_id] = (node_id, version)
 
     # -- jobs --------------------------------------------------------------------------------------
 

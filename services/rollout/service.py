@@ -15,19 +15,18 @@ from collections.abc import Sequence
 
 from shared import subjects as s
 from shared import telemetry
-from shared.api import RolloutRequest, RolloutStatus, WaveStatus
+from shared.api import NodeFailure, RollbackStory, RolloutRequest, RolloutStatus, WaveStatus
 from shared.codec import decode_message, from_json, from_msgpack_or_none, to_json
 from shared.durations import rfc3339, utcnow
 from shared.errors import Conflict, NotFound
-from shared.models import Plan
+from shared.models import Execution, Plan, details
 from shared.runtime import Component
 from shared.store import Record, Store
-from shared.models import Execution
 from shared.transport import ApiRequest, ApiService, Bus, Consumer, ConsumerSpec, Delivery, is_delete
 from shared.validation import check_namespace
 
 from .controller import Controller
-from .decide import latest_by_node
+from .decide import NODE_TROUBLE, latest_by_node
 from .jobstate import JobState
 from .partitions import Ownership
 from .model import IN_PROGRESS, Rollout, Timer
@@ -36,6 +35,42 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 LEGACY_EVENTS_CONSUMER = "rollout-events"
+FAILURES_SHOWN = 10  # failed nodes a rollout status describes one by one (all are listed by id)
+
+
+def first_failures(executions: Sequence[Execution], version: int) -> dict[str, Execution]:
+    """Per node, the first execution of `version` that failed the node in its rollout: failed before it
+    was stable (node trouble aside, as the budget counts), or stopped because it stalled."""
+    first: dict[str, Execution] = {}
+    for execution in executions:
+        if execution.job_version != version:
+            continue
+        failed = (execution.observed == "failed" and execution.status.stable_at is None
+                  and details(execution).reason not in NODE_TROUBLE)
+        stalled = (execution.desired == "stopped"
+                   and execution.status.desired_state.message.startswith("stalled"))
+        if not (failed or stalled):
+            continue
+        held = first.get(execution.node_id)
+        if held is None or (execution.status.created_at, execution.id) < (held.status.created_at, held.id):
+            first[execution.node_id] = execution
+    return first
+
+
+def node_failure(node_id: str, execution: Execution | None) -> NodeFailure:
+    """What one failed node's execution said: its message, reason, exit code and last line of output."""
+    if execution is None:
+        return NodeFailure(node_id=node_id)
+    raw = execution.status.details
+    typed = details(execution)
+    output = raw.get("output") if isinstance(raw.get("output"), str) else ""
+    last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")
+    message = execution.status.observed_state.message
+    if execution.observed != "failed" and execution.status.desired_state.message.startswith("stalled"):
+        message = execution.status.desired_state.message
+    return NodeFailure(node_id=node_id, execution_id=execution.id, state=execution.observed, message=message,
+                       reason=typed.reason or "", exit_code=typed.exit_code, output=last[:200],
+                       at=typed.finished_at or rfc3339(execution.status.updated_at))
 
 
 class Partition:
@@ -182,6 +217,21 @@ class RolloutService(Component):
                 states[state] = states.get(state, 0) + 1
             waves.append(WaveStatus(wave=number if rollout.gated else 0, nodes=size,
                                     started=not rollout.gated or number <= rollout.current_wave, states=states))
+        failed_here = first_failures(executions, rollout.job_version)
+        story = None
+        if rollout.rollback_of:
+            # The rollback replaced the failed rollout's record: its failed nodes are where the failed
+            # version's executions failed, and its budget is the failed version's own.
+            failed_spec = (await self.store.job_version(rollout.namespace, rollout.job_id, rollout.rollback_of)).spec
+            failed = first_failures(executions, rollout.rollback_of)
+            story = RollbackStory(
+                version=rollout.rollback_of, cause=rollout.cause, target_nodes=len(rollout.targets),
+                failed_nodes=sorted(failed),
+                failures=[node_failure(n, failed[n]) for n in sorted(failed, key=lambda n: (
+                    failed[n].status.created_at, n))[:FAILURES_SHOWN]],
+                max_failed_nodes=failed_spec.rollout.max_failed_nodes,
+                max_failed_nodes_percent=failed_spec.rollout.max_failed_nodes_percent,
+            )
         return RolloutStatus(
             job_id=job.id, job_name=job.name, job_version=rollout.job_version, job_state=job.state.state_type,
             strategy=rollout.strategy, state=rollout.state, current_wave=rollout.current_wave,
@@ -191,6 +241,8 @@ class RolloutService(Component):
             max_failed_nodes_percent=spec.rollout.max_failed_nodes_percent,
             rollback_of=rollout.rollback_of, previous_version=rollout.previous_version, message=rollout.message,
             started_at=rfc3339(rollout.created_at), finished_at=rfc3339(rollout.finished_at),
+            failures=[node_failure(n, failed_here.get(n)) for n in rollout.failed_nodes[:FAILURES_SHOWN]],
+            rollback=story,
         )
 
     async def _transition(self, req: ApiRequest, allowed: set[str], change) -> bytes:

@@ -40,9 +40,40 @@ async def test_submit_versions_and_unchanged_conflict(cluster, wait_for) -> None
 
     dry = await api.submit(spec(description="only a dry run"), dry_run=True)
     assert dry.accepted and dry.dry_run and dry.job_version == 4 and not dry.eval_id
+    assert dry.plan is not None and dry.plan.no_match == ["no node has registered"]
+    assert [(c.path, c.change) for c in dry.plan.changes] == [("description", "changed")]
     # The dry run applied nothing: the next real change is still version 4.
     after = await api.submit(spec(description="real"))
     assert after.job_version == 4
+
+
+async def test_dry_run_explains_nodes_waves_and_changes(cluster) -> None:
+    await cluster.start_services()
+    await cluster.start("agent", simulate=4, sim_labels=["zone=z{i%2}", "tier=edge"])
+    api = await cluster.api()
+    await api.wait_ready(4)
+    rolling = {"strategy": "rolling", "max_parallel": 50, "health_check": {"deadline": "1m"}}
+    dry = await api.submit(spec("planned", selector={"match_labels": {"zone": "z1"}}, rollout=rolling), dry_run=True)
+    assert dry.accepted and dry.dry_run and dry.plan is not None, dry
+    plan = dry.plan
+    assert (plan.ready_nodes, plan.matched_nodes, plan.node_ids) == (4, 2, ["sim-0001", "sim-0003"])
+    assert plan.waves == [1, 1] and plan.strategy == "rolling" and plan.no_match == []
+    assert plan.current_version == 0 and plan.changes == []
+
+    nowhere = await api.submit(spec("nowhere", selector={"match_expressions": ["zone in (z7,z8)"]}), dry_run=True)
+    assert nowhere.plan.matched_nodes == 0 and nowhere.plan.waves == []
+    assert nowhere.plan.no_match == ["no ready node has zone in (z7,z8); 4 nodes have zone: z0(2), z1(2)"]
+
+    # Against the current version: what the next one would change, and nothing applied.
+    assert (await api.submit(spec("planned", selector={"match_labels": {"zone": "z1"}}, rollout=rolling))).accepted
+    changed = await api.submit(spec("planned", selector={"match_labels": {"zone": "z1"}}, labels={"team": "a"},
+                                    rollout={**rolling, "max_parallel": 100}), dry_run=True)
+    assert changed.job_version == 2 and changed.plan.current_version == 1
+    assert [(c.path, c.change, c.old, c.new) for c in changed.plan.changes] == [
+        ("labels.team", "added", None, "a"), ("rollout.max_parallel", "changed", 50, 100)]
+    assert changed.plan.waves == [2]
+    again = await api.submit(spec("planned", selector={"match_labels": {"zone": "z1"}}, rollout=rolling), dry_run=True)
+    assert not again.accepted and again.error.code == 409  # still version 1's spec: the dry run applied nothing
 
 
 async def test_same_submission_id_is_processed_once(cluster) -> None:

@@ -64,7 +64,8 @@ def test_tenant_is_confined_to_its_namespace() -> None:
 
 def test_node_rules_pinned_and_not() -> None:
     tail = ["shoal.heartbeat.edge-1", "shoal.report.edge-1",
-            "$JS.API.CONSUMER.MSG.NEXT.SHOAL_ASSIGNMENTS.assign-edge-1", "$JS.ACK.SHOAL_ASSIGNMENTS.assign-edge-1.>"]
+            "$JS.API.CONSUMER.MSG.NEXT.SHOAL_ASSIGNMENTS.assign-edge-1", "$JS.ACK.SHOAL_ASSIGNMENTS.assign-edge-1.>",
+            "shoal.output.edge-1.>"]
     labels = {"zone": "a", "tier": "edge"}
     assert permissions("node", "edge-1", KEY, labels) == Permissions(
         publish_allow=[f"shoal.v1.nodes.register.edge-1.{labels_digest(labels)}", *tail],
@@ -79,7 +80,8 @@ def test_node_rules_pinned_and_not() -> None:
 def test_fleet_rules() -> None:
     assert permissions("fleet", "fleet", KEY) == Permissions(
         publish_allow=["shoal.v1.nodes.register.>", "shoal.heartbeat.*", "shoal.report.*", "shoal.v1.fleets.open.*",
-                       "$JS.API.CONSUMER.MSG.NEXT.SHOAL_ASSIGNMENTS.*", "$JS.ACK.SHOAL_ASSIGNMENTS.*.>"],
+                       "$JS.API.CONSUMER.MSG.NEXT.SHOAL_ASSIGNMENTS.*", "$JS.ACK.SHOAL_ASSIGNMENTS.*.>",
+                       "shoal.output.*.>"],
         subscribe_allow=[f"_INBOX.{KEY}.>"],
     )
 

@@ -1,0 +1,123 @@
+"""`shoal serve gateway`: the HTTP face of the NATS API, as a Component.
+
+Stateless: every route is one NATS call (or a stream of one job's events), so any number of gateways
+can run side by side behind a load balancer, and one that dies loses nothing. It creates no stream or
+bucket (the services do) and may therefore connect as the admin identity; only the event streams need
+an identity that may create consumers on SHOAL_EVENTS (the service identity).
+
+The HTTP server (uvicorn) runs on the component's own event loop. It is told not to touch signals:
+the process's runtime owns SIGINT and SIGTERM and stops the component, which stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+
+import msgspec
+import uvicorn
+
+from shared.errors import InvalidInput
+from shared.runtime import Component
+from shared.settings import Settings
+from shared.transport import Bus
+
+from .app import GatewayApp
+from .openapi import document
+from .sse import HEARTBEAT
+from .tokens import Tokens
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8080
+DEFAULT_HOST = "127.0.0.1"
+REQUEST_TIMEOUT = 10.0  # seconds for one NATS request
+SHUTDOWN_GRACE = 5.0  # seconds for requests in flight when stopping
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # signals belong to the process's runtime, which stops the component
+
+
+class GatewayService(Component):
+    name = "gateway"
+    ensures_topology = False  # it creates nothing; an admin identity may not
+
+    def __init__(self, bus: Bus, settings: Settings, *, port: int | None = None, host: str | None = None,
+                 tokens_file: str | None = None) -> None:
+        super().__init__(bus, settings)
+        self.host = host or os.environ.get("SHOAL_HTTP_HOST") or DEFAULT_HOST
+        self.requested_port = port if port is not None else _env_port()
+        if not 0 <= self.requested_port <= 65535:
+            raise InvalidInput(f"HTTP port {self.requested_port} is not between 0 and 65535", field="port")
+        path = tokens_file if tokens_file is not None else os.environ.get("SHOAL_GATEWAY_TOKENS", "")
+        self.tokens = Tokens(path or None)
+        self.port = 0  # the bound port, once started (a free one when asked for 0)
+        self.timeout = REQUEST_TIMEOUT
+        self.heartbeat = HEARTBEAT
+        self.streams = 0  # event streams open
+        self.openapi = msgspec.json.encode(document())
+        self._server: _Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.requested_port))
+        except OSError as exc:
+            sock.close()
+            raise InvalidInput(f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror}",
+                               field="port") from None
+        sock.listen(256)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(GatewayApp(self), lifespan="off", log_config=None, log_level="warning",
+                                access_log=False, ws="none", timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                                server_header=False)
+        self._server = _Server(config)
+        self._serving = asyncio.create_task(self._server.serve(sockets=[sock]), name="gateway:http")
+        while not self._server.started:
+            if self._serving.done():
+                self._serving.result()  # raises what stopped it
+                raise InvalidInput(f"HTTP server on {self.host}:{self.port} did not start")
+            await asyncio.sleep(0.02)
+        self._serving.add_done_callback(self._ended)
+        log.info("gateway listening on %s (tokens %s)", self.url, "required" if self.tokens.enabled else "off")
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not self.stopping.is_set():
+            problem = "ended" if task.cancelled() or task.exception() is None else f"crashed: {task.exception()}"
+            self.fail(f"HTTP server {problem}")
+
+    async def stop(self) -> None:
+        self.stopping.set()  # event streams end, so the server has nothing left to wait for
+        if self._server is not None and self._serving is not None:
+            self._server.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._serving), SHUTDOWN_GRACE + 2)
+            except (asyncio.TimeoutError, Exception):
+                self._serving.cancel()
+                await asyncio.gather(self._serving, return_exceptions=True)
+        await super().stop()
+
+
+def _env_port() -> int:
+    raw = os.environ.get("SHOAL_HTTP_PORT", "")
+    if not raw:
+        return DEFAULT_PORT
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"SHOAL_HTTP_PORT={raw!r} is not a port number", field="port") from None

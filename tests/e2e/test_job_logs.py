@@ -1,0 +1,192 @@
+"""`shoal job logs` against `shoal dev --auth`: real agents (each connected as its own node identity) ship
+what their commands print, the query service reads it back, and the CLI prints it as a user sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.cli.auth import seed_path
+from shared import subjects as s
+from shared.api import OutputChunk
+from shared.codec import to_msgpack
+from shared.durations import utcnow
+from shared.errors import ShoalError
+from shared.transport import Bus, Credentials
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+SHOAL = str(Path(sys.executable).parent / "shoal")
+FAST_ENV = {"SHOAL_HEARTBEAT_INTERVAL": "0.5", "SHOAL_NODE_TIMEOUT": "3", "SHOAL_SWEEP_INTERVAL": "0.25"}
+HELLO = "echo hello; echo oops >&2; sleep 0.3; echo bye"
+
+
+class Dev:
+    def __init__(self, url: str, admin_seed: str, data: Path) -> None:
+        self.url, self.admin_seed, self.data = url, admin_seed, data
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **FAST_ENV, "SHOAL_NATS_URL": self.url, "SHOAL_NATS_NKEY": self.admin_seed}
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([SHOAL, *args], env=self.env(), capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"shoal {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def run_job(self, tmp_path: Path, name: str, kind: str, script: str, nodes: str = "") -> None:
+        spec = tmp_path / f"{name}.yaml"
+        selector = f"selector:\n  match_ids: [{nodes}]\n" if nodes else ""
+        spec.write_text(f"name: {name}\ntype: {kind}\nconfig:\n  command: [sh, -c, '{script}']\n{selector}")
+        self.cli("job", "run", str(spec))
+        until(lambda: self.cli("job", "describe", name, check=False).returncode == 0)  # in the query view
+
+
+def until(fn, timeout: float = 60, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout}s; last: {last!r}")
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    """`shoal dev --nodes 2 --auth`: every agent connects as its node's identity."""
+    data = tmp_path_factory.mktemp("logs") / "dev"
+    env = {**os.environ, **FAST_ENV}
+    env.pop("SHOAL_NATS_URL", None)
+    env.pop("SHOAL_NATS_NKEY", None)
+    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "2", "--auth", "--data-dir", str(data)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = seed = None
+    lines = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline and seed is None:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if match := re.search(r"export SHOAL_NATS_URL=(\S+)", line):
+            url = match.group(1)
+        if match := re.search(r"export SHOAL_NATS_NKEY=(\S+)", line):
+            seed = match.group(1)
+    if url is None or seed is None:
+        proc.kill()
+        proc.wait()
+        lines.append(proc.stdout.read())
+        proc.stdout.close()
+        raise AssertionError("shoal dev did not become ready:\n" + "".join(lines))
+    try:
+        yield Dev(url, seed, data)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            rest = proc.stdout.read()
+            proc.stdout.close()
+        assert code == 0, "".join(lines) + rest
+
+
+def test_logs_print_what_each_node_printed_prefixed_with_the_node(dev: Dev, tmp_path: Path) -> None:
+    dev.run_job(tmp_path, "hello", "query", HELLO)
+
+    def both() -> str | None:
+        out = dev.cli("job", "logs", "hello", "--since-start").stdout
+        return out if out.count("bye") == 2 else None
+
+    out = until(both)
+    for node in ("node-1", "node-2"):
+        mine = [line for line in out.splitlines() if line.startswith(f"[{node}] ")]
+        assert mine == [f"[{node}] hello", f"[{node}] oops", f"[{node}] bye"], out
+    assert len(out.splitlines()) == 6
+    # One node: no prefix.
+    assert dev.cli("job", "logs", "hello", "--node", "node-2").stdout == "hello\noops\nbye\n"
+    assert dev.cli("job", "logs", "hello", "--node", "node-9").stdout == ""
+
+
+def test_without_since_start_each_execution_shows_its_last_lines(dev: Dev, tmp_path: Path) -> None:
+    dev.run_job(tmp_path, "many", "query", "for i in $(seq 1 30); do echo line $i; done; echo end", "node-1")
+
+    def ended() -> str | None:
+        out = dev.cli("job", "logs", "many", "--since-start").stdout
+        return out if out.endswith("end\n") else None
+
+    everything = until(ended)
+    assert everything.splitlines() == [f"line {i}" for i in range(1, 31)] + ["end"]
+    assert dev.cli("job", "logs", "many").stdout.splitlines() == [f"line {i}" for i in range(22, 31)] + ["end"]
+
+
+def test_follow_prints_as_it_comes_and_ends_when_the_executions_end(dev: Dev, tmp_path: Path) -> None:
+    dev.run_job(tmp_path, "ticker", "query", "for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.5; done")
+    began = time.monotonic()
+    follow = dev.cli("job", "logs", "ticker", "--follow", "--since-start", timeout=90)
+    took = time.monotonic() - began
+    for node in ("node-1", "node-2"):
+        assert [line for line in follow.stdout.splitlines() if line.startswith(f"[{node}]")] == [
+            f"[{node}] tick {i}" for i in range(1, 7)], follow.stdout
+    assert took < 30, took  # it ended by itself once the executions completed
+    assert "Traceback" not in follow.stderr
+
+
+def test_follow_ends_quietly_on_ctrl_c(dev: Dev, tmp_path: Path) -> None:
+    dev.run_job(tmp_path, "beat", "pipeline", "while true; do echo beat; sleep 0.2; done", "node-1")
+    proc = subprocess.Popen([SHOAL, "job", "logs", "beat", "--follow"], env=dev.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        deadline = time.monotonic() + 30
+        while first != "beat\n" and time.monotonic() < deadline:
+            first = proc.stdout.readline()
+        assert first == "beat\n"
+        assert proc.stdout.readline() == "beat\n"  # still following
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and err == "", err
+    dev.cli("job", "stop", "beat")
+
+
+def test_an_unknown_job_is_one_clear_line(dev: Dev) -> None:
+    missing = dev.cli("job", "logs", "no-such-job", check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        "error: job 'no-such-job' not found in namespace 'default' (field: job)"]
+
+
+def test_a_node_may_publish_output_under_its_own_id_only(dev: Dev) -> None:
+    async def scenario() -> None:
+        seed = dev.data / "nats" / "auth" / seed_path("node", "node-1")
+        bus = await Bus.connect(dev.url, name="node-1", wait=10, credentials=Credentials(nkey=str(seed)))
+        chunk = to_msgpack(OutputChunk(seq=1, data=b"x\n", at=utcnow(), final=True))
+        try:
+            ack = await bus.js_publish(s.output("node-1", "default", "some-job", "some-execution"), chunk)
+            assert ack.stream == s.STREAM_OUTPUT
+            with pytest.raises(ShoalError):
+                await bus.js_publish(s.output("node-2", "default", "some-job", "some-execution"), chunk, timeout=2)
+            assert any("shoal.output.node-2" in v for v in bus.violations), bus.violations
+        finally:
+            await bus.close()
+
+    asyncio.run(scenario())

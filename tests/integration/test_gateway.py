@@ -1,0 +1,390 @@
+"""The HTTP gateway against real services and a real nats-server: every route, byte for byte.
+
+The gateway runs as a component on a free port; httpx talks to it on the same event loop. A reply of
+the gateway must be the NATS reply itself, so the list routes are compared with what the same request
+over NATS answers, bytes and all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.cli.main import main as shoal
+from services.gateway import GatewayService
+from services.gateway.routes import LOGS_REQUEST, ROUTES
+from services.gateway.tokens import add_token
+from shared import subjects as s
+from shared.api import ListDeadLettersRequest, ListJobExecutionsRequest, ListJobsRequest, ListNodesRequest
+from shared.codec import to_json
+from shared.errors import ErrorReply, NotFound
+from shared.models import Selector
+from shared.runtime import start_component
+
+pytestmark = pytest.mark.nats
+
+HEALTH = {"interval": "200ms", "success_threshold": 2, "failure_threshold": 2, "deadline": "10s"}
+NS = "/api/v1/namespaces/default"
+
+
+def spec(name: str, **rollout: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": name, "type": "pipeline", "restart_policy": "never", "config": {"simulate": {}}}
+    if rollout:
+        body["rollout"] = rollout
+    return body
+
+
+async def start_gateway(cluster, **kwargs: Any) -> GatewayService:
+    gw = await start_component(lambda b, st: GatewayService(b, st, port=0, host="127.0.0.1", **kwargs),
+                               cluster.settings, "gateway")
+    cluster.components.append(gw)
+    return gw
+
+
+@pytest.fixture
+async def stack(cluster):
+    """Services, a simulated fleet of 4 nodes, an API client and a gateway without tokens."""
+    await cluster.start_services()
+    await cluster.start("agent", simulate=4)
+    api = await cluster.api()
+    await api.wait_ready(4)
+    gw = await start_gateway(cluster)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}", trust_env=False, timeout=30) as http:
+        yield api, gw, http
+
+
+async def put_job(http: httpx.AsyncClient, body: dict[str, Any], **kw: Any) -> httpx.Response:
+    return await http.put(f"{NS}/jobs", json={"spec": body, **kw})
+
+
+async def settled(api, wait_for, name: str, count: int) -> None:
+    """Until the job's executions of its latest version are all running (nothing changes after)."""
+    async def check() -> bool:
+        items = await api.all_executions(name)
+        return len(items) == count and all(e.observed == "running" for e in items)
+
+    await wait_for(check, timeout=30)
+
+
+def error(response: httpx.Response) -> dict[str, Any]:
+    return response.json()["error"]
+
+
+# -- reads: the NATS reply, byte for byte ------------------------------------------------------------
+
+
+async def test_list_routes_answer_the_nats_reply_byte_for_byte(stack, wait_for) -> None:
+    api, gw, http = stack
+    assert (await put_job(http, spec("bytes"))).status_code == 200
+    await settled(api, wait_for, "bytes", 4)
+
+    async def same(path: str, params: Any, raw_of) -> bytes:
+        """The gateway's reply equals the NATS reply to the same request (asked right after)."""
+        async def check() -> bytes | None:
+            response = await http.get(path, params=params)
+            raw = await raw_of()
+            return response.content if response.status_code == 200 and response.content == raw else None
+
+        return await wait_for(check, timeout=10)
+
+    page = await same(f"{NS}/jobs/bytes/executions", {"limit": 3, "order_by": "updated_at", "reverse": "true"},
+                      lambda: _raw(api.list_executions(ListJobExecutionsRequest(
+                          job="bytes", limit=3, order_by="updated_at", reverse=True))))
+    token = json.loads(page)["next_token"]
+    assert token
+    await same(f"{NS}/jobs/bytes/executions", {"limit": 3, "order_by": "updated_at", "reverse": "true",
+                                                "next_token": token},
+               lambda: _raw(api.list_executions(ListJobExecutionsRequest(
+                   job="bytes", limit=3, order_by="updated_at", reverse=True, next_token=token))))
+    await same(f"{NS}/jobs/bytes/executions", {"state": "running", "node_id": "sim-0002", "all_job_versions": "1"},
+               lambda: _raw(api.list_executions(ListJobExecutionsRequest(
+                   job="bytes", state="running", node_id="sim-0002", all_job_versions=True))))
+    await same(f"{NS}/jobs", {"limit": 10, "type": "pipeline"},
+               lambda: _raw(api.list_jobs(ListJobsRequest(limit=10, type="pipeline"))))
+    await same("/api/v1/nodes", [("selector", "zone in (zone-1,zone-2)"), ("selector", "simulated"),
+                                 ("state", "ready")],
+               lambda: _raw(api.list_nodes(ListNodesRequest(
+                   selector=Selector(match_expressions=["zone in (zone-1,zone-2)", "simulated"]), state="ready"))))
+    await same("/api/v1/deadletters", {"limit": 5},
+               lambda: _raw(api.list_dead_letters(ListDeadLettersRequest(limit=5))))
+
+    execution = json.loads(page)["items"][0]
+    for path, subject, body in (
+        (f"{NS}/executions/{execution['id']}", s.api("default", s.EXECUTIONS_GET), {"id": execution["id"]}),
+        (f"{NS}/jobs/bytes", s.api("default", s.JOBS_GET), {"job": "bytes"}),
+        (f"{NS}/jobs/bytes/rollout", s.api("default", s.ROLLOUT_STATUS), {"job": "bytes", "reason": ""}),
+    ):
+        raw = await api.bus.request(subject, to_json(body))
+        response = await http.get(path)
+        assert response.status_code == 200, response.text
+        assert response.content == raw, path
+        assert response.headers["content-type"] == "application/json"
+
+
+async def _raw(call) -> bytes:
+    raw, _ = await call
+    return raw
+
+
+async def test_errors_carry_the_nats_error_body_and_its_code_as_status(stack) -> None:
+    api, gw, http = stack
+    response = await http.get(f"{NS}/jobs/nope")
+    assert response.status_code == 404
+    try:
+        await api.bus.request(s.api("default", s.JOBS_GET), to_json({"job": "nope"}))
+    except NotFound as exc:
+        assert response.content == to_json(ErrorReply(error=exc.body()))
+    assert error(response)["field"] == "job"
+
+    cases = [
+        (f"{NS}/jobs", {"limit": 0}, 400, "limit"),
+        (f"{NS}/jobs", {"limit": "many"}, 400, "limit"),
+        (f"{NS}/jobs", {"state": "sleeping"}, 400, "state"),
+        (f"{NS}/jobs", {"colour": "red"}, 400, "colour"),
+        (f"{NS}/jobs", [("limit", "1"), ("limit", "2")], 400, "limit"),
+        (f"{NS}/jobs/x/executions", {"next_token": "garbage"}, 400, "next_token"),
+        (f"{NS}/jobs/x/executions", {"job": "y"}, 400, "job"),
+        ("/api/v1/namespaces/Bad_NS/jobs", {}, 400, "namespace"),
+        ("/api/v1/namespaces/nodes/jobs", {}, 400, "namespace"),
+        (f"{NS}/executions/no-such", {}, 404, "id"),
+        (f"{NS}/submissions/no-such", {}, 404, "submission_id"),
+        ("/api/v1/nodes", {"selector": "zone in (a"}, 400, None),
+        ("/api/v1/nowhere", {}, 404, None),
+    ]
+    for path, params, status, field in cases:
+        response = await http.get(path, params=params)
+        assert response.status_code == status, (path, params, response.text)
+        body = error(response)
+        assert body["code"] == status and body["message"]
+        if field is not None:
+            assert body.get("field", "").startswith(field), (path, body)
+    assert (await http.delete(f"{NS}/jobs")).status_code == 405
+    response = await http.post(f"{NS}/jobs/x/stop", content=b"{not json")
+    assert response.status_code == 400
+    response = await http.post(f"{NS}/jobs/x/stop", json={"job": "y"})
+    assert response.status_code == 400 and error(response)["field"] == "job"
+    response = await http.post(f"{NS}/jobs/x/rollout/pause", json={"reason": 5})
+    assert response.status_code == 400 and error(response)["field"] == "reason"
+
+
+# -- control ---------------------------------------------------------------------------------------
+
+
+async def test_stop_and_rollout_controls(stack, wait_for) -> None:
+    api, gw, http = stack
+    canary = spec("canary", strategy="canary", max_parallel=50, canary={"canary_count": 1},
+                  health_check=HEALTH)
+    assert (await put_job(http, canary)).status_code == 200
+
+    async def awaiting() -> bool:
+        response = await http.get(f"{NS}/jobs/canary/rollout")
+        return response.status_code == 200 and response.json()["state"] == "awaiting_promotion"
+
+    await wait_for(awaiting, timeout=30)
+    response = await http.post(f"{NS}/jobs/canary/rollout/pause")
+    assert response.status_code == 409, response.text  # only a deploying rollout pauses
+    response = await http.post(f"{NS}/jobs/canary/rollout/promote", json={"reason": "looks good"})
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "deploying" and response.json()["message"] == "looks good"
+    response = await http.post(f"{NS}/jobs/canary/rollout/pause")
+    if response.status_code == 200:  # (unless the last wave was done already)
+        assert response.json()["state"] == "paused"
+        response = await http.post(f"{NS}/jobs/canary/rollout/resume", content=b"")
+        assert response.status_code == 200 and response.json()["state"] == "deploying"
+    response = await http.post(f"{NS}/jobs/canary/stop", json={"reason": "enough"})
+    assert response.status_code == 200 and response.json()["job_id"]
+    response = await http.post(f"{NS}/jobs/canary/stop")
+    assert response.status_code == 200 and response.json()["already_stopped"] is True
+    response = await http.post(f"{NS}/jobs/canary/rollout/abort")
+    assert response.status_code == 409
+
+
+async def test_put_job_accepted_rejected_dry_run_and_idempotent(stack, wait_for) -> None:
+    api, gw, http = stack
+    response = await put_job(http, spec("put"), dry_run=True)
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] is True and response.json()["dry_run"] is True
+    assert (await http.get(f"{NS}/jobs/put")).status_code == 404  # a dry run applies nothing
+
+    key = {"Idempotency-Key": "put-once"}
+    first = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers=key)
+    assert first.status_code == 200, first.text
+    outcome = first.json()
+    assert outcome["accepted"] and outcome["submission_id"] == "put-once" and outcome["job_version"] == 1
+    again = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers=key)
+    assert again.status_code == 200 and again.content == first.content  # the same outcome, not a new version
+    stored = await http.get(f"{NS}/submissions/put-once")
+    assert stored.status_code == 200 and stored.content == first.content
+
+    unchanged = await put_job(http, spec("put"))
+    assert unchanged.status_code == 409 and error(unchanged)["field"] == "spec"
+    assert (await put_job(http, spec("put"), force=True)).json()["job_version"] == 2
+
+    bad = await put_job(http, {**spec("bad"), "rollout": {"max_parallel": 400}})
+    assert bad.status_code == 400 and error(bad)["field"] == "spec.rollout.max_parallel"
+    rejected = await put_job(http, {**spec("bad"), "rollout": {"strategy": "rolling"}})  # no health check
+    assert rejected.status_code == 400, rejected.text
+    assert (await http.put(f"{NS}/jobs", content=b"[]")).status_code == 400
+    response = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers={"Idempotency-Key": "no.dots"})
+    assert response.status_code == 400 and error(response)["field"] == "Idempotency-Key"
+
+
+async def test_logs_route_answers_or_says_not_built(stack) -> None:
+    api, gw, http = stack
+    assert (await put_job(http, spec("logs"))).status_code == 200
+    response = await http.get(f"{NS}/jobs/logs/logs")
+    if LOGS_REQUEST is None:
+        assert response.status_code == 404 and "job output" in error(response)["message"]
+    else:
+        assert response.status_code in (200, 404), response.text
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+
+
+async def test_tokens_admin_tenant_missing_bad_and_other_namespace(cluster, tmp_path: Path) -> None:
+    await cluster.start_services()
+    file = tmp_path / "tokens.json"
+    admin = add_token(file, role="admin", name="ops")
+    tenant = add_token(file, role="tenant", namespaces=["acme"])
+    assert file.stat().st_mode & 0o777 == 0o600
+    assert admin not in file.read_text() and tenant not in file.read_text()
+    gw = await start_gateway(cluster, tokens_file=str(file))
+    base = f"http://127.0.0.1:{gw.port}"
+    async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as http:
+        def auth(token: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {token}"}
+
+        for headers in ({}, auth("shoal_wrong"), {"Authorization": f"Basic {admin}"}, auth("x" * 5000)):
+            response = await http.get("/api/v1/namespaces/acme/jobs", headers=headers)
+            assert response.status_code == 401, headers
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            assert error(response)["code"] == 401
+        assert (await http.get("/api/v1/namespaces/acme/jobs", headers=auth(tenant))).status_code == 200
+        assert (await http.get("/api/v1/namespaces/acme/jobs/x", headers=auth(tenant))).status_code == 404
+        for path in ("/api/v1/namespaces/default/jobs", "/api/v1/nodes", "/api/v1/deadletters", "/metrics"):
+            response = await http.get(path, headers=auth(tenant))
+            assert response.status_code == 403, path
+        response = await http.put("/api/v1/namespaces/other/jobs", json={"spec": spec("x")}, headers=auth(tenant))
+        assert response.status_code == 403
+        for path in ("/api/v1/namespaces/default/jobs", "/api/v1/namespaces/acme/jobs", "/api/v1/nodes"):
+            assert (await http.get(path, headers=auth(admin))).status_code == 200, path
+        for path in ("/healthz", "/openapi.json", "/", "/static/app.js"):
+            assert (await http.get(path)).status_code == 200, path
+
+        # A token added while the gateway runs works at once (the file is read again when it changes).
+        code, out, _ = await asyncio.to_thread(_cli, "auth", "add-token", str(file), "--tenant", "beta",
+                                               "--name", "ci")
+        assert code == 0
+        late = out.strip()
+        await asyncio.sleep(1.1)
+        assert (await http.get("/api/v1/namespaces/beta/jobs", headers=auth(late))).status_code == 200
+        assert (await http.get("/api/v1/namespaces/acme/jobs", headers=auth(late))).status_code == 403
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = shoal(list(args))
+        except SystemExit as exc:  # argparse refused the line
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_add_token_refuses_admin_with_tenant_and_bad_namespaces(tmp_path: Path) -> None:
+    file = str(tmp_path / "t.json")
+    assert _cli("auth", "add-token", file, "--tenant", "Not_OK")[0] == 2
+    assert _cli("auth", "add-token", file)[0] == 2  # one of --admin and --tenant is required
+    assert _cli("auth", "add-token", file, "--admin", "--tenant", "acme")[0] == 2
+    code, out, err = _cli("auth", "add-token", file, "--admin")
+    assert code == 0 and out.startswith("shoal_") and "shown only now" in err
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+
+async def read_events(response: httpx.Response, into: list[tuple[str, Any]], stop: asyncio.Event) -> None:
+    kind = ""
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            into.append((kind, json.loads(line[len("data: "):])))
+        elif line.startswith(":"):
+            into.append(("comment", line))
+        if stop.is_set():
+            return
+
+
+async def test_event_stream_follows_a_rolling_job(stack, wait_for) -> None:
+    api, gw, http = stack
+    gw.heartbeat = 0.5
+    consumers = await api.bus.consumer_count(s.STREAM_EVENTS)
+    first = spec("waves", strategy="rolling", max_parallel=25, health_check=HEALTH)
+    assert (await put_job(http, first)).status_code == 200
+
+    async def has_rollout() -> bool:
+        return (await http.get(f"{NS}/jobs/waves/rollout")).status_code == 200
+
+    await wait_for(has_rollout, timeout=20)
+    events: list[tuple[str, Any]] = []
+    stop = asyncio.Event()
+    async with http.stream("GET", f"{NS}/jobs/waves/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        reading = asyncio.create_task(read_events(response, events, stop))
+        await wait_for(lambda: _true(events and events[0][0] == "rollout"), timeout=10)
+        assert events[0][1]["job_name"] == "waves" and events[0][1]["total_waves"] == 4
+
+        async def done() -> bool:
+            rollouts = [body for kind, body in events if kind == "rollout"]
+            return bool(rollouts) and rollouts[-1]["state"] == "succeeded"
+
+        await wait_for(done, timeout=40)
+        executions = [body for kind, body in events if kind == "execution"]
+        assert {e["node_id"] for e in executions} == {"sim-0001", "sim-0002", "sim-0003", "sim-0004"}
+        assert {e["status"]["observed_state"]["state_type"] for e in executions} >= {"validating", "running"}
+        waves = [body["current_wave"] for kind, body in events if kind == "rollout"]
+        assert waves == sorted(waves) and waves[-1] == 4 and len(set(waves)) > 1
+        await wait_for(lambda: _true(any(kind == "comment" for kind, _ in events)), timeout=5)
+        stop.set()
+        reading.cancel()
+    # The client went away: the stream ends and its consumers are deleted.
+    await wait_for(lambda: _true(gw.streams == 0), timeout=10)
+
+    async def consumers_gone() -> bool:
+        return await api.bus.consumer_count(s.STREAM_EVENTS) <= consumers
+
+    await wait_for(consumers_gone, timeout=10)
+    response = await http.get(f"{NS}/jobs/nope/events")
+    assert response.status_code == 404
+
+
+async def _true(value: Any) -> bool:
+    return bool(value)
+
+
+async def test_healthz_only_while_connected_and_the_openapi_names_every_route(stack) -> None:
+    api, gw, http = stack
+    response = await http.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    doc = (await http.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.1")
+    for route in ROUTES:
+        assert route.method.lower() in doc["paths"][route.path], route.path
+    page = await http.get("/")
+    assert page.status_code == 200 and b"<html" in page.content
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert (await http.get("/static/../service.py")).status_code == 404
+    await gw.bus.nc.close()  # the connection is gone for good
+    response = await http.get("/healthz")
+    assert response.status_code == 503 and error(response)["code"] == 503
