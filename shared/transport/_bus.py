@@ -284,7 +284,7 @@ class Bus:
         self, subject: str, data: bytes, *, timeout: float = 5.0, headers: dict[str, str] | None = None
     ) -> bytes:
         """Request-reply; a structured error reply is raised as the matching ShoalError."""
-        with telemetry.span(f"request {subject}", kind=telemetry.CLIENT, subject=subject):
+        with telemetry.span(f"request {subject}", kind=telemetry.CLIENT, subject=subject, body_size=len(data)):
             hdrs = telemetry.inject(headers)
             check_size(subject, data, hdrs, self.nc.max_payload)
             try:
@@ -311,8 +311,9 @@ class Bus:
         async def on_msg(msg: Msg) -> None:
             try:
                 if traced:
-                    with telemetry.span(f"process {subject}", kind=telemetry.CONSUMER, headers=msg.headers,
-                                        subject=msg.subject):
+                    with telemetry.span(f"process {msg.subject}", kind=telemetry.CONSUMER, headers=msg.headers,
+                                        subject=msg.subject, consumer_group=queue or None,
+                                        body_size=len(msg.data)):
                         await handler(Message(msg))
                 else:
                     await handler(Message(msg))
@@ -518,7 +519,7 @@ def _on_error(name: str, holder: list[Bus]) -> Callable[[Exception], Awaitable[N
 
 def _log_disconnect(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None]]:
     async def cb() -> None:
-        if not (holder and holder[0].closing):
+        if holder and not holder[0].closing:  # (a connect that fails is reported by connect itself)
             log.warning("%s: disconnected from NATS", name)
 
     return cb
@@ -536,8 +537,9 @@ def _on_reconnect(name: str, holder: list[Bus]) -> Callable[[], Awaitable[None]]
 async def _discard(nc: Client) -> None:
     """Close what a failed connect left open (the client leaves its socket to the garbage collector)."""
     try:
-        await nc.close()
-    except Exception:  # nothing more to release
+        # (Bounded: after a failed TLS handshake the client waits for ever for its transport to close.)
+        await asyncio.wait_for(nc.close(), 1.0)
+    except (Exception, asyncio.TimeoutError):  # nothing more to release
         pass
 
 
