@@ -172,6 +172,8 @@ class ObservedState(msgspec.Struct, kw_only=True):
     details: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
 
+OUTPUT_SUMMARY_CHARS = 256  # characters of an ended execution's output its details keep (the last lines)
+
 # Why an execution ended (status.details.reason): the agent's view of an exit, or the health service's
 # verdict. The first group is node trouble (never the version's failure), the second the rollout's signals.
 FailureReason = Literal["exit", "timeout", "stopped", "start-error", "agent-error", "agent-restart",
@@ -189,6 +191,9 @@ class ExecutionDetails(msgspec.Struct, kw_only=True, frozen=True):
     lost_at: str = ""
     restarts: int = 0  # how many restarts came before it in its chain
     exit_code: int | None = None
+    # The last line(s) its command printed, at most OUTPUT_SUMMARY_CHARS: what a failure says in a rollout
+    # status. What it printed is job output (SHOAL_OUTPUT, `executions.logs`), not a detail.
+    output: str = ""
 
 
 def details(execution: Execution) -> ExecutionDetails:
@@ -204,6 +209,7 @@ def details(execution: Execution) -> ExecutionDetails:
         lost_at=_text(d.get("lost_at")),
         restarts=restarts if isinstance(restarts, int) and not isinstance(restarts, bool) else 0,
         exit_code=exit_code if isinstance(exit_code, int) and not isinstance(exit_code, bool) else None,
+        output=_text(d.get("output"))[-OUTPUT_SUMMARY_CHARS:],
     )
 
 

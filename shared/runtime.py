@@ -1,4 +1,4 @@
-"""How a shoal process starts, runs and stops: logging, tracing, connection, topology, signals.
+"""How a shoal process starts, runs and stops: logging, tracing, metrics, connection, topology, signals.
 
 Every service is a `Component`: `start()` registers its consumers, endpoints and background loops on
 its own bus connection and returns; `stop()` stops them and drains the connection. `run()` does this
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import telemetry, topology
+from . import metrics, telemetry, topology
 from .settings import Settings
 from .transport import Bus, map_error
 
@@ -137,12 +137,15 @@ class Component:
         return self.failure or f"NATS connection closed: {self.bus.lost_reason}"
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, fmt: str = "text", service: str = "") -> None:
+    """Log to stderr: plain text lines, or (`fmt="json"`) one JSON object per line carrying the service
+    and, inside a span, its trace and span ids."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(telemetry.JsonFormatter(service))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 async def connect(settings: Settings, name: str, *, wait: float | None = 30.0) -> Bus:
@@ -200,8 +203,9 @@ def run(factory: Callable[[Bus, Settings], Component], settings: Settings, name:
     Each replica has its own connection and shares work with the others exactly as separate processes
     would (queue groups, shared durable consumers); `factory` may look at `Component.replica` (0-based).
     """
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format, name)
     telemetry.setup(name, settings.traces_exporter, settings.traces_file)
+    metrics.setup(name, settings.metrics_port)
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -249,6 +253,7 @@ def run(factory: Callable[[Bus, Settings], Component], settings: Settings, name:
         return asyncio.run(main())
     finally:
         telemetry.shutdown()
+        metrics.shutdown()
 
 
 def _numbered(component: Component, index: int) -> Component:

@@ -50,6 +50,10 @@ class Settings(msgspec.Struct, kw_only=True):
     traces_exporter: str = "none"
     traces_file: str = ""
     log_level: str = "INFO"
+    # Logs as plain text lines (`text`) or one JSON object per line with trace ids (`json`).
+    log_format: str = "text"
+    # Serve this process's metrics at http://<host>:<port>/metrics in the Prometheus format; 0: off.
+    metrics_port: int = 0
 
     def credentials(self) -> Credentials:
         return Credentials(creds=self.nats_creds, nkey=self.nats_nkey, user=self.nats_user,
@@ -72,6 +76,23 @@ def _at_least(name: str, default: float, least: float) -> float:
     if not math.isfinite(value) or value < least:
         raise SystemExit(f"{name}={value!r} must be at least {least:g}")
     return value
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (os.environ.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise SystemExit(f"{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw
+
+
+def _port(name: str) -> int:
+    value = _float(name, 0.0)
+    if not value.is_integer() or not 0 <= value <= 65535:
+        raise SystemExit(f"{name}={value!r} must be a port number (0-65535; 0: off)")
+    return int(value)
 
 
 def from_env(**overrides: object) -> Settings:
@@ -100,6 +121,8 @@ def from_env(**overrides: object) -> Settings:
         traces_exporter=env.get("SHOAL_TRACES_EXPORTER") or env.get("OTEL_TRACES_EXPORTER") or "none",
         traces_file=env.get("SHOAL_TRACES_FILE", ""),
         log_level=env.get("SHOAL_LOG_LEVEL", "INFO"),
+        log_format=_choice("SHOAL_LOG_FORMAT", "text", LOG_FORMATS),
+        metrics_port=_port("SHOAL_METRICS_PORT"),
     )
     for name, value in overrides.items():
         if value is not None:

@@ -5,13 +5,21 @@ publish and request and extracts it on receipt, so one trace follows a job from 
 scheduling, placement, the agent and every reported state. The exporter is chosen by settings:
 `none` (default), `console`, `otlp` (when its package is installed) or `file` (JSON lines at
 `traces_file`, which tests read).
+
+Spans are named by subject template (`process shoal.report.*`, `serve shoal.v1.*.jobs.get`), never by a
+concrete subject: the number of span names stays fixed however many nodes, namespaces and jobs there
+are. The concrete subject is the `messaging.destination.name` attribute, beside the other messaging
+semantic-convention attributes. `JsonFormatter` writes log records as JSON lines that carry the trace
+and span ids of the span current when they were logged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -27,7 +35,20 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.semconv._incubating.attributes.messaging_attributes import (
+    MESSAGING_CONSUMER_GROUP_NAME,
+    MESSAGING_DESTINATION_NAME,
+    MESSAGING_DESTINATION_TEMPLATE,
+    MESSAGING_MESSAGE_BODY_SIZE,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE,
+    MESSAGING_SYSTEM,
+    MessagingOperationTypeValues,
+)
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .subjects import RESERVED_NAMESPACES
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +155,79 @@ def trace_id_of(headers: Mapping[str, str] | None) -> str | None:
     return parts[1] if len(parts) >= 4 else None
 
 
+# -- subject templates ---------------------------------------------------------------------------------
+
+MESSAGING_SYSTEM_NATS = "nats"  # not among the convention's well-known values: its lower-case name
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+# Tokens after `shoal.<area>` kept as they are: the kind of an event (`shoal.events.execution.*...`).
+_KEPT_AFTER_AREA = {"events": 1}
+# `shoal.v1.<token>` that is a cluster-wide API, not a namespace (`shoal.v1.nodes.register.*.*`).
+_CLUSTER_APIS = RESERVED_NAMESPACES
+_API_WORD = re.compile(r"^[a-z]{1,24}$")  # an operation's noun or verb (`executions`, `list`)
+_WILD = ("*", ">")
+
+
+def subject_template(subject: str) -> str:
+    """The subject with every token that names an instance (a node, namespace, job, execution,
+    submission or fleet) replaced by `*`: a fixed set of templates, whatever the size of the fleet.
+
+    `shoal.report.node-1` -> `shoal.report.*`; `shoal.v1.acme.jobs.get` -> `shoal.v1.*.jobs.get`;
+    `shoal.v1.nodes.register.node-2.<digest>` -> `shoal.v1.nodes.register.*.*`; `_INBOX.x.y` -> `_INBOX.>`;
+    a subject outside shoal keeps its first token (`other.>`).
+    """
+    tokens = subject.split(".")
+    first = tokens[0]
+    if first.startswith("$"):  # $JS.API..., $KV.<bucket>..., $SRV.PING...
+        return ".".join(tokens[:2]) + (".>" if len(tokens) > 2 else "")
+    if first != "shoal" or len(tokens) < 2:
+        return first + (".>" if len(tokens) > 1 else "")
+    area = tokens[1]
+    if area == "v1" and len(tokens) > 2:
+        if tokens[2] in _CLUSTER_APIS:  # shoal.v1.nodes.list, shoal.v1.nodes.register.<node>.<digest>
+            return ".".join(tokens[:4] + [t if t in _WILD else "*" for t in tokens[4:]])
+        rest = [t if t in _WILD or _API_WORD.match(t) else "*" for t in tokens[3:]]
+        return ".".join(["shoal", "v1", "*", *rest])
+    kept = 2 + _KEPT_AFTER_AREA.get(area, 0)
+    return ".".join(tokens[:kept] + [t if t in _WILD else "*" for t in tokens[kept:]])
+
+
+_OPERATION_TYPES = {
+    SpanKind.CONSUMER: MessagingOperationTypeValues.PROCESS.value,
+    SpanKind.SERVER: MessagingOperationTypeValues.PROCESS.value,
+    SpanKind.CLIENT: MessagingOperationTypeValues.SEND.value,
+    SpanKind.PRODUCER: MessagingOperationTypeValues.SEND.value,
+}
+
+
+def messaging_attributes(
+    subject: str,
+    *,
+    operation: str,
+    kind: SpanKind,
+    template: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    consumer_group: str | None = None,
+    body_size: int | None = None,
+) -> dict[str, Any]:
+    """The messaging semantic-convention attributes of a span about one message on `subject`."""
+    attrs: dict[str, Any] = {
+        MESSAGING_SYSTEM: MESSAGING_SYSTEM_NATS,
+        MESSAGING_DESTINATION_NAME: subject,
+        MESSAGING_DESTINATION_TEMPLATE: template or subject_template(subject),
+        MESSAGING_OPERATION_NAME: operation,
+    }
+    if (operation_type := _OPERATION_TYPES.get(kind)) is not None:
+        attrs[MESSAGING_OPERATION_TYPE] = operation_type
+    if headers and (msg_id := headers.get(MSG_ID_HEADER)):
+        attrs[MESSAGING_MESSAGE_ID] = msg_id
+    if consumer_group:
+        attrs[MESSAGING_CONSUMER_GROUP_NAME] = consumer_group
+    if body_size is not None:
+        attrs[MESSAGING_MESSAGE_BODY_SIZE] = body_size
+    return attrs
+
+
 @contextlib.contextmanager
 def span(
     name: str,
@@ -141,13 +235,25 @@ def span(
     kind: SpanKind = SpanKind.INTERNAL,
     headers: Mapping[str, str] | None = None,
     subject: str | None = None,
+    template: str | None = None,
+    consumer_group: str | None = None,
+    body_size: int | None = None,
     attributes: Mapping[str, Any] | None = None,
 ) -> Iterator[trace.Span]:
-    """A span, child of the trace in `headers` when given, else of the current context."""
+    """A span, child of the trace in `headers` when given, else of the current context.
+
+    With a `subject`, the span carries the messaging attributes, and a name that ends with the concrete
+    subject (`process shoal.report.node-1`) is named by its template instead (`process shoal.report.*`).
+    """
     ctx = extract(headers) if headers else None
-    attrs: dict[str, Any] = {"messaging.system": "nats"} if subject else {}
+    attrs: dict[str, Any] = {}
     if subject:
-        attrs["messaging.destination.name"] = subject
+        operation, _, rest = name.partition(" ")
+        template = template or subject_template(subject)
+        if rest == subject:
+            name = f"{operation} {template}"
+        attrs = messaging_attributes(subject, operation=operation, kind=kind, template=template, headers=headers,
+                                     consumer_group=consumer_group, body_size=body_size)
     if attributes:
         attrs.update(attributes)
     with tracer().start_as_current_span(name, context=ctx, kind=kind, attributes=attrs) as current:
@@ -176,3 +282,34 @@ def attached(ctx: otel_context.Context) -> Iterator[None]:
         yield
     finally:
         otel_context.detach(token)
+
+
+# -- structured logs ----------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message and service, plus `trace_id` and
+    `span_id` when a span is current (and `exception` with its traceback when there is one)."""
+
+    def __init__(self, service: str = "") -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "service": self.service,
+        }
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            out["trace_id"] = format(ctx.trace_id, "032x")
+            out["span_id"] = format(ctx.span_id, "016x")
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)

@@ -23,6 +23,9 @@ _W1, _W2 = "{{wildcard(1)}}", "{{wildcard(2)}}"
 # and at most 1 GiB in all, the oldest going first.
 OUTPUT_CHUNKS_KEPT = 64
 OUTPUT_MAX_BYTES = 1024 * 1024 * 1024
+# Bytes of one message in SHOAL_OUTPUT at most (a chunk of 4 KiB, its msgpack envelope and room to spare):
+# the server refuses a larger one, so a node cannot fill the stream with a few huge messages.
+OUTPUT_MESSAGE_BYTES = 6 * 1024
 
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
@@ -83,6 +86,7 @@ STREAMS: tuple[StreamSpec, ...] = (
         max_age=7 * DAY,
         max_msgs_per_subject=OUTPUT_CHUNKS_KEPT,
         max_bytes=OUTPUT_MAX_BYTES,
+        max_msg_size=OUTPUT_MESSAGE_BYTES,
         description="What each execution's command wrote (msgpack OutputChunk, at most 4 KiB each) on "
                     "shoal.output.<node>.<ns>.<job>.<execution>: the last 64 chunks of each, for 7 days",
     ),

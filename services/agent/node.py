@@ -25,11 +25,11 @@ from pathlib import Path
 from shared import telemetry
 from shared.durations import utcnow
 from shared.errors import ShoalError
-from shared.models import TERMINAL_STATES, Execution, HealthReport, StateReport
+from shared.models import TERMINAL_STATES, Execution, HealthReport, ObservedStateType, StateReport, details
 
 from .executors import Outcome, Run, leftover_output, recover_process, simulated, start_process, write_files
 from .fleetstate import FleetJournal
-from .output import OutputShipper
+from .output import OutputShipper, output_summary
 from .reporter import Reporter
 from .runstate import finished_run_dirs_to_delete
 
@@ -102,7 +102,7 @@ class NodeAgent:
             return
         if observed == "lost":
             # Lost while this node was away: what matters is what it was before (pending = never started).
-            observed = str(execution.status.details.get("lost_from", "running"))
+            observed = details(execution).lost_from or "running"
         if observed == "pending":
             found = self._recover(execution)  # started by an agent that died before its reports went out?
             if found is None:
@@ -242,8 +242,9 @@ class NodeAgent:
 
     def _finish(self, execution: Execution, outcome: Outcome) -> None:
         details: dict[str, object] = {"reason": outcome.reason or "exit"}
-        if outcome.output:
-            details["output"] = outcome.output[-2048:]
+        summary = output_summary(outcome.output)
+        if summary:
+            details["output"] = summary  # (ExecutionDetails.output: the last lines, for failure stories)
         if outcome.reason == "stopped":
             self._report(execution, "stopped", outcome.message, outcome.exit_code, details)
         elif outcome.succeeded:
@@ -280,11 +281,11 @@ class NodeAgent:
                                                 total=total, errors=errors, at=end))
             start = end
 
-    def _report(self, execution: Execution, state: str, message: str, exit_code: int | None = None,
+    def _report(self, execution: Execution, state: ObservedStateType, message: str, exit_code: int | None = None,
                 details: dict[str, object] | None = None) -> None:
         self.reporter.send(StateReport(namespace=execution.namespace, job_id=execution.job_id,
                                        node_id=execution.node_id, execution_id=execution.id,
-                                       state=state, message=message, exit_code=exit_code,  # type: ignore[arg-type]
+                                       state=state, message=message, exit_code=exit_code,
                                        details=details or {}, at=utcnow()))
 
     # -- the work dir ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from shared import subjects as s
 from shared.api import OUTPUT_CHUNK_BYTES, OutputChunk
 from shared.codec import to_msgpack
 from shared.durations import utcnow
-from shared.models import Execution
+from shared.models import OUTPUT_SUMMARY_CHARS, Execution
 from shared.topology import OUTPUT_CHUNKS_KEPT
 from shared.transport import Bus
 
@@ -77,6 +77,16 @@ def newest(data: bytes, start: int, limit: int = CHUNK) -> tuple[bytes, int]:
     if 0 <= newline < len(tail) - 1:
         cut += newline + 1
     return data[cut:], start + cut
+
+
+def output_summary(text: str, limit: int = OUTPUT_SUMMARY_CHARS) -> str:
+    """The last lines of an ended execution's output, at most `limit` characters (cut at a line start
+    when a line start falls inside them): all of it that its details keep."""
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    newline = tail.find("\n")
+    return tail[newline + 1:] if 0 <= newline < len(tail) - 1 else tail
 
 
 class FileSource:

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from shared import subjects as s
 from shared import telemetry
 from shared.codec import to_msgpack
 from shared.models import HealthReport, StateReport
 from shared.transport import Bus
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
+    Queued = tuple[str, bytes, Context]  # subject, payload, the trace context it was sent in
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ BATCH = 128
 class Reporter:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self._queue: asyncio.Queue[tuple[str, bytes, object]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Queued] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
 
@@ -39,7 +45,7 @@ class Reporter:
         """Publish in batches of up to BATCH at once (one connection keeps them in order on the wire);
         what fails is retried before anything newer. Should a link drop in the middle of a batch, a later
         report may land before an earlier one: the health service only ever moves a state forward."""
-        retry: list[tuple[str, bytes, object]] = []
+        retry: list[Queued] = []
         delay = 0.1
         while True:
             if retry:
@@ -61,9 +67,9 @@ class Reporter:
             else:
                 delay = 0.1
 
-    async def _publish(self, item: tuple[str, bytes, object]) -> None:
+    async def _publish(self, item: Queued) -> None:
         subject, data, ctx = item
-        with telemetry.attached(ctx):  # type: ignore[arg-type]
+        with telemetry.attached(ctx):
             await self.bus.js_publish(subject, data)
 
     def abandon(self) -> asyncio.Task[None] | None:

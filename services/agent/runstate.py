@@ -9,8 +9,8 @@ re-attaches to tasks still running, the agent keeps in `<work dir>/executions/<e
   start time, which tells our process from an unrelated one that got the same pid later;
 - `shoal-exit.json` (`ExitStatus`), written by the shim when the command ends: the exit code or the
   signal, the one thing a process that is not our child cannot tell us through wait();
-- `shoal-output.log`: the command's stdout and stderr (the agent reports its tail, and ships it in
-  chunks: see output.py);
+- `shoal-output.log`: the command's stdout and stderr (the agent ships it in chunks, see output.py, and
+  reports its last lines with the execution's end);
 - `shoal-output.pos`: how far the agent has shipped that output (rewritten with each chunk, no fsync);
 - `health`: the health channel the command appends to (see executors).
 

@@ -163,7 +163,7 @@ class AgentService(Component):
         self.foreign_assignments = 0
         self.fleet = FleetJournal(root) if simulate else None
         if simulate:
-            templates = sim_labels or list(DEFAULT_SIM_LABELS)
+            templates = [*DEFAULT_SIM_LABELS, *(sim_labels or ())]  # a given key's template replaces the default
             for i in range(1, simulate + 1):
                 nid = expand(sim_prefix, i)
                 agent = NodeAgent(nid, self.reporter, work_dir=root / nid, simulate=True, stop_grace=stop_grace,

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,9 +23,9 @@ from shared.api import (
 from shared.codec import to_json
 from shared.durations import format_duration, rfc3339
 from shared import subjects as s
-from shared.errors import InvalidInput, ShoalError
+from shared.errors import InvalidInput, NotFound, ShoalError
 from shared.models import ONE_SHOT_JOB_TYPES, Execution, Job, JobSpec, Node, Selector, SubmissionOutcome
-from shared.models import TERMINAL_STATES
+from shared.models import ENDED_JOB_STATES, TERMINAL_STATES, details
 from shared.settings import Settings
 from shared.transport import Bus
 from shared.validation import check_namespace
@@ -199,8 +200,7 @@ async def first_failure(client: Client, job: str, version: int | None = None) ->
         return None
 
     def ended(e: Execution) -> str:
-        finished = e.status.details.get("finished_at")
-        return finished if isinstance(finished, str) and finished else rfc3339(e.status.updated_at)
+        return details(e).finished_at or rfc3339(e.status.updated_at)
 
     return min(page.items, key=lambda e: (ended(e), e.id))
 
@@ -338,7 +338,7 @@ def _short_time(at: str) -> str:
 
 async def _output_tail(client: Client, job: Job, recent: list[Execution]) -> tuple[Execution, list[str]] | None:
     """The last lines of output of the job's latest execution that left some: from the job output API
-    (`Client.logs`), else (a query service without it) what the agent kept in `details.output`."""
+    (`Client.logs`), else (no longer kept, or a query service without it) the last lines its details keep."""
     latest = [e for e in recent if e.job_version == job.version] or recent
     use_logs = True
     for execution in latest:
@@ -346,8 +346,7 @@ async def _output_tail(client: Client, job: Job, recent: list[Execution]) -> tup
         if text is None:
             use_logs = False  # it did not answer: do not wait on it for every execution
         if not text:
-            output = execution.status.details.get("output")
-            text = output if isinstance(output, str) else ""
+            text = details(execution).output
         lines = [line.rstrip() for line in text.splitlines()]
         while lines and not lines[-1]:
             lines.pop()
@@ -431,6 +430,7 @@ LOG_TAIL_LINES = 10  # lines of each execution `job logs` shows without --since-
 LOG_POLL = 1.0  # seconds between polls of `job logs --follow`
 LOG_GRACE = 5.0  # seconds a follow waits, once the executions ended, for their last chunks
 LOG_PAGE = 1000
+LOG_LINE_MAX = 16 * 1024  # characters of a line with no end yet held back at most: then it is shown as it is
 # C0 controls but tab, DEL and C1 controls: a node's output must not drive the reader's terminal.
 _CONTROLS = {c: f"^{chr(c + 64)}" for c in range(32) if c != 9} | {127: "^?"} | {c: "?" for c in range(128, 160)}
 
@@ -442,7 +442,8 @@ def printable(text: str) -> str:
 
 class LogLines:
     """Chunks of several executions as whole lines: a line cut between two chunks is held until its end
-    arrives (or its execution ends), so that lines of different nodes never mix."""
+    arrives (or its execution ends, or it outgrows LOG_LINE_MAX), so that lines of different nodes never
+    mix."""
 
     def __init__(self, nodes: set[str]) -> None:
         self.nodes = set(nodes)
@@ -470,6 +471,8 @@ class LogLines:
                 self.ended.add(item.execution_id)
                 if rest:
                     lines.append((item.execution_id, self._line(item.node_id, rest)))
+            elif len(rest) > LOG_LINE_MAX:
+                lines.append((item.execution_id, self._line(item.node_id, rest)))
             elif rest:
                 self.partial[item.execution_id] = (item.node_id, rest)
         return lines
@@ -483,17 +486,26 @@ class LogLines:
         return f"[{node_id}] {printable(text)}" if self.prefix else printable(text)
 
 
-def _tail(lines: list[tuple[str, str]], keep: int) -> list[tuple[str, str]]:
-    """The last `keep` lines of each execution, in their order."""
-    left: dict[str, int] = {}
-    for execution_id, _ in lines:
-        left[execution_id] = left.get(execution_id, 0) + 1
-    out = []
-    for execution_id, text in lines:
-        left[execution_id] -= 1
-        if left[execution_id] < keep:
-            out.append((execution_id, text))
-    return out
+class LogTail:
+    """The last `keep` lines of each execution, in the order they came: memory for `keep` lines an
+    execution, however much output is read."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.count = 0
+        self.kept: dict[str, deque[tuple[int, str]]] = {}
+
+    def add(self, lines: list[tuple[str, str]]) -> None:
+        for execution_id, text in lines:
+            kept = self.kept.get(execution_id)
+            if kept is None:
+                kept = self.kept[execution_id] = deque(maxlen=self.keep)
+            self.count += 1
+            kept.append((self.count, text))
+
+    def lines(self) -> list[tuple[str, str]]:
+        merged = sorted((n, execution_id, text) for execution_id, kept in self.kept.items() for n, text in kept)
+        return [(execution_id, text) for _, execution_id, text in merged]
 
 
 def _show(lines: list[tuple[str, str]]) -> None:
@@ -502,24 +514,47 @@ def _show(lines: list[tuple[str, str]]) -> None:
         sys.stdout.flush()
 
 
+def replaced_later(execution: Execution, spec: JobSpec) -> bool:
+    """An ended execution that the job's restart policy replaces (after its backoff), unless stopped."""
+    if execution.desired != "running" or execution.status.next_execution_id:
+        return False
+    if execution.observed == "completed":
+        return spec.restart_policy == "always"
+    return execution.observed in ("failed", "stopped") and spec.restart_policy in ("on-failure", "always")
+
+
+async def _all_ended(client: Client, job: str, executions: list[Execution]) -> bool:
+    """Every execution has ended and none will be restarted (or the job itself has ended)."""
+    if not executions or not all(e.observed in TERMINAL_STATES for e in executions):
+        return False
+    _, found = await client.get_job(job)
+    if found.state.state_type in ENDED_JOB_STATES or found.state.state_type == "rollout_failed":
+        return True
+    return not any(replaced_later(e, found.spec) for e in executions)
+
+
 async def job_logs(args: argparse.Namespace, client: Client) -> int:
     """What the job's commands printed (the latest version's executions, or one node's): the last lines
     of each, or with --since-start all that is kept; with --follow, then what they print next, until
-    Ctrl-C or until every execution has ended."""
+    Ctrl-C or until every execution has ended and none is to be restarted."""
     executions = await client.all_executions(args.job, node_id=args.node)
     printer = LogLines({e.node_id for e in executions})
-    items: list[LogItem] = []
+    tail = None if args.since_start else LogTail(LOG_TAIL_LINES)
     after = 0
-    while True:  # everything kept so far
+    while True:  # everything kept so far, a page at a time
         _, page = await client.logs(ExecutionLogsRequest(job=args.job, node_id=args.node, after=after, limit=LOG_PAGE))
-        items += page.items
+        lines = printer.add(page.items, notes=args.since_start)
+        if not args.follow and not page.items and page.next == after:
+            lines += printer.flush()
+        if tail is None:
+            _show(lines)
+        else:
+            tail.add(lines)
         if not page.items and page.next == after:
             break
         after = page.next
-    lines = printer.add(items, notes=args.since_start)
-    if not args.follow:
-        lines += printer.flush()
-    _show(lines if args.since_start else _tail(lines, LOG_TAIL_LINES))
+    if tail is not None:
+        _show(tail.lines())
     if not args.follow:
         return 0
     loop = asyncio.get_running_loop()
@@ -528,7 +563,7 @@ async def job_logs(args: argparse.Namespace, client: Client) -> int:
         if ended_at is None:  # (first: what ended is known before its last chunks are read)
             executions = await client.all_executions(args.job, node_id=args.node)
             printer.nodes.update(e.node_id for e in executions)
-            if executions and all(e.observed in TERMINAL_STATES for e in executions):
+            if await _all_ended(client, args.job, executions):
                 ended_at = loop.time()
         _, page = await client.logs(ExecutionLogsRequest(job=args.job, node_id=args.node, after=after, limit=LOG_PAGE))
         after = page.next
@@ -699,6 +734,9 @@ def watch_lines(st: RolloutStatus, width: int = WIDTH, now: str | None = None) -
     return lines, key
 
 
+WATCH_START_GRACE = 5.0  # seconds `rollout watch` waits for a job's rollout to exist
+
+
 async def rollout_watch(args: argparse.Namespace, client: Client) -> int:
     """Poll the rollout's status until it ends: redrawn in place on a terminal, a line per change
     otherwise. With --timeout, give up after that many seconds saying where it stood."""
@@ -709,8 +747,16 @@ async def rollout_watch(args: argparse.Namespace, client: Client) -> int:
     block = LiveBlock(sys.stdout, tty=tty)
     loop = asyncio.get_running_loop()
     deadline = None if args.watch_timeout is None else loop.time() + args.watch_timeout
+    began = loop.time()
     while True:
-        _, status = await client.rollout("rollouts.status", args.job)
+        try:
+            _, status = await client.rollout("rollouts.status", args.job)
+        except NotFound:
+            # Just submitted (`shoal job run X && shoal rollout watch X`): its rollout may be a moment away.
+            if loop.time() - began >= WATCH_START_GRACE or (deadline is not None and loop.time() >= deadline):
+                raise
+            await asyncio.sleep(min(args.interval, 0.5))
+            continue
         width = min(shutil.get_terminal_size((WIDTH, 24)).columns, 200) - 1 if tty else WIDTH
         lines, key = watch_lines(status, width)
         block.show(lines, key)

@@ -23,6 +23,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124  # --timeout passed before a job or rollout settled (as timeout(1) exits)
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
+SIM_LABEL_HELP = ("label of the simulated nodes, over the defaults simulated=true and zone=zone-{i%%3}; {i} is the "
+                  "node's number, {i%%3} its remainder: 'tier=edge', 'rack=r{i%%4}' (repeatable)")
 # Commands whose requests name the namespace (-n) in their subjects.
 NAMESPACED_COMMANDS = frozenset({"job", "rollout"})
 
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--simulate", type=int, default=0, metavar="N", help="run N simulated nodes instead")
     agent.add_argument("--sim-prefix", default="sim-{i:04d}", help="id template of simulated nodes")
     agent.add_argument("--sim-label", action="append", default=[], metavar="KEY=TEMPLATE",
-                       help="label template of simulated nodes, e.g. 'zone=z{i%%3}' (repeatable)")
+                       help=SIM_LABEL_HELP)
     agent.add_argument("--disconnect-rate", type=float, default=0.0,
                        help="simulated nodes: chance per heartbeat to drop off the network")
     agent.add_argument("--disconnect-duration", type=float, default=5.0, help="seconds a dropped node stays off")
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse anonymous clients: every process gets its own NKey identity (shoal auth)")
     dev.add_argument("--replicas", type=int, default=1,
                      help="processes per service (scheduler-1, scheduler-2, ...; one view file per query process)")
+    dev.add_argument("--sim-label", action="append", default=[], metavar="KEY=TEMPLATE", help=SIM_LABEL_HELP)
+    dev.add_argument("--http-port", type=int, default=0,
+                     help="port of the HTTP gateway it starts (default: a free port; its URL is printed)")
 
     demo = sub.add_parser("demo", help="start a local stack, run the examples, show the results, exit")
     demo.add_argument("--examples", default="examples", help="directory of example job specs")
@@ -351,6 +356,12 @@ def run(argv: list[str] | None = None) -> int:
         from .auth import run as auth_run
 
         return auth_run(args)
+    if args.command in ("dev", "agent"):
+        try:
+            check_sim_labels(args.sim_label)
+        except ShoalError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     settings = from_env(nats_url=args.nats_url, js_replicas=args.js_replicas,
                         **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
                            for flag, _, _ in CONNECTION_FLAGS})
@@ -390,6 +401,19 @@ def check_cli_namespace(namespace: str) -> None:
         check_namespace(namespace, "namespace")
     except ShoalError as exc:
         raise type(exc)(f"{exc.message} (set by -n/--namespace or $SHOAL_NAMESPACE)") from None
+
+
+def check_sim_labels(templates: list[str]) -> None:
+    """`--sim-label` templates that make valid labels (tried on node 1), before any process starts."""
+    from services.agent.service import DEFAULT_SIM_LABELS, expand, parse_labels
+    from shared.errors import InvalidInput
+    from shared.validation import check_labels
+
+    for template in templates:
+        if "=" not in template or template.startswith("="):
+            raise InvalidInput(f"--sim-label {template!r} must be KEY=TEMPLATE", field="sim_label")
+        check_labels(parse_labels([expand(template, 1)]), "sim_label")
+    check_labels(parse_labels([expand(t, 1) for t in (*DEFAULT_SIM_LABELS, *templates)]), "sim_label")
 
 
 async def rotate_page_key(args: argparse.Namespace, settings) -> int:

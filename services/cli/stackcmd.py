@@ -154,6 +154,7 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
         if auth:
             say(f"  export SHOAL_NATS_NKEY={stack.seed('admin', 'admin')}    # anonymous clients are refused")
         say(f"dashboard: {stack.dashboard_url}")
+        say(f"  HTTP API: {stack.dashboard_url}api/v1/...    OpenAPI: {stack.dashboard_url}openapi.json")
         token = stack.gateway_token()
         if token is not None:
             say(f"  the dashboard asks for a token: the admin token is in {token}")

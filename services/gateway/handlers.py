@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from shared import subjects as s
 from shared.api import GetSubmissionRequest, PutJobRequest
 from shared.codec import from_json, to_json
-from shared.errors import ErrorBody, ErrorReply, InvalidInput, NotFound, Unavailable
+from shared.errors import Conflict, ErrorBody, ErrorReply, InvalidInput, NotFound, Unavailable
 from shared.models import SubmissionOutcome
 
 from .http import Request, Response
@@ -22,7 +22,6 @@ from .routes import Health, Route
 if TYPE_CHECKING:
     from .service import GatewayService
 
-SUBMIT_WAIT = 15.0  # seconds to wait for a submission's outcome before saying where to look for it
 # A submission id starting with this is one the scheduler gives itself (README: "answered as seq-<N>"):
 # a client's key that looks like one would be answered under another id, so it is refused here.
 SCHEDULER_ID_PREFIX = "seq-"
@@ -44,26 +43,42 @@ async def submit(gw: GatewayService, route: Route, req: Request) -> Response:
 
     The body is decoded here first, exactly as the scheduler decodes it, so a malformed one is a 400 at
     once and never enters the stream; the bytes published are the client's own.
+
+    A client's `Idempotency-Key` that already has an outcome in this namespace is answered with it, and
+    nothing is published. A key the stream has seen within its duplicate window without an outcome here
+    (used in another namespace: submission ids are the cluster's, not a namespace's) is a 409 naming the
+    key, since the stream dropped this submission as a duplicate and nothing will ever answer it.
     """
     if req.query:
         raise InvalidInput("PUT /jobs takes no query parameters", field=next(iter(req.query)))
     ns = req.params["ns"]
     body = await req.body()
     from_json(body, PutJobRequest)
-    submission_id = _submission_id(req.header(IDEMPOTENCY_KEY.lower()))
-    waiter = await gw.bus.expect(s.submitted(ns, submission_id))
-    try:
-        ack = await gw.bus.js_publish(s.submit(ns), body, msg_id=submission_id)
-        reply = await _stored_outcome(gw, ns, submission_id) if ack.duplicate else None
-        if reply is None:
-            reply = await waiter.wait(SUBMIT_WAIT)
-    finally:
-        await waiter.close()
+    key = req.header(IDEMPOTENCY_KEY.lower())
+    submission_id = _submission_id(key)
+    reply = await _stored_outcome(gw, ns, submission_id) if key is not None else None
+    duplicate = False
+    if reply is None:
+        waiter = await gw.bus.expect(s.submitted(ns, submission_id))
+        try:
+            ack = await gw.bus.js_publish(s.submit(ns), body, msg_id=submission_id)
+            duplicate = ack.duplicate
+            reply = await _stored_outcome(gw, ns, submission_id) if duplicate else None
+            if reply is None:
+                reply = await waiter.wait(gw.submit_wait)
+        finally:
+            await waiter.close()
     if reply is None:
         reply = await _stored_outcome(gw, ns, submission_id)
+    if reply is None and duplicate:
+        raise Conflict(f"{IDEMPOTENCY_KEY} {submission_id!r} was used recently (within the submission stream's "
+                       f"duplicate window) for a submission with no outcome in namespace {ns!r}: another namespace's, "
+                       f"or one still queued; this one was dropped as its duplicate: use another key",
+                       field=IDEMPOTENCY_KEY)
     if reply is None:
-        raise Unavailable(f"submission {submission_id} is queued but was not processed within {SUBMIT_WAIT:.0f}s; "
-                          f"GET /api/v1/namespaces/{ns}/submissions/{submission_id} tells its outcome later")
+        raise Unavailable(f"submission {submission_id} is queued but was not processed within "
+                          f"{gw.submit_wait:.0f}s; GET /api/v1/namespaces/{ns}/submissions/{submission_id} tells "
+                          f"its outcome later")
     outcome = from_json(reply, SubmissionOutcome, max_bytes=None)
     if outcome.accepted:
         return Response(200, reply, headers={IDEMPOTENCY_KEY: submission_id})
@@ -89,12 +104,6 @@ async def _stored_outcome(gw: GatewayService, ns: str, submission_id: str) -> by
         return None
 
 
-async def logs(gw: GatewayService, route: Route, req: Request) -> Response:
-    if route.request is None:
-        raise NotFound("job output is not served by this cluster yet (no executions.logs API)")
-    return await forward(gw, route, req)
-
-
 async def healthz(gw: GatewayService, route: Route, req: Request) -> Response:
     if not gw.bus.connected:
         raise Unavailable("not connected to NATS")
@@ -106,12 +115,12 @@ async def openapi(gw: GatewayService, route: Route, req: Request) -> Response:
 
 
 async def metrics(gw: GatewayService, route: Route, req: Request) -> Response:
-    """The process's Prometheus registry, where the OpenTelemetry Prometheus exporter registers."""
-    try:
-        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-    except ImportError:
-        raise NotFound("metrics are not enabled in this process (no prometheus_client)") from None
-    return Response(200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    """This process's metrics in the Prometheus text format (shared/metrics.py), as SHOAL_METRICS_PORT
+    serves them."""
+    from shared import metrics as shoal_metrics
+
+    body, content_type = shoal_metrics.exposition()
+    return Response(200, body, content_type=content_type)
 
 
 async def events(gw: GatewayService, route: Route, req: Request):  # -> JobEvents
@@ -120,5 +129,5 @@ async def events(gw: GatewayService, route: Route, req: Request):  # -> JobEvent
     return await open_job_events(gw, req)
 
 
-HANDLERS = {"forward": forward, "submit": submit, "logs": logs, "healthz": healthz, "openapi": openapi,
+HANDLERS = {"forward": forward, "submit": submit, "healthz": healthz, "openapi": openapi,
             "metrics": metrics, "events": events}

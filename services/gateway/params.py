@@ -2,14 +2,18 @@
 
 Decoding goes through msgspec with the struct of shared/api.py, so an HTTP caller gets the same 400
 (message and field) as a NATS caller would for the same values: the gateway adds no rules of its own.
-Query strings carry text, so numbers and booleans are converted from it (msgspec's lax mode).
+Query strings carry text, so numbers and booleans are converted from it (msgspec's lax mode). Lax mode
+also reads the text `null` as None; a query parameter is given or left out, never null (the OpenAPI
+document says so: its schema has no null), so `null` is refused where the field could take it.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from shared.codec import invalid_input
 from shared.errors import InvalidInput
@@ -43,9 +47,21 @@ def from_query(route: Route, req: Request) -> Any:
             data[name] = {field: values}
         elif len(values) > 1:
             raise InvalidInput(f"query parameter {name!r} is given {len(values)} times", field=name)
+        elif values[0] == "null" and name in _nullable(route.request):
+            raise InvalidInput(f"query parameter {name!r} cannot be null: leave it out for its default", field=name)
         else:
             data[name] = values[0]
     return _convert(route, req, data, strict=False)
+
+
+@functools.cache
+def _nullable(struct: type) -> frozenset[str]:
+    """The fields of a request struct that may be None, which msgspec's lax mode fills from the text `null`."""
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return frozenset(f.encode_name for f in info.fields
+                     if isinstance(f.type, msgspec.inspect.UnionType)
+                     and any(isinstance(t, msgspec.inspect.NoneType) for t in f.type.types))
 
 
 def from_body(route: Route, req: Request, body: bytes) -> Any:

@@ -14,6 +14,8 @@ import msgspec
 
 from shared import api, subjects as s
 from shared.api import (
+    ExecutionLogsRequest,
+    ExecutionLogsResponse,
     GetExecutionRequest,
     GetExecutionResponse,
     GetJobRequest,
@@ -76,13 +78,6 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
         return [seg[1:-1] for seg in self.segments if seg.startswith("{")]
 
 
-# Job output (`executions.logs`): the gateway serves its route from the day shared/api.py has these structs
-# and says 404 until then, so the dashboard can show "no output" on a cluster without it.
-LOGS_REQUEST = getattr(api, "ExecutionLogsRequest", None)
-LOGS_REPLY = getattr(api, "ExecutionLogsResponse", None)
-EXECUTIONS_LOGS = getattr(s, "EXECUTIONS_LOGS", "executions.logs")
-
-
 def _rollout_action(action: str, operation: str, summary: str) -> Route:
     return Route(method="POST", path=f"{NS}/jobs/{{job}}/rollout/{action}", name=f"rollout{action.title()}",
                  summary=summary, handler="forward", tag="rollouts", request=RolloutRequest,
@@ -126,9 +121,11 @@ ROUTES: tuple[Route, ...] = (
           summary="The outcome of one submission", handler="forward", request=GetSubmissionRequest,
           path_fields={"id": "submission_id"}, operation=s.SUBMISSIONS_GET, reply=SubmissionOutcome),
     Route(method="GET", path=f"{NS}/jobs/{{job}}/logs", name="jobLogs",
-          summary="What the job's commands wrote (job output)", handler="logs", tag="executions",
-          request=LOGS_REQUEST, path_fields={"job": "job"}, source="query", operation=EXECUTIONS_LOGS,
-          reply=LOGS_REPLY),
+          summary="What the job's commands wrote (job output)", handler="forward", tag="executions",
+          request=ExecutionLogsRequest, path_fields={"job": "job"}, source="query", operation=s.EXECUTIONS_LOGS,
+          reply=ExecutionLogsResponse,
+          description="Chunks of stdout and stderr as stored (the tail of each execution is kept); pass the "
+                      "reply's `next` as `after` to continue, or to follow the output as it is written."),
     Route(method="GET", path=f"{NS}/jobs/{{job}}/events", name="jobEvents",
           summary="Server-Sent Events: the job's rollout progress and execution changes", handler="events",
           tag="rollouts", content_type="text/event-stream",

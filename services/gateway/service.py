@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8080
 DEFAULT_HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 10.0  # seconds for one NATS request
+SUBMIT_WAIT = 15.0  # seconds to wait for a submission's outcome before saying where to look for it
+# Bytes of a request's head (request line and headers). Above the longest query string the app accepts,
+# so that a long one reaches it and is answered with a JSON error naming the limit, not cut off by the
+# HTTP parser (whose default, 16 KiB, is no more than that query string alone).
+MAX_HEAD = 64 * 1024
 SHUTDOWN_GRACE = 5.0  # seconds for requests in flight when stopping
 
 
@@ -60,6 +65,7 @@ class GatewayService(Component):
         self.tokens = Tokens(path or None)
         self.port = 0  # the bound port, once started (a free one when asked for 0)
         self.timeout = REQUEST_TIMEOUT
+        self.submit_wait = SUBMIT_WAIT
         self.heartbeat = HEARTBEAT
         self.streams = 0  # event streams open
         self.openapi = msgspec.json.encode(document())
@@ -85,7 +91,7 @@ class GatewayService(Component):
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(GatewayApp(self), lifespan="off", log_config=None, log_level="warning",
                                 access_log=False, ws="none", timeout_graceful_shutdown=SHUTDOWN_GRACE,
-                                server_header=False)
+                                server_header=False, h11_max_incomplete_event_size=MAX_HEAD)
         self._server = _Server(config)
         self._serving = asyncio.create_task(self._server.serve(sockets=[sock]), name="gateway:http")
         while not self._server.started:

@@ -55,6 +55,7 @@ LOG_EXAMINED = 1024  # chunks one request reads at most (others' versions includ
 # Seconds a chunk of an execution the view does not know is held back (the view may be a moment behind);
 # older ones are not of this job's executions (or not of the node that published them), and are skipped.
 LOG_HOLD = 2.0
+LAG_NAME = "query-view"  # the view's reader in shoal_consumer_lag
 
 
 def fitting(sizes: Sequence[int], budget: int) -> int:
@@ -101,7 +102,8 @@ class QueryService(Component):
         # The view keeps its own position (the last sequence it committed, in the same transaction as the
         # rows), so it reads the stream in order from there with no durable consumer and no acks: nothing
         # redelivered late can arrive after newer events, and nothing is skipped.
-        self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512)
+        self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512,
+                                    lag_name=LAG_NAME)
         await self.reader.open()
         self.bus.on_close(lambda: self.reader.close())  # before the connection drains
         self.spawn(self._follow, "follow-events")
@@ -164,7 +166,8 @@ class QueryService(Component):
                 return
             await self.reader.close()
             await self._check_stream()
-            self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512)
+            self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512,
+                                        lag_name=LAG_NAME)
 
     async def _stream_replaced(self) -> bool:
         try:

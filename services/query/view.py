@@ -28,6 +28,7 @@ from typing import Any
 
 import aiosqlite
 
+from shared import metrics
 from shared import subjects as s
 from shared.codec import from_msgpack_or_none, to_json
 from shared.durations import to_ns
@@ -152,11 +153,14 @@ class View:
         self._next_prune = 0.0
         self._writing = asyncio.Lock()
         self._caught_up = asyncio.Condition()
+        self.states = metrics.StateCounts()  # executions by state, for shoal_executions
+        self._tally: _StateTally | None = None
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open)
         self.reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self.reader.execute("PRAGMA query_only = ON")
+        metrics.INSTRUMENTS.add_view(self.states)
 
     def _open(self) -> None:
         if os.path.exists(self.path) and (found := _schema_version(self.path)) != SCHEMA_VERSION:
@@ -175,6 +179,8 @@ class View:
         self.stream_id = self._meta("stream") or ""
         self.last_seq = int(self._meta("last_seq") or 0)
         self.pruned_through = int(self._meta("pruned_through") or 0)
+        # metrics: counted once as the file opens; from here on each batch adds what it changed
+        self.states.set(dict(db.execute("SELECT state, count(*) FROM executions GROUP BY state").fetchall()))
 
     async def set_stream(self, stream_id: str) -> None:
         """Record which stream this view follows (see QueryService._check_stream)."""
@@ -201,10 +207,12 @@ class View:
 
         async with self._writing:
             await asyncio.to_thread(clear)
+        self.states.set({})
         self.last_seq = self.pruned_through = 0
         self.stream_id = ""
 
     async def close(self) -> None:
+        metrics.INSTRUMENTS.remove_view(self.states)
         if self.reader is not None:
             await self.reader.close()
         if self.writer is not None:
@@ -274,6 +282,7 @@ class View:
         pruned = self.pruned_through
         db.execute("BEGIN")
         try:
+            tally = self._tally = _StateTally(db)  # metrics: executions by state
             for table, item, seq in ops:
                 if isinstance(item, str):  # a delete
                     self._flush(upserts)  # a put then a delete of one key in a batch keep their order
@@ -282,6 +291,7 @@ class View:
                 else:
                     upserts[table].append(item)
             self._flush(upserts)
+            deltas = tally.deltas()
             self._set_meta("last_seq", last)
             db.execute("INSERT OR REPLACE INTO commits (seq, at) VALUES (?, ?)", (last, at))
             if now >= self._next_prune:
@@ -293,6 +303,7 @@ class View:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self.states.apply(deltas)
         return pruned
 
     def _set_meta(self, key: str, value: int | str) -> None:
@@ -319,7 +330,10 @@ class View:
                     (later if row[0] in ids else now).append(row)
                     ids.add(row[0])
                 self.writer.executemany(_SUPERSEDE[table], [(r[-1], r[0], r[revision]) for r in now])
+                changes = self.writer.total_changes  # metrics: how many of the upserts take effect
                 self.writer.executemany(_UPSERT[table], now)
+                if table == "executions" and self._tally is not None:
+                    self._tally.upserted(now, self.writer.total_changes - changes)
                 rows = later
 
     def _prune(self, now: float) -> int:
@@ -406,6 +420,56 @@ def _job_row(j: Job) -> tuple[Any, ...]:
 
 def _node_row(n: Node) -> tuple[Any, ...]:
     return (n.id, n.state.state_type, json.dumps(n.labels, sort_keys=True), n.revision, to_json(n))
+
+
+# -- metrics: executions by state, changed by what a batch writes ------------------------------------------
+
+_EXEC_STATE = COLUMNS["executions"].index("state")
+_LOOKUP_CHUNK = 500
+
+
+class _StateTally:
+    """How one batch changes the number of executions in each state, at a cost that follows the batch.
+
+    The versions it replaced or deleted are the rows it added to `executions_past` (read back by rowid);
+    the versions it wrote are its upserts, which all take effect unless one was older than its row
+    (SQLite's change count says so; then the rows still current or replaced within the batch tell
+    which did).
+    """
+
+    __slots__ = ("db", "mark", "written", "effective")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.mark = db.execute("SELECT max(rowid) FROM executions_past").fetchone()[0] or 0
+        self.written: list[tuple[str, str, int]] = []  # (id, state, seq) of every upserted execution
+        self.effective = 0
+
+    def upserted(self, rows: Sequence[tuple[Any, ...]], effective: int) -> None:
+        self.effective += effective
+        self.written.extend((row[0], row[_EXEC_STATE], row[-1]) for row in rows)
+
+    def deltas(self) -> dict[str, int]:
+        deltas = {state: -count for state, count in self.db.execute(
+            "SELECT state, count(*) FROM executions_past WHERE rowid > ? GROUP BY state", (self.mark,))}
+        if self.effective == len(self.written):
+            took = self.written
+        else:
+            replaced = self.db.execute("SELECT id, seq FROM executions_past WHERE rowid > ?", (self.mark,))
+            kept = set(replaced) | self._current({key for key, _, _ in self.written})
+            took = [w for w in self.written if (w[0], w[2]) in kept]
+        for _, state, _ in took:
+            deltas[state] = deltas.get(state, 0) + 1
+        return {state: delta for state, delta in deltas.items() if delta}
+
+    def _current(self, ids: set[str]) -> set[tuple[str, int]]:
+        keys = list(ids)
+        found: set[tuple[str, int]] = set()
+        for start in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = keys[start:start + _LOOKUP_CHUNK]
+            found.update(self.db.execute(
+                f"SELECT id, seq FROM executions WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
 
 
 def _delete_target(subject: str) -> tuple[str, str]:

@@ -13,6 +13,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from shared import metrics
 from shared import subjects as s
 from shared import telemetry
 from shared.api import NodeFailure, RollbackStory, RolloutRequest, RolloutStatus, WaveStatus
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 LEGACY_EVENTS_CONSUMER = "rollout-events"
 FAILURES_SHOWN = 10  # failed nodes a rollout status describes one by one (all are listed by id)
+ROLLOUT_EVENT = s.EVENTS_ROLLOUT + "."
 
 
 def first_failures(executions: Sequence[Execution], version: int) -> dict[str, Execution]:
@@ -61,10 +63,8 @@ def node_failure(node_id: str, execution: Execution | None) -> NodeFailure:
     """What one failed node's execution said: its message, reason, exit code and last line of output."""
     if execution is None:
         return NodeFailure(node_id=node_id)
-    raw = execution.status.details
     typed = details(execution)
-    output = raw.get("output") if isinstance(raw.get("output"), str) else ""
-    last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")
+    last = next((line.strip() for line in reversed(typed.output.splitlines()) if line.strip()), "")
     message = execution.status.observed_state.message
     if execution.observed != "failed" and execution.status.desired_state.message.startswith("stalled"):
         message = execution.status.desired_state.message
@@ -89,6 +89,7 @@ class Partition:
         self.consumer = Consumer(bus, ConsumerSpec(stream=s.STREAM_EVENTS, durable=s.consumer_rollout_partition(k),
                                                    filter_subjects=tuple(s.partition_events(k)),
                                                    max_ack_pending=8192), batch=512)
+        self.gauges = metrics.RolloutGauges()  # metrics: what this partition's rollouts add to the gauges
 
     async def start(self) -> None:
         await self.consumer.start_batch(self.on_events)
@@ -96,6 +97,7 @@ class Partition:
     async def stop(self) -> None:
         await self.consumer.stop()
         self.jobs.clear()
+        self.gauges.clear()
 
     def state(self, namespace: str, job_id: str) -> JobState:
         key = (namespace, job_id)
@@ -110,8 +112,11 @@ class Partition:
     async def on_events(self, deliveries: Sequence[Delivery]) -> dict[Delivery, Exception]:
         touched: dict[tuple[str, str], list[Delivery]] = {}
         traces: dict[tuple[str, str], dict[str, str]] = {}
+        rollouts: dict[tuple[str, str], Delivery] = {}  # metrics: each job's latest rollout record
         for d in deliveries:
             namespace, job_id = s.event_job(d.subject)
+            if d.subject.startswith(ROLLOUT_EVENT):
+                rollouts[(namespace, job_id)] = d
             state = self.state(namespace, job_id)
             touched.setdefault((namespace, job_id), []).append(d)
             if trace := telemetry.trace_headers(d.headers):
@@ -121,6 +126,7 @@ class Partition:
                     state.forget(d.subject.rsplit(".", 1)[-1])
                 elif (execution := from_msgpack_or_none(d.data, Execution, d.subject)) is not None:
                     state.offer(execution)
+        await self._observe(rollouts)
         failures: dict[Delivery, Exception] = {}
         for (namespace, job_id), events in touched.items():
             try:
@@ -132,6 +138,27 @@ class Partition:
                 self.jobs.pop((namespace, job_id), None)  # load it afresh next time
                 failures.update((d, exc) for d in events)
         return failures
+
+    async def _observe(self, latest: dict[tuple[str, str], Delivery]) -> None:
+        """metrics: each rollout's wave, and its failed nodes against its budget, from its latest record
+        (a rollback spends no budget: it counts as in progress only)."""
+        for key, d in latest.items():
+            rollout = None if is_delete(d.headers) else from_msgpack_or_none(d.data, Rollout, d.subject)
+            if rollout is None:
+                self.gauges.forget(key)
+                continue
+            in_progress = rollout.state in IN_PROGRESS
+            budget = failed = 0
+            if in_progress and not rollout.rollback_of:
+                failed = len(rollout.failed_nodes)
+                try:
+                    limits = (await self.controller.version(key[0], key[1], rollout.job_version)).spec.rollout
+                    budget = metrics.allowed_failures(len(rollout.targets), limits.max_failed_nodes,
+                                                      limits.max_failed_nodes_percent)
+                except Exception as exc:  # cannot be read now: the budget counts from the next change on
+                    log.debug("budget of %s/%s unknown: %s", key[0], key[1], exc)
+            self.gauges.observe(key, strategy=rollout.strategy, in_progress=in_progress, wave=rollout.current_wave,
+                                failed=failed, budget=budget, state=rollout.state)
 
 
 class RolloutService(Component):

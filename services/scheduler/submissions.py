@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from shared import metrics
 from shared import subjects as s
 from shared.api import PutJobRequest
 from shared.codec import from_json, to_canonical_json, to_json, to_msgpack
@@ -226,6 +227,12 @@ def dry_run_plan(spec: JobSpec, nodes: Mapping[str, Node], job: Job | None,
     )
 
 
+def _count(outcome: SubmissionOutcome) -> None:
+    """metrics: one submission answered for the first time (shoal_submissions_total)."""
+    metrics.INSTRUMENTS.submission(outcome.accepted, outcome.error.code if outcome.error is not None else 200,
+                                   outcome.dry_run)
+
+
 class Submissions:
     def __init__(self, bus: Bus, store: Store, nodes: Mirror[Node] | None = None) -> None:
         self.bus = bus
@@ -236,6 +243,12 @@ class Submissions:
     async def handle(self, delivery: Delivery) -> None:
         namespace, submission_id, bad_id = self._identify(delivery)
         previous = await self.store.submissions.get(submission_id)
+        if previous is not None and previous.value.namespace != namespace:
+            # Ids are kept across namespaces: this one is another namespace's (its outcome stays theirs).
+            clash = Conflict(f"submission id {shown(submission_id)} was used by another submission; "
+                             "use a new id", field=MSG_ID_HEADER, retryable=False)
+            await self._announce(self._rejected(namespace, submission_id, clash))
+            return
         if previous is not None:
             await self._announce(previous.value)
             return
@@ -249,6 +262,7 @@ class Submissions:
                     raise  # retried by the consumer, then a dead letter (on_dead answers it)
                 outcome = self._rejected(namespace, submission_id, exc)
         await self.store.submissions.put(submission_id, outcome)
+        _count(outcome)
         await self._announce(outcome)
 
     def _identify(self, delivery: Delivery) -> tuple[str, str, InvalidInput | None]:
@@ -278,6 +292,7 @@ class Submissions:
             return  # no subject to answer on; the dead letter says why
         outcome = self._rejected(namespace, submission_id, Internal(f"submission could not be processed: {error}"))
         await self.store.submissions.put(submission_id, outcome)
+        _count(outcome)
         await self._announce(outcome)
 
     def _rejected(self, namespace: str, submission_id: str, exc: ShoalError) -> SubmissionOutcome:

@@ -10,6 +10,10 @@ Nothing is retried for ever. A message that has failed `max_attempts` times, or 
 that often without ever being acknowledged (it crashes or hangs whoever takes it), is a dead letter:
 it is copied with its error to the DEAD stream (`shoal.dead.<stream>`), the consumer's `on_dead` hook
 answers its sender where there is one, and it is taken off the work queue.
+
+Each consumer reports its lag (`shoal_consumer_lag`: messages of its stream that match it and are not
+yet delivered) from the metadata of what it fetches, and while idle from a consumer info at most every
+`LAG_CHECK` seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from .. import telemetry
+from .. import metrics, telemetry
 from ..errors import Poison, ShoalError
 from ..subjects import dead_letter
 from ._bus import MSG_ID_HEADER, Bus, Message, header_value, map_error, message_size
@@ -110,6 +114,7 @@ class ConsumerSpec:
 
 
 FETCH_WAIT = 0.5  # seconds a fetch waits for messages; also the longest a stop waits for the loop
+LAG_CHECK = 5.0  # seconds between consumer infos that read the lag of an idle consumer
 
 
 def retry_delay(attempt: int) -> float:
@@ -157,6 +162,8 @@ class Consumer:
         self._sub = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._lag: metrics.Lag | None = None
+        self._lag_checked = 0.0
 
     async def start_single(self, handler: Handler) -> None:
         await self._bind()
@@ -186,6 +193,8 @@ class Consumer:
                 delay = min(delay * 2, 10.0)
 
     async def _bind(self) -> None:
+        if self._lag is None:
+            self._lag = metrics.INSTRUMENTS.lag(self.spec.stream, self.spec.durable)
         spec = self.spec
         config = api.ConsumerConfig(
             name=spec.durable,
@@ -212,8 +221,9 @@ class Consumer:
     async def _fetch(self) -> list[Msg]:
         assert self._sub is not None
         try:
-            return await self._sub.fetch(self.batch, timeout=FETCH_WAIT)
+            msgs = await self._sub.fetch(self.batch, timeout=FETCH_WAIT)
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            await self._check_lag()
             return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
             self._stopping.set()
@@ -226,6 +236,22 @@ class Consumer:
             log.warning("fetch from %s failed: %s", self.spec.durable, exc or type(exc).__name__)
             await asyncio.sleep(0.5)
             return []
+        if msgs and self._lag is not None:
+            self._lag.pending = msgs[-1].metadata.num_pending  # what is left after this batch
+        return msgs
+
+    async def _check_lag(self) -> None:
+        """An idle consumer may still have a lag (messages held back by max_ack_pending or a nak's delay):
+        read it from the server now and then."""
+        now = asyncio.get_running_loop().time()
+        if self._lag is None or now - self._lag_checked < LAG_CHECK:
+            return
+        self._lag_checked = now
+        try:
+            info = await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+        except Exception:  # the fetch loop deals with a consumer that is gone or a server away
+            return
+        self._lag.pending = info.num_pending or 0
 
     async def _rebind(self) -> None:
         try:
@@ -251,7 +277,8 @@ class Consumer:
             if await self._exhausted(delivery):
                 return
             with telemetry.span(f"process {delivery.subject}", kind=telemetry.CONSUMER,
-                                headers=delivery.headers, subject=delivery.subject):
+                                headers=delivery.headers, subject=delivery.subject,
+                                consumer_group=self.spec.durable, body_size=len(delivery.data)):
                 await self._with_progress(handler(delivery), [delivery])
             await delivery.ack()
         except Exception as exc:
@@ -363,3 +390,6 @@ class Consumer:
             except Exception:
                 pass
             self._sub = None
+        if self._lag is not None:
+            metrics.INSTRUMENTS.release_lag(self.spec.stream, self.spec.durable)
+            self._lag = None

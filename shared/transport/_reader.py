@@ -23,6 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from .. import metrics
 from ..errors import NotFound, ShoalError, Unavailable
 from ._bus import Bus, map_error
 
@@ -57,8 +58,11 @@ class OrderedReader:
     """
 
     def __init__(self, bus: Bus, stream: str, *, filter_subject: str | None = None, start_seq: int | None = None,
-                 last_per_subject: bool = False, batch: int = 256) -> None:
+                 last_per_subject: bool = False, batch: int = 256, lag_name: str = "") -> None:
         self.bus = bus
+        # With a name, the reader reports its lag (`shoal_consumer_lag{consumer=lag_name}`) until closed.
+        self._lag = metrics.INSTRUMENTS.lag(stream, lag_name) if lag_name else None
+        self._lag_name = lag_name
         self.stream = stream
         self.filter_subject = filter_subject
         self.batch = batch
@@ -122,6 +126,8 @@ class OrderedReader:
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
             await self._check_idle()
             self._ok()
+            if self._lag is not None:
+                self._lag.pending = 0  # no acks, no limit: nothing came because nothing is left
             return []
         except ShoalError:
             self.failing = True
@@ -149,6 +155,8 @@ class OrderedReader:
                                      meta.num_pending, meta.timestamp.timestamp()))
         if out:
             self._idle_since = asyncio.get_running_loop().time()
+            if self._lag is not None:
+                self._lag.pending = out[-1].pending
         return out
 
     def _ok(self) -> None:
@@ -188,6 +196,9 @@ class OrderedReader:
 
     async def close(self) -> None:
         await self._drop()
+        if self._lag is not None:
+            metrics.INSTRUMENTS.release_lag(self.stream, self._lag_name)
+            self._lag = None
 
 
 class PullReader:

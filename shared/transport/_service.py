@@ -5,18 +5,23 @@ service's queue group. Every endpoint is subscribed before the discovery subject
 that answers `$SRV.PING` answers all of its endpoints (readiness checks rely on it). Handlers return the reply body; a `ShoalError` becomes a structured JSON error
 reply (with the Services API error headers), anything else a 500 — the service keeps serving. The
 micro library runs one handler at a time per endpoint, so requests are handed to bounded tasks.
+
+Each request is served in a span named by the endpoint's subject template (`serve shoal.v1.*.jobs.get`)
+and its time to answer is recorded in `shoal_request_duration_seconds`, labelled by service, endpoint,
+subject template and code (`ok`, or the error's code): never by namespace or node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from nats.micro.request import Request
 from nats.micro.service import Service, ServiceConfig
 
-from .. import telemetry
+from .. import metrics, telemetry
 from ..codec import to_json
 from ..errors import ErrorReply, Internal, ShoalError
 from ._bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, check_size, header_value
@@ -47,8 +52,10 @@ def error_reply(exc: ShoalError) -> tuple[bytes, dict[str, str]]:
 
 
 class ApiService:
-    def __init__(self, bus: Bus, service: Service, concurrency: int) -> None:
+    def __init__(self, bus: Bus, service: Service, concurrency: int, name: str = "", queue_group: str = "") -> None:
         self.bus = bus
+        self.name = name
+        self.queue_group = queue_group
         self._service = service
         self._gate = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -59,7 +66,7 @@ class ApiService:
         """Subscribe every `(name, subject, handler)` endpoint, then start answering discovery."""
         service = Service(bus.nc, ServiceConfig(name=name, version=version, description=description,
                                                 queue_group=queue_group))
-        api = cls(bus, service, concurrency)
+        api = cls(bus, service, concurrency, name, queue_group)
         for endpoint, subject, handler in endpoints:
             await api._add_endpoint(endpoint, subject, handler)
         await service.start()  # subscribes discovery after the endpoints, then one flush for all
@@ -72,26 +79,36 @@ class ApiService:
         return api
 
     async def _add_endpoint(self, name: str, subject: str, handler: ApiHandler) -> None:
+        template = telemetry.subject_template(subject)
+        timing = metrics.Endpoint(metrics.INSTRUMENTS, self.name, name, template)
+        span_name = f"serve {template}"
+
         async def on_request(req: Request) -> None:
+            began = time.perf_counter()
             await self._gate.acquire()
-            task = asyncio.create_task(self._serve(req, handler))
+            task = asyncio.create_task(self._serve(req, handler, span_name, template, timing, began))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
         await self._service.add_endpoint(name=name, subject=subject, handler=on_request)
 
-    async def _serve(self, req: Request, handler: ApiHandler) -> None:
+    async def _serve(self, req: Request, handler: ApiHandler, span_name: str, template: str,
+                     timing: metrics.Endpoint, began: float) -> None:
+        code = "ok"
         try:
             headers = dict(req.headers or {})
-            with telemetry.span(f"serve {req.subject}", kind=telemetry.SERVER, headers=headers,
-                                subject=req.subject):
+            with telemetry.span(span_name, kind=telemetry.SERVER, headers=headers, subject=req.subject,
+                                template=template, consumer_group=self.queue_group or None,
+                                body_size=len(req.data)):
                 try:
                     body = await handler(ApiRequest(req.subject, req.data, headers))
                 except ShoalError as exc:
+                    code = str(exc.code)
                     body, err_headers = error_reply(exc)
                     await req.respond(body, headers=err_headers)
                     return
                 except Exception:
+                    code = "500"
                     log.exception("endpoint %s failed", req.subject)
                     body, err_headers = error_reply(Internal("internal error; see the service log"))
                     await req.respond(body, headers=err_headers)
@@ -102,6 +119,7 @@ class ApiService:
                     # Handlers bound their replies (pages stop early); this is the last guard, because a
                     # reply over max_payload would make the server close this service's connection.
                     log.error("reply on %s is %d bytes, over max_payload; answering 500", req.subject, len(body))
+                    code = "500"
                     body, err_headers = error_reply(Internal("reply too large; see the service log"))
                     await req.respond(body, headers=err_headers)
                     return
@@ -110,6 +128,7 @@ class ApiService:
             log.debug("reply on %s not sent", req.subject, exc_info=True)
         finally:
             self._gate.release()
+            timing.record(time.perf_counter() - began, code)
 
     async def stop(self) -> None:
         try:

@@ -29,6 +29,7 @@ class StreamSpec:
     sources: tuple[Source, ...] = field(default_factory=tuple)
     description: str = ""
     max_msgs_per_subject: int = -1
+    max_msg_size: int = -1  # bytes of one message; -1: the server's max_payload
     replicas: int = 1
 
 
@@ -52,6 +53,7 @@ def stream_config(spec: StreamSpec) -> api.StreamConfig:
         max_bytes=spec.max_bytes,
         max_msgs=spec.max_msgs,
         max_msgs_per_subject=spec.max_msgs_per_subject,
+        max_msg_size=spec.max_msg_size,
         num_replicas=spec.replicas,
         duplicate_window=spec.duplicate_window,
         sources=[

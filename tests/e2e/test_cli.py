@@ -46,11 +46,12 @@ def cli(url: str, *args: str, check: bool = True, timeout: float = 60,
 
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory):
-    """`shoal dev --nodes 3 --simulate 3`; yields the NATS URL it prints."""
+    """`shoal dev --nodes 3 --simulate 3 --sim-label rack=r{i%2}`; yields the NATS URL it prints."""
     tmp_path = tmp_path_factory.mktemp("dev")
     env = {**os.environ, **FAST_ENV}
     env.pop("SHOAL_NATS_URL", None)
-    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "3", "--simulate", "3", "--data-dir", str(tmp_path / "dev")],
+    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "3", "--simulate", "3", "--sim-label", "rack=r{i%2}",
+                             "--data-dir", str(tmp_path / "dev")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = None
     lines = []
@@ -254,3 +255,81 @@ def test_readme_selectors_match_the_nodes_of_shoal_dev(dev) -> None:
         found[selector] = sorted(n["id"] for n in items)
     assert ["node-1", "node-2"] in found.values()  # region in (us-east,us-west)
     assert any(ids and all(i.startswith("sim-") for i in ids) for ids in found.values())  # the simulated fleet
+
+
+def test_simulated_nodes_carry_the_labels_given_to_shoal_dev_over_the_defaults(dev) -> None:
+    items = json.loads(cli(dev, "node", "list", "--selector", "simulated,rack=r1", "-o", "json").stdout)["items"]
+    assert [(n["id"], n["labels"]) for n in items] == [
+        ("sim-0001", {"rack": "r1", "simulated": "true", "zone": "zone-1"}),
+        ("sim-0003", {"rack": "r1", "simulated": "true", "zone": "zone-0"})]
+
+
+def test_global_flags_stand_anywhere_on_the_line(dev) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("SHOAL_NATS_URL", "SHOAL_NAMESPACE")}
+    listed = subprocess.run([SHOAL, "node", "list", "--state", "ready", "--nats-url", dev, "-o", "json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["items"]) == 6
+    jobs = subprocess.run([SHOAL, "job", "list", "-n", "elsewhere", f"--nats-url={dev}"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert jobs.returncode == 0 and jobs.stdout.startswith("NAME"), jobs.stderr
+    bad = subprocess.run([SHOAL, "job", "list", "--nats-url", dev, "-n", "bad ns"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: invalid namespace 'bad ns'")
+
+
+def test_rollout_watch_redraws_one_status_in_place_on_a_terminal(dev, tmp_path) -> None:
+    """On a terminal of 80 columns, `rollout watch` draws its block, then goes back up over it (ANSI cursor
+    up, clear below) and draws it again: one status, timestamped, no line wider than the terminal."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    url = dev
+    spec = ("name: watched\ntype: pipeline\nconfig: {command: [sh, -c, 'exec sleep 600']}\n"
+            "rollout: {strategy: rolling, max_parallel: 10, health_check: {interval: 300ms, success_threshold: 100, "
+            "deadline: 120s}}\n")
+    cli(url, "job", "run", "-", stdin=spec)
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {**os.environ, **FAST_ENV, "SHOAL_NATS_URL": url, "TERM": "xterm"}
+    for name in ("COLUMNS", "LINES", "SHOAL_NAMESPACE"):
+        env.pop(name, None)
+    proc = subprocess.Popen([SHOAL, "rollout", "watch", "watched", "--interval", "0.2", "--timeout", "3"], env=env,
+                            stdin=subprocess.DEVNULL, stdout=secondary, stderr=subprocess.PIPE)
+    os.close(secondary)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the command ended and closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        code = proc.wait(timeout=30)
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        cli(url, "job", "stop", "watched")
+    text = out.decode()
+    assert code == 124 and "timed out after 3s watching the rollout of watched" in err, (code, err)
+    frames = re.split(r"\x1b\[\d+F", text)  # each redraw goes back up over the block drawn before it
+    assert len(frames) >= 4, text
+    for frame in frames[1:]:
+        assert frame.startswith("\x1b[J")  # and clears it
+        lines = frame[len("\x1b[J"):].split("\r\n")[:-1]
+        assert 2 <= len(lines) <= 3, lines
+        assert re.match(r"^\d\d:\d\d:\d\d watched v1: rollout \w+, job \w+$", lines[0]), lines
+        assert re.match(r"^wave 1/6 \[.*\] done \d/6 failed 0 \(budget \d+\)$", lines[1]), lines
+        assert all(len(line) <= 80 for line in lines)
+    assert "rollout deploying, job deploying\r\n" in frames[-1]
+    # What the terminal shows is one status, redrawn: a headline per frame, not a scroll of them.
+    assert text.count(" watched v1: rollout ") == len(frames)

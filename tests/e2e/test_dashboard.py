@@ -1,8 +1,9 @@
-"""The dashboard in a real headless Chromium against `shoal dev`: jobs, a job's waves and executions, live
-updates without a reload, pause and resume, output and nodes.
+"""The dashboard in a real headless Chromium against `shoal dev --http-port N`: jobs with state and version,
+a job's waves as progress bars and its failure budget, live updates without a reload, pause, resume and
+canary promote, the executions table's keyset paging and state filter, the output panel, and the nodes.
 
 Chromium is Debian's `chromium` package driven by Playwright (never `playwright install`); where either is
-missing the test is skipped. The screenshot is saved under the test's tmp dir and its path printed.
+missing the test is skipped. The screenshot is saved under the test's tmp dir (or SHOAL_TEST_ARTIFACTS, if set) and its path printed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +40,12 @@ ROLLING = {"name": "fleet-update", "type": "update", "config": {"command": ["tru
            "rollout": {"strategy": "rolling", "max_parallel": 25, "max_failed_nodes": 2,
                        "health_check": {"interval": "1s", "success_threshold": 4, "failure_threshold": 2,
                                         "deadline": "60s"}}}
+# A canary of one simulated node that waits for a promotion.
+CANARY = {"name": "canary-update", "type": "update", "config": {"command": ["true"], "simulate": {}},
+          "selector": {"match_labels": {"simulated": "true"}},
+          "rollout": {"strategy": "canary", "max_parallel": 50, "canary": {"canary_count": 1},
+                      "health_check": {"interval": "500ms", "success_threshold": 2, "failure_threshold": 2,
+                                       "deadline": "60s"}}}
 PIPE = {"name": "pipe", "type": "pipeline", "selector": {"match_labels": {"tier": "edge"}},
         "config": {"command": ["sh", "-c", "while true; do echo hello from the edge; sleep 1; done"]}}
 
@@ -80,7 +88,11 @@ def dashboard(tmp_path_factory) -> Any:
     data = tmp_path_factory.mktemp("dashboard") / "dev"
     env = {**os.environ, **FAST_ENV}
     env.pop("SHOAL_NATS_URL", None)
-    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "1", "--simulate", str(SIMULATED), "--data-dir", str(data)],
+    with socket.socket() as probe:  # a free port, for --http-port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "1", "--simulate", str(SIMULATED), "--data-dir", str(data),
+                             "--http-port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines: list[str] = []
@@ -98,6 +110,7 @@ def dashboard(tmp_path_factory) -> Any:
         proc.kill()
         proc.wait()
         raise AssertionError("shoal dev printed no dashboard URL:\n" + "".join(lines) + proc.stdout.read())
+    assert url == f"http://127.0.0.1:{port}/", (url, port)  # --http-port is the gateway's port
     try:
         yield url
     finally:
@@ -116,7 +129,10 @@ def test_dashboard_shows_jobs_waves_live_updates_and_steers_a_rollout(dashboard:
     assert call("PUT", f"{api}/jobs", {"spec": PIPE})[0] == 200
     status, outcome = call("PUT", f"{api}/jobs", {"spec": ROLLING})
     assert status == 200 and outcome["accepted"], outcome
-    shot = tmp_path / "dashboard.png"
+    assert call("PUT", f"{api}/jobs", {"spec": CANARY})[0] == 200
+    artifacts = Path(os.environ.get("SHOAL_TEST_ARTIFACTS") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / "dashboard.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -130,6 +146,8 @@ def test_dashboard_shows_jobs_waves_live_updates_and_steers_a_rollout(dashboard:
             page.wait_for_selector('#jobs tr[data-job="fleet-update"]', timeout=20_000)
             page.wait_for_selector('#jobs tr[data-job="pipe"]')
             assert page.inner_text('#jobs tr[data-job="fleet-update"] td.version') == "v1"
+            assert page.get_attribute('#jobs tr[data-job="fleet-update"] .badge', "data-state") in (
+                "pending", "queued", "deploying", "running")
             loaded_at = page.evaluate("window.shoalLoadedAt")
 
             # The job page: one bar per wave, the failure budget, the executions.
@@ -137,6 +155,7 @@ def test_dashboard_shows_jobs_waves_live_updates_and_steers_a_rollout(dashboard:
             page.wait_for_selector("#waves .wave", timeout=15_000)
             assert page.locator("#waves .wave").count() == 4
             assert page.get_attribute("#budget .budget", "data-limit") == "1"  # 10% of 12, below max_failed_nodes
+            assert "failed of at most 1" in page.inner_text("#budget")  # the budget used against its limit
             page.wait_for_selector("#executions tr")
             page.wait_for_function("Number(document.getElementById('live').dataset.events) > 0", timeout=15_000)
 
@@ -160,6 +179,10 @@ def test_dashboard_shows_jobs_waves_live_updates_and_steers_a_rollout(dashboard:
             page.wait_for_selector('#rollout-facts[data-state="succeeded"]', timeout=90_000)
             page.wait_for_function(
                 "[...document.querySelectorAll('#waves .wave')].every(w => w.classList.contains('started'))")
+            # Each wave a progress bar: its nodes by state, as parts of the bar's width, which add up to it.
+            assert page.locator("#waves .wave .bar span[data-count]").count() >= 4
+            page.wait_for_function("[...document.querySelectorAll('#waves .wave .bar')].every(b => Math.round("
+                                   "[...b.children].reduce((sum, s) => sum + parseFloat(s.style.width), 0)) === 100)")
             assert page.evaluate("window.shoalLoadedAt") == loaded_at, "the page reloaded"
 
             # Keyset paging and the state filter of the executions table.
@@ -183,6 +206,17 @@ def test_dashboard_shows_jobs_waves_live_updates_and_steers_a_rollout(dashboard:
             page.goto(f"{dashboard}#/jobs/pipe")
             page.wait_for_function("document.getElementById('output').textContent.includes('hello from the edge')",
                                    timeout=20_000)
+
+            # A canary waits for its promotion; the promote button takes it on to the other waves.
+            page.goto(f"{dashboard}#/jobs/canary-update")
+            page.wait_for_selector('#rollout-facts[data-state="awaiting_promotion"]', timeout=30_000)
+            assert page.is_enabled("#action-promote") and page.is_enabled("#action-abort")
+            assert page.is_disabled("#action-pause") and page.is_disabled("#action-resume")
+            page.click("#action-promote")
+            page.wait_for_selector('#rollout-facts[data-state="deploying"], #rollout-facts[data-state="succeeded"]',
+                                   timeout=10_000)
+            assert page.is_disabled("#action-promote")
+            assert call("GET", f"{api}/jobs/canary-update/rollout")[1]["state"] in ("deploying", "succeeded")
 
             # The nodes, with their labels and liveness.
             page.click("#nav-nodes")

@@ -190,3 +190,60 @@ def test_a_node_may_publish_output_under_its_own_id_only(dev: Dev) -> None:
             await bus.close()
 
     asyncio.run(scenario())
+
+
+def test_a_real_uname_and_a_failing_command_reach_job_logs(dev: Dev, tmp_path: Path) -> None:
+    spec = tmp_path / "uname.yaml"
+    spec.write_text("name: uname\ntype: query\nrestart_policy: never\n"
+                    "config: {command: [sh, -c, 'uname -a; ls /no/such/dir']}\n")
+    run = dev.cli("job", "run", str(spec), "--wait", "--timeout", "60", check=False)
+    assert run.returncode == 1 and "first failure: node-" in run.stdout, run.stdout + run.stderr
+    assert "exited with code 2 (reason: exit); output: ls: " in run.stdout  # what the command said last
+
+    def both() -> str | None:
+        out = dev.cli("job", "logs", "uname").stdout
+        return out if out.count("/no/such/dir") == 2 else None
+
+    out = until(both)
+    uname = os.uname()
+    for node in ("node-1", "node-2"):
+        mine = [line for line in out.splitlines() if line.startswith(f"[{node}] ")]
+        assert len(mine) == 2 and mine[0].startswith(f"[{node}] {uname.sysname} {uname.nodename} {uname.release}")
+        assert "/no/such/dir" in mine[1]
+    one = dev.cli("job", "logs", "uname", "--node", "node-2").stdout.splitlines()
+    assert len(one) == 2 and one[0].startswith(uname.sysname) and "/no/such/dir" in one[1]
+    described = dev.cli("job", "describe", "uname").stdout
+    assert "Executions:  2 of version 1: failed 2" in described and "/no/such/dir" in described
+
+
+def test_follow_goes_on_across_a_restart_until_ctrl_c(dev: Dev, tmp_path: Path) -> None:
+    """An execution that failed and that its restart policy replaces has not ended its job's output: the
+    follow prints what the replacement prints too (and ends only on Ctrl-C here: restarts go on)."""
+    spec = tmp_path / "retry.yaml"
+    spec.write_text("name: retry\ntype: query\nrestart_policy: on-failure\n"
+                    "config: {command: [sh, -c, 'echo attempt; sleep 0.3; exit 3']}\n"
+                    "selector: {match_ids: [node-1]}\n"
+                    "rollout: {max_failed_nodes: 1, max_failed_nodes_percent: 100}\n")
+    dev.cli("job", "run", str(spec))
+    proc = subprocess.Popen([SHOAL, "job", "logs", "retry", "--follow"], env=dev.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        seen = []
+        deadline = time.monotonic() + 45
+        while len(seen) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break  # it ended by itself: after the first failure, wrongly
+            seen.append(line)
+        assert seen == ["attempt\n", "attempt\n"], (seen, proc.poll())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        dev.cli("job", "stop", "retry")
+    assert proc.returncode == 130 and err == "", err
+    executions = dev.cli("job", "executions", "retry", "-o", "json").stdout
+    assert executions.count('"previous_execution_id"') >= 1  # the second attempt was a restart of the first

@@ -17,10 +17,17 @@ import pytest
 
 from services.cli.main import main as shoal
 from services.gateway import GatewayService
-from services.gateway.routes import LOGS_REQUEST, ROUTES
+from services.gateway.http import MAX_QUERY
+from services.gateway.routes import ROUTES
 from services.gateway.tokens import add_token
 from shared import subjects as s
-from shared.api import ListDeadLettersRequest, ListJobExecutionsRequest, ListJobsRequest, ListNodesRequest
+from shared.api import (
+    ExecutionLogsRequest,
+    ListDeadLettersRequest,
+    ListJobExecutionsRequest,
+    ListJobsRequest,
+    ListNodesRequest,
+)
 from shared.codec import to_json
 from shared.errors import ErrorReply, NotFound
 from shared.models import Selector
@@ -126,6 +133,24 @@ async def test_list_routes_answer_the_nats_reply_byte_for_byte(stack, wait_for) 
         assert response.headers["content-type"] == "application/json"
 
 
+async def raw_get(port: int, target: str, piece: int = 1024) -> tuple[int, dict[str, str], bytes]:
+    """A GET written a piece at a time, as a slow network delivers it: (status, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = f"GET {target} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n".encode()
+        for start in range(0, len(head), piece):
+            writer.write(head[start:start + piece])
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        reply = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    first, _, rest = reply.partition(b"\r\n")
+    fields, _, body = rest.partition(b"\r\n\r\n")
+    headers = dict(line.decode().lower().split(": ", 1) for line in fields.split(b"\r\n") if line)
+    return int(first.split()[1]), headers, body
+
+
 async def _raw(call) -> bytes:
     raw, _ = await call
     return raw
@@ -147,6 +172,12 @@ async def test_errors_carry_the_nats_error_body_and_its_code_as_status(stack) ->
         (f"{NS}/jobs", {"state": "sleeping"}, 400, "state"),
         (f"{NS}/jobs", {"colour": "red"}, 400, "colour"),
         (f"{NS}/jobs", [("limit", "1"), ("limit", "2")], 400, "limit"),
+        # A query parameter is given or left out: the text `null` is not "no value" (msgspec's lax mode
+        # would read it so, and the OpenAPI document has no null for it).
+        (f"{NS}/jobs", {"limit": "null"}, 400, "limit"),
+        (f"{NS}/jobs", {"state": "null"}, 400, "state"),
+        (f"{NS}/jobs/x/executions", {"job_version": "null"}, 400, "job_version"),
+        ("/api/v1/nodes", {"state": "null"}, 400, "state"),
         (f"{NS}/jobs/x/executions", {"next_token": "garbage"}, 400, "next_token"),
         (f"{NS}/jobs/x/executions", {"job": "y"}, 400, "job"),
         ("/api/v1/namespaces/Bad_NS/jobs", {}, 400, "namespace"),
@@ -164,6 +195,12 @@ async def test_errors_carry_the_nats_error_body_and_its_code_as_status(stack) ->
         if field is not None:
             assert body.get("field", "").startswith(field), (path, body)
     assert (await http.delete(f"{NS}/jobs")).status_code == 405
+    # A query string past the limit is the JSON error of the API, not the HTTP parser's plain-text 400,
+    # also when the request comes in pieces, as over a real network (the parser's own limit on an
+    # incomplete head must be above the query string's).
+    status, headers, body = await raw_get(gw.port, f"/api/v1/nodes?selector={'x' * (MAX_QUERY + 1000)}")
+    assert status == 400 and headers["content-type"] == "application/json", (status, headers, body[:200])
+    assert str(MAX_QUERY) in json.loads(body)["error"]["message"]
     response = await http.post(f"{NS}/jobs/x/stop", content=b"{not json")
     assert response.status_code == 400
     response = await http.post(f"{NS}/jobs/x/stop", json={"job": "y"})
@@ -229,19 +266,68 @@ async def test_put_job_accepted_rejected_dry_run_and_idempotent(stack, wait_for)
     assert bad.status_code == 400 and error(bad)["field"] == "spec.rollout.max_parallel"
     rejected = await put_job(http, {**spec("bad"), "rollout": {"strategy": "rolling"}})  # no health check
     assert rejected.status_code == 400, rejected.text
+    assert set(rejected.json()) == {"error"} and error(rejected)["code"] == 400 and error(rejected)["message"]
+    assert rejected.headers["idempotency-key"]  # the submission's id, to look it up later
+    stored = await http.get(f"{NS}/submissions/{rejected.headers['idempotency-key']}")
+    assert stored.status_code == 200 and stored.json()["accepted"] is False
     assert (await http.put(f"{NS}/jobs", content=b"[]")).status_code == 400
     response = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers={"Idempotency-Key": "no.dots"})
     assert response.status_code == 400 and error(response)["field"] == "Idempotency-Key"
+    response = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers={"Idempotency-Key": "seq-12"})
+    assert response.status_code == 400 and error(response)["field"] == "Idempotency-Key"
 
 
-async def test_logs_route_answers_or_says_not_built(stack) -> None:
+async def test_an_idempotency_key_of_another_namespace_is_a_conflict_not_a_timeout(stack) -> None:
+    """Submission ids are the cluster's: the stream drops a second submission under a key it has seen,
+    whatever its namespace, so nothing would ever answer it; the gateway says so at once."""
     api, gw, http = stack
-    assert (await put_job(http, spec("logs"))).status_code == 200
-    response = await http.get(f"{NS}/jobs/logs/logs")
-    if LOGS_REQUEST is None:
-        assert response.status_code == 404 and "job output" in error(response)["message"]
-    else:
-        assert response.status_code in (200, 404), response.text
+    gw.submit_wait = 3.0
+    key = {"Idempotency-Key": "shared-key"}
+    first = await http.put(f"{NS}/jobs", json={"spec": spec("mine")}, headers=key)
+    assert first.status_code == 200 and first.json()["namespace"] == "default", first.text
+    other = await http.put("/api/v1/namespaces/other/jobs", json={"spec": spec("theirs")}, headers=key)
+    assert other.status_code == 409, other.text
+    assert error(other)["field"] == "Idempotency-Key" and "shared-key" in error(other)["message"]
+    assert (await http.get("/api/v1/namespaces/other/jobs/theirs")).status_code == 404
+    # In its own namespace the key still answers with its outcome, and changes nothing.
+    again = await http.put(f"{NS}/jobs", json={"spec": spec("mine", strategy="rolling")}, headers=key)
+    assert again.status_code == 200 and again.content == first.content
+
+
+async def test_logs_route_answers_the_job_output(stack, wait_for, cluster) -> None:
+    api, gw, http = stack
+    await cluster.start("agent", node_id="edge-1", labels={"role": "printer"})
+    await api.wait_ready(5)
+    job = {"name": "printer", "type": "query", "selector": {"match_labels": {"role": "printer"}},
+           "config": {"command": ["sh", "-c", "echo hello over http; echo oops >&2"]}}
+    assert (await put_job(http, job)).status_code == 200
+
+    async def final() -> dict[str, Any] | None:
+        response = await http.get(f"{NS}/jobs/printer/logs")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        return body if any(item["final"] for item in body["items"]) else None
+
+    page = await wait_for(final, timeout=30)
+    text = "".join(item["text"] for item in page["items"])
+    assert "hello over http\n" in text and "oops\n" in text
+    assert {item["node_id"] for item in page["items"]} == {"edge-1"}
+    execution_id = page["items"][0]["execution_id"]
+
+    # The NATS reply, byte for byte, with each filter; `after` continues where a reply stopped.
+    for params in ({}, {"node_id": "edge-1"}, {"execution_id": execution_id, "limit": "1"}, {"after": page["next"]}):
+        response = await http.get(f"{NS}/jobs/printer/logs", params=params)
+        fields = {k: int(v) if k in ("limit", "after") else v for k, v in params.items()}
+        raw, _ = await api.logs(ExecutionLogsRequest(job="printer", **fields))
+        assert response.status_code == 200 and response.content == raw, params
+    assert (await http.get(f"{NS}/jobs/printer/logs", params={"after": page["next"]})).json()["items"] == []
+    assert (await http.get(f"{NS}/jobs/printer/logs", params={"node_id": "sim-0001"})).json()["items"] == []
+    for params, field in (({"after": "-1"}, "after"), ({"limit": "0"}, "limit"), ({"execution_id": "a.b"}, None)):
+        response = await http.get(f"{NS}/jobs/printer/logs", params=params)
+        assert response.status_code == 400, (params, response.text)
+        if field:
+            assert error(response)["field"] == field
+    assert (await http.get(f"{NS}/jobs/nope/logs")).status_code == 404
 
 
 # -- tokens ----------------------------------------------------------------------------------------
@@ -272,8 +358,16 @@ async def test_tokens_admin_tenant_missing_bad_and_other_namespace(cluster, tmp_
             assert response.status_code == 403, path
         response = await http.put("/api/v1/namespaces/other/jobs", json={"spec": spec("x")}, headers=auth(tenant))
         assert response.status_code == 403
-        for path in ("/api/v1/namespaces/default/jobs", "/api/v1/namespaces/acme/jobs", "/api/v1/nodes"):
+        response = await http.put("/api/v1/namespaces/acme/jobs", json={"spec": spec("x")}, headers=auth(tenant))
+        assert response.status_code == 200 and response.json()["namespace"] == "acme", response.text
+        for path in ("/api/v1/namespaces/other/jobs/x/rollout/pause", "/api/v1/namespaces/other/jobs/x/stop"):
+            assert (await http.post(path, headers=auth(tenant))).status_code == 403, path
+        assert (await http.get("/api/v1/namespaces/other/jobs/x/events", headers=auth(tenant))).status_code == 403
+        for path in ("/api/v1/namespaces/default/jobs", "/api/v1/namespaces/acme/jobs", "/api/v1/nodes",
+                     "/api/v1/deadletters", "/api/v1/namespaces/acme/jobs/x"):
             assert (await http.get(path, headers=auth(admin))).status_code == 200, path
+        response = await http.get("/metrics", headers=auth(admin))
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
         for path in ("/healthz", "/openapi.json", "/", "/static/app.js"):
             assert (await http.get(path)).status_code == 200, path
 

@@ -16,15 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.api import DiscardPolicy, RetentionPolicy
 
 from services.agent.output import CHUNK, KEPT, OutputShipper
 from services.agent.runstate import OUTPUT_FILE, STATE_FILE, RunState, is_running, read_struct
 from shared import subjects as s
 from shared import topology
-from shared.api import ExecutionLogsRequest, ExecutionLogsResponse, LogItem, OutputChunk
+from shared.topology import OUTPUT_MESSAGE_BYTES
+from shared.api import OUTPUT_CHUNK_BYTES, ExecutionLogsRequest, ExecutionLogsResponse, LogItem, OutputChunk
 from shared.codec import from_msgpack, to_json
 from shared.errors import ShoalError
 from services.query import QueryService
+from services.rollout.service import node_failure
+from shared.models import OUTPUT_SUMMARY_CHARS, details
 
 pytestmark = pytest.mark.nats
 
@@ -113,7 +117,46 @@ async def test_what_a_command_prints_comes_back_in_order_with_its_node_and_execu
     assert (await logs(api, "hello", node_id="edge-2")).items == []
 
 
-async def test_a_chatty_command_keeps_only_its_tail_in_chunks_of_at_most_4_kib(cluster, wait_for, bus) -> None:
+async def test_the_output_of_a_failing_command_is_job_output_and_its_details_keep_only_the_last_lines(
+        cluster, wait_for) -> None:
+    """`uname -a` then a failing `ls`: both reach `executions.logs` whole; the execution's details keep only
+    the last lines (typed, ExecutionDetails.output), which is what its failure is told with."""
+    await cluster.start_services()
+    await cluster.start("agent", node_id="edge-1")
+    api = await cluster.api()
+    await api.wait_ready(1)
+    script = 'uname -a; i=0; while [ $i -lt 200 ]; do echo "filler $i"; i=$((i+1)); done; ls /no/such/dir'
+    assert (await api.submit(query_job("failing", script, restart_policy="never"))).accepted
+    items = await wait_for(lambda: finished(api, "failing"))
+    [execution] = await api.all_executions("failing")
+    text = text_of(items)
+    assert text.startswith(os.uname().sysname + " " + os.uname().nodename)
+    assert "filler 0\n" in text and "filler 199\n" in text and "/no/such/dir" in text.splitlines()[-1]
+
+    assert execution.observed == "failed" and details(execution).exit_code == 2
+    kept = details(execution).output
+    assert kept == execution.status.details["output"]  # the JSON shape: an open map, as the schema has it
+    assert 0 < len(kept) <= OUTPUT_SUMMARY_CHARS and "uname" not in kept and "filler 0\n" not in kept
+    assert kept.splitlines()[-1] == text.splitlines()[-1]
+    assert "/no/such/dir" in node_failure("edge-1", execution).output
+
+
+async def test_the_output_stream_keeps_a_tail_of_each_execution_for_seven_days(bus) -> None:
+    await topology.ensure(bus)
+    config = (await bus.js.stream_info(s.STREAM_OUTPUT)).config
+    assert config.subjects == ["shoal.output.*.*.*.*"]
+    assert config.max_msgs_per_subject == KEPT == 64  # the tail of each execution
+    assert config.max_age == 7 * 86_400 and config.max_bytes == 1024 ** 3  # retention, and a bound on all of it
+    assert config.discard == DiscardPolicy.OLD and config.retention == RetentionPolicy.LIMITS
+    # A node that sends more than a chunk in one message is refused by the server (not stored, not read).
+    assert config.max_msg_size == OUTPUT_MESSAGE_BYTES < 2 * OUTPUT_CHUNK_BYTES
+    with pytest.raises(Exception):
+        await bus.js_publish(s.output("edge-1", "default", "j", "e"), b"x" * (OUTPUT_MESSAGE_BYTES + 1))
+    await bus.js_publish(s.output("edge-1", "default", "j", "e"), b"x" * OUTPUT_CHUNK_BYTES)
+
+
+async def test_a_chatty_command_keeps_only_its_tail_in_chunks_of_at_most_4_kib(cluster, wait_for, bus,
+                                                                                 monkeypatch) -> None:
     await cluster.start_services()
     agent = await cluster.start("agent", node_id="edge-1")
     agent.output.interval = 0.02
@@ -139,7 +182,7 @@ async def test_a_chatty_command_keeps_only_its_tail_in_chunks_of_at_most_4_kib(c
 
     # A reply stops before it would outgrow what one message may carry, and `next` goes on from there.
     [query] = [c for c in cluster.components if isinstance(c, QueryService)]
-    query._reply_budget = lambda: 2_000  # type: ignore[method-assign]
+    monkeypatch.setattr(query, "_reply_budget", lambda: 2_000)
     first = await logs(api, "chatty", limit=1000)
     assert 1 <= len(first.items) < 64 and len(to_json(first)) < 2_000 + 4 * CHUNK
     assert first.next == max(m.seq for m in await bus.read_stream(s.STREAM_OUTPUT, s.output(

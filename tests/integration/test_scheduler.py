@@ -226,3 +226,27 @@ async def _job_state(api, name: str, state: str) -> bool:
 async def _count(api, name: str, state: str, n: int) -> bool:
     items = await api.all_executions(name)
     return sum(e.observed == state for e in items) == n
+
+
+async def test_a_submission_id_another_namespace_used_is_a_409_in_this_one(cluster) -> None:
+    """Submission ids are kept across namespaces: one already used by another namespace (whose duplicate
+    window has passed, so JetStream takes the message) is answered in this namespace, with a 409 naming
+    the header, and the other namespace's outcome stays as it was."""
+    from shared.durations import utcnow
+    from shared.store import Store
+
+    await cluster.start("scheduler")
+    api = await cluster.api("team-b")
+    store = Store(api.bus)
+    theirs = SubmissionOutcome(submission_id="shared-1", namespace="team-a", accepted=True, job_id="j-a",
+                               job_version=1, at=utcnow())
+    await store.submissions.put("shared-1", theirs)
+    waiter = await api.bus.expect(s.submitted("team-b", "shared-1"))
+    await api.bus.js_publish(s.submit("team-b"), to_json({"spec": spec("mine")}), msg_id="shared-1")
+    reply = await waiter.wait(10)
+    assert reply is not None, "the submitter in team-b got no answer"
+    outcome = msgspec.json.decode(reply, type=SubmissionOutcome)
+    assert not outcome.accepted and outcome.namespace == "team-b"
+    assert outcome.error.code == 409 and outcome.error.field == "Nats-Msg-Id"
+    kept = await store.submissions.get("shared-1")
+    assert kept is not None and kept.value.namespace == "team-a" and kept.value.accepted

@@ -30,7 +30,7 @@ from services.cli.auth import CONF, REGISTRY, add_auth_parser, load, run
 from services.cli.main import hoist_global_flags
 from shared import authz
 from shared import subjects as s
-from shared.authz import Identity, Permissions, labels_digest, permissions
+from shared.authz import Identity, Kind, Permissions, labels_digest, permissions
 from shared.codec import to_canonical_json
 from shared.errors import InvalidInput
 from shared.natsserver import binary, free_port
@@ -87,8 +87,10 @@ def test_fleet_rules() -> None:
 
 
 def test_no_edge_identity_reaches_kv_or_the_jetstream_api_beyond_its_pull() -> None:
-    for kind, name in (("tenant", "acme"), ("node", "edge-1"), ("fleet", "fleet"), ("admin", "admin")):
-        p = permissions(kind, name, KEY)  # type: ignore[arg-type]
+    identities: list[tuple[Kind, str]] = [("tenant", "acme"), ("node", "edge-1"), ("fleet", "fleet"),
+                                           ("admin", "admin")]
+    for kind, name in identities:
+        p = permissions(kind, name, KEY)
         granted = p.publish_allow + p.subscribe_allow
         assert not [x for x in granted if x.startswith("$KV")]
         assert [x for x in granted if x.startswith("$JS.API")] in ([], [s.pull_next(s.assign_consumer(name))],
@@ -133,9 +135,9 @@ def test_inbox_prefix() -> None:
     ("tenant", "acme", {"a": "b"}),  # only nodes pin labels
     ("node", "edge-1", {"bad key!": "x"}),
 ])
-def test_bad_identities_are_refused(kind: str, name: str, labels: dict[str, str] | None) -> None:
+def test_bad_identities_are_refused(kind: Kind, name: str, labels: dict[str, str] | None) -> None:
     with pytest.raises(InvalidInput):
-        permissions(kind, name, KEY, labels)  # type: ignore[arg-type]
+        permissions(kind, name, KEY, labels)
 
 
 def test_public_key_must_be_a_user_key() -> None:
@@ -625,6 +627,35 @@ async def test_server_enforces_each_identity(stack: tuple[Server, Path]) -> None
 
     assert not svc.violations()
     for conn in (svc, node, acme, shared_inbox, admin, fleet):
+        await conn.nc.close()
+
+
+@pytest.mark.nats
+async def test_a_node_ships_output_under_its_own_id_only(stack: tuple[Server, Path]) -> None:
+    """Job output: a node stores chunks in SHOAL_OUTPUT on its own `shoal.output.<id>.>` subjects only; the
+    fleet for any of its nodes; tenants and the admin read output through the API, never write it."""
+    server, d = stack
+    svc = await connect(server.url, d / "service.nk")
+    tap = await Tap().start(svc)
+    await svc.nc.jetstream().add_stream(StreamConfig(name=s.STREAM_OUTPUT, subjects=[s.output("*", "*", "*", "*")]))
+
+    node = await connect(server.url, d / "nodes/edge-1.nk")
+    ack = await node.nc.jetstream().publish(s.output("edge-1", "acme", "job-1", "exec-1"), b"chunk")
+    assert ack.stream == s.STREAM_OUTPUT  # stored, and the ack came back to its own inbox
+    assert await node.publishes(s.output("edge-1", "beta", "job-2", "exec-2"), tap)
+    assert await node.refused("pub", s.output("edge-2", "acme", "job-1", "exec-1"))  # another node's
+    assert await node.refused("pub", "shoal.output.edge-1")  # not an output subject of its own: no tokens after it
+    assert await node.refused("sub", s.output("*", "*", "*", "*"))  # nor may it read anybody's
+
+    fleet = await connect(server.url, d / "fleet.nk")
+    assert await fleet.publishes(s.output("sim-0001", "acme", "job-1", "exec-3"), tap)
+    acme = await connect(server.url, d / "tenants/acme.nk")
+    assert await acme.refused("pub", s.output("edge-1", "acme", "job-1", "exec-4"))
+    admin = await connect(server.url, d / "admin.nk")
+    assert await admin.refused("pub", s.output("edge-1", "acme", "job-1", "exec-5"))
+
+    assert not svc.violations()
+    for conn in (svc, node, fleet, acme, admin):
         await conn.nc.close()
 
 

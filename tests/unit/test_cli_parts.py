@@ -8,16 +8,19 @@ from __future__ import annotations
 import datetime as dt
 import io
 import itertools
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.cli import main as cli_main
 from services.cli.client import load_spec
-from services.cli.commands import render_status, watch_lines
+from services.cli.commands import LOG_LINE_MAX, LogLines, LogTail, render_status, replaced_later, watch_lines
 from services.cli.output import (
     LiveBlock,
     change_line,
@@ -30,29 +33,34 @@ from services.rollout.service import first_failures, node_failure
 from services.rollout.waves import plan_waves
 from services.scheduler.evaluations import NodeTable
 from services.scheduler.submissions import dry_run_plan, dry_run_waves, explain_no_match, spec_changes
-from shared.api import NodeFailure, RollbackStory, RolloutStatus, WaveStatus
+from shared.api import LogItem, NodeFailure, RollbackStory, RolloutStatus, WaveStatus
 from shared.codec import convert, from_json, to_json
 from shared.errors import InvalidInput
 from shared.models import (
+    OUTPUT_SUMMARY_CHARS,
     Canary,
     DesiredState,
+    DesiredStateType,
     DryRunPlan,
     Execution,
     ExecutionStatus,
     JobSpec,
     Node,
     NodeState,
+    NodeStateType,
     ObservedState,
+    ObservedStateType,
     RolloutSpec,
     SpecChange,
     SubmissionOutcome,
+    details,
 )
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 
-def node(node_id: str, state: str = "ready", **labels: str) -> Node:
-    return Node(id=node_id, labels=labels, state=NodeState(state_type=state),  # type: ignore[arg-type]
+def node(node_id: str, state: NodeStateType = "ready", **labels: str) -> Node:
+    return Node(id=node_id, labels=labels, state=NodeState(state_type=state),
                 registered_at=NOW, updated_at=NOW, revision=1)
 
 
@@ -256,14 +264,14 @@ def test_watch_redraws_in_place_on_a_terminal_and_writes_changes_once_elsewhere(
 # -- the story of a failed rollout -------------------------------------------------------------------
 
 
-def execution(node_id: str, version: int, observed: str, message: str = "", *, created: int = 0,
-              desired: str = "stopped", desired_message: str = "", **details) -> Execution:
+def execution(node_id: str, version: int, observed: ObservedStateType, message: str = "", *, created: int = 0,
+              desired: DesiredStateType = "stopped", desired_message: str = "", **details) -> Execution:
     at = NOW + dt.timedelta(seconds=created)
     return Execution(id=f"{node_id}-v{version}-{created}", job_id="j1", job_type="pipeline", job_version=version,
                      namespace="default", node_id=node_id, status=ExecutionStatus(
                          created_at=at, updated_at=at, revision=1,
-                         desired_state=DesiredState(state_type=desired, message=desired_message),  # type: ignore[arg-type]
-                         observed_state=ObservedState(state_type=observed, message=message),  # type: ignore[arg-type]
+                         desired_state=DesiredState(state_type=desired, message=desired_message),
+                         observed_state=ObservedState(state_type=observed, message=message),
                          details=details))
 
 
@@ -382,3 +390,111 @@ def test_every_command_path_of_the_parser_is_in_the_completion() -> None:
     for path in ("job run", "job describe", "rollout watch", "node list", "dead-letters", "auth"):
         assert f'"{path}")' in script
     assert list(itertools.islice(script.splitlines(), 1)) == ["# shoal bash completion: source <(shoal completion bash)"]
+
+
+# -- the README and the simulated fleet ---------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+EXAMPLES = README.parent / "examples"
+
+
+def test_the_readme_activates_the_venv_before_anything_else() -> None:
+    text = README.read_text()
+    using = text[text.index("## Using it"):]
+    first = next(line for line in using.splitlines() if line.startswith(("source", "shoal")))
+    assert first.startswith("source .venv/bin/activate")
+
+
+def test_the_readme_labels_simulated_nodes_so_that_every_example_selects_them() -> None:
+    """The README's `shoal dev --simulate N --sim-label ...` line makes simulated nodes that the README's
+    own spec and every example under examples/ select, and they keep the default labels its `node list`
+    selector picks."""
+    from services.agent.service import DEFAULT_SIM_LABELS, expand, parse_labels
+    from shared.selector import compile_selector
+
+    [line] = [line for line in README.read_text().splitlines() if line.startswith("shoal dev --simulate")]
+    given = re.findall(r"--sim-label (\S+)", line)
+    assert given
+    cli_main.check_sim_labels(given)
+    fleet = {f"sim-{i:04d}": parse_labels([expand(t, i) for t in (*DEFAULT_SIM_LABELS, *given)])
+             for i in range(1, 7)}
+    text = README.read_text()
+    readme_spec = yaml.safe_load(text[text.index("```yaml\nname: pipeline-logs") + 8:].split("```")[0])
+    specs = [readme_spec] + [yaml.safe_load(p.read_text()) for p in sorted(EXAMPLES.glob("*.yaml"))]
+    assert len(specs) >= 5
+    for body in specs:
+        sel = body.get("selector", {})
+        matcher = compile_selector(sel.get("match_labels"), sel.get("match_expressions"), sel.get("match_ids"))
+        assert all(matcher.matches(nid, labels) for nid, labels in fleet.items()), (body["name"], fleet)
+    for selector in re.findall(r"^shoal node list --selector '([^']+)'", text, re.M):
+        if "simulated" in selector:
+            matcher = compile_selector(None, [selector])
+            assert sum(matcher.matches(nid, labels) for nid, labels in fleet.items()) == 4  # zone-0 and zone-1
+
+
+def test_sim_labels_add_to_the_defaults_and_bad_ones_are_refused_naming_the_field(capsys) -> None:
+    from services.agent.service import DEFAULT_SIM_LABELS
+
+    args = cli_main.build_parser().parse_args(["dev", "--simulate", "4", "--sim-label", "tier=edge",
+                                               "--sim-label", "rack=r{i%2}", "--http-port", "0"])
+    assert args.sim_label == ["tier=edge", "rack=r{i%2}"] and args.http_port == 0
+    assert DEFAULT_SIM_LABELS == ("simulated=true", "zone=zone-{i%3}")  # what the README's node list selects
+    for bad, field in (("nope", "sim_label"), ("x y=1", "sim_label.x y"), ("ok=a b", "sim_label.ok")):
+        assert cli_main.main(["dev", "--sim-label", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.rstrip().endswith(f"(field: {field})") and err.count("\n") == 1
+
+
+# -- job output in the CLI -----------------------------------------------------------------------------
+
+
+def log(execution_id: str, node_id: str, seq: int, text: str, final: bool = False) -> LogItem:
+    return LogItem(execution_id=execution_id, node_id=node_id, seq=seq, text=text, at=NOW, final=final)
+
+
+def test_log_lines_hold_a_cut_line_but_never_more_than_a_bound() -> None:
+    lines = LogLines({"n1"})
+    assert lines.add([log("e1", "n1", 1, "hel")]) == []
+    assert lines.add([log("e1", "n1", 2, "lo\nwor")]) == [("e1", "hello")]
+    endless = "x" * (LOG_LINE_MAX + 1)
+    assert lines.add([log("e1", "n1", 3, endless)]) == [("e1", "wor" + endless)]  # shown, not held on
+    assert lines.partial == {}
+    assert lines.add([log("e1", "n1", 4, "\x1b[2Jbye", final=True)]) == [("e1", "^[[2Jbye")]
+    assert lines.ended == {"e1"}
+
+
+def test_the_tail_keeps_the_last_lines_of_each_execution_in_their_order() -> None:
+    tail = LogTail(2)
+    tail.add([("a", "a1"), ("b", "b1"), ("a", "a2"), ("a", "a3")])
+    tail.add([("b", "b2"), ("b", "b3"), ("a", "a4")])
+    assert tail.lines() == [("a", "a3"), ("b", "b2"), ("b", "b3"), ("a", "a4")]
+    assert max(len(kept) for kept in tail.kept.values()) == 2
+
+
+@pytest.mark.parametrize(("policy", "observed", "desired", "replaced"), [
+    ("on-failure", "failed", "running", True),
+    ("on-failure", "completed", "running", False),
+    ("always", "completed", "running", True),
+    ("never", "failed", "running", False),
+    ("on-failure", "failed", "stopped", False),  # stopped by the user (or the job): no restart
+])
+def test_a_follow_goes_on_while_the_restart_policy_replaces_an_ended_execution(
+        policy, observed: ObservedStateType, desired: DesiredStateType, replaced: bool) -> None:
+    e = execution("n1", 1, observed, desired=desired)
+    assert replaced_later(e, spec(restart_policy=policy)) is replaced
+    e.status.next_execution_id = "n1-v1-restart"
+    assert not replaced_later(e, spec(restart_policy=policy))  # already replaced: the successor is followed
+
+
+def test_details_keep_only_the_last_lines_of_output_and_read_typed() -> None:
+    from services.agent.output import output_summary
+
+    printed = "".join(f"line {i:03d}\n" for i in range(500))
+    summary = output_summary(printed)
+    assert len(summary) <= OUTPUT_SUMMARY_CHARS and summary.endswith("line 499\n") and summary.startswith("line ")
+    assert output_summary("done\n") == "done\n"
+    assert details(execution("n1", 1, "failed", output=summary)).output == summary
+    assert details(execution("n1", 1, "failed", output=["not", "text"])).output == ""
+    assert details(execution("n1", 1, "failed", output="y" * 5000)).output == "y" * OUTPUT_SUMMARY_CHARS
+    boom = node_failure("n1", execution("n1", 1, "failed", "exited with code 3", output="a\nlast words\n\n"))
+    assert boom.output == "last words"
