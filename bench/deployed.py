@@ -270,6 +270,7 @@ class Deployment:
     replicas: int
     log_level: str
     keep: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)  # more environment for the stack's processes
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="shoal-deployed-")))
     stack: Stack | None = None
     bus: Bus | None = None
@@ -305,7 +306,7 @@ class Deployment:
         env = {"SHOAL_HEARTBEAT_INTERVAL": str(BENCH_TIMINGS["heartbeat_interval"]),
                "SHOAL_NODE_TIMEOUT": str(BENCH_TIMINGS["node_timeout"]),
                "SHOAL_SWEEP_INTERVAL": str(BENCH_TIMINGS["sweep_interval"]),
-               "SHOAL_LOG_LEVEL": self.log_level}
+               "SHOAL_LOG_LEVEL": self.log_level, **self.extra_env}
         self.stack = Stack(self.tmp / "stack", nodes=0, simulate=0, env=env, replicas=self.replicas)
         self.stack.start()  # in this thread: a cancel cannot leave it half-started behind our back
         self.bus = await Bus.connect(self.stack.nats_url, name="bench-deployed", wait=15)

@@ -4,11 +4,13 @@ Each benchmark runs in its own process (its own nats-server, its own event loop)
 so they never compete for the 2 cores. The table replaces whatever is between the markers
 `<!-- results:start -->` and `<!-- results:end -->` in docs/BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py [--write] [--only pagination,submissions,fleet,deployed]
+    .venv/bin/python bench/run.py [--write] [--only pagination,submissions,fleet,deployed,submissions_deployed,query_deployed]
     make bench
 
 `deployed` runs the stack as deployed (every service, nats-server and the agents their own processes) at
-1,000, 5,000 and 10,000 nodes, a fresh stack each: it takes a few minutes.
+1,000, 5,000 and 10,000 nodes, a fresh stack each: it takes a few minutes. `submissions_deployed` submits
+to that stack with one scheduler process, then two, alternately (about 3 minutes). `query_deployed` measures
+pages and the view's catch-up against an echo and a plain consumer, each its own process (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-BENCHMARKS = ("pagination", "submissions", "fleet", "deployed")
+BENCHMARKS = ("pagination", "submissions", "fleet", "deployed", "submissions_deployed", "query_deployed")
 
 sys.path.insert(0, str(HERE))
 from common import Result, markdown_table  # noqa: E402

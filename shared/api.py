@@ -11,8 +11,10 @@ from typing import Annotated, Literal
 import msgspec
 
 from .errors import InvalidInput
+from .durations import rfc3339
 from .models import (
     Execution,
+    FailureReason,
     Job,
     JobSpec,
     JobStateType,
@@ -23,6 +25,7 @@ from .models import (
     Selector,
     Timestamp,
     Version,
+    details,
 )
 
 DEFAULT_PAGE_SIZE = 20
@@ -247,12 +250,26 @@ class NodeFailure(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     node_id: str
     execution_id: str = ""
-    state: str = ""  # observed state (failed; stopped for a stalled execution)
+    state: ObservedStateType | None = None  # failed; stopped for a stalled execution
     message: str = ""  # observed state's message ("exited with code 3", "could not start: ...")
-    reason: str = ""  # status.details.reason: exit, start-error, unhealthy, deadline, lost, ...
+    reason: FailureReason | None = None  # status.details.reason: exit, start-error, unhealthy, deadline, ...
     exit_code: int | None = None
     output: str = ""  # the last line of its output, when it left one
     at: str = ""  # RFC 3339: when it ended (or last changed)
+
+
+def node_failure(node_id: str, execution: Execution | None) -> NodeFailure:
+    """What one failed node's execution said: its message, reason, exit code and last line of output."""
+    if execution is None:
+        return NodeFailure(node_id=node_id)
+    typed = details(execution)
+    last = next((line.strip() for line in reversed(typed.output.splitlines()) if line.strip()), "")
+    message = execution.status.observed_state.message
+    if execution.observed != "failed" and execution.status.desired_state.message.startswith("stalled"):
+        message = execution.status.desired_state.message
+    return NodeFailure(node_id=node_id, execution_id=execution.id, state=execution.observed, message=message,
+                       reason=typed.reason, exit_code=typed.exit_code, output=last[:200],
+                       at=typed.finished_at or rfc3339(execution.status.updated_at))
 
 
 class RollbackStory(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -38,12 +38,13 @@ from .validation import check_labels, check_namespace, check_node_id
 __all__ = ["INBOX", "KINDS", "SINGLETONS", "Identity", "Kind", "Permissions", "Registry", "check_name",
            "check_public_key", "inbox", "inbox_prefix", "labels_digest", "markdown_table", "permissions", "render_conf"]
 
-Kind = Literal["service", "admin", "tenant", "node", "fleet"]
+Kind = Literal["service", "admin", "gateway", "tenant", "node", "fleet"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
-# Kinds with a single identity, named after the kind (`service`, `admin`, `fleet`).
-SINGLETONS: tuple[Kind, ...] = ("service", "admin", "fleet")
+# Kinds with a single identity, named after the kind (`service`, `admin`, `gateway`, `fleet`).
+SINGLETONS: tuple[Kind, ...] = ("service", "admin", "gateway", "fleet")
 
 INBOX = "_INBOX"
+JS_API = "$JS.API"
 PUBLIC_KEY = re.compile(r"^U[A-Z2-7]{55}$")  # an NKey user public key
 
 
@@ -145,6 +146,18 @@ def _rules(kind: Kind, name: str, key: str, digest: str) -> Permissions:
             publish_deny=[f"{s.NODES_REGISTER}.>", f"{s.FLEETS_PREFIX}.>"],
             subscribe_allow=[f"{s.SUBMITTED_PREFIX}.>", *replies],
         )
+    if kind == "gateway":
+        # The HTTP gateway: the API and submissions on its callers' behalf (it checks their bearer tokens),
+        # and for its event streams, ordered (ephemeral pull) consumers of SHOAL_EVENTS: create, pull, check,
+        # delete. No other stream, no bucket, no node protocol, no Services API ping.
+        events = s.STREAM_EVENTS
+        return Permissions(
+            publish_allow=[f"{s.API}.>", s.submit("*"), f"{JS_API}.STREAM.INFO.{events}",
+                           f"{JS_API}.CONSUMER.CREATE.{events}", f"{JS_API}.CONSUMER.MSG.NEXT.{events}.*",
+                           f"{JS_API}.CONSUMER.INFO.{events}.*", f"{JS_API}.CONSUMER.DELETE.{events}.*"],
+            publish_deny=[f"{s.NODES_REGISTER}.>", f"{s.FLEETS_PREFIX}.>"],
+            subscribe_allow=[f"{s.SUBMITTED_PREFIX}.>", *replies],
+        )
     if kind == "tenant":
         return Permissions(
             publish_allow=[s.submit(name), s.api(name, ">")],
@@ -224,6 +237,7 @@ def _strings(items: list[str]) -> str:
 DOC_ROWS: tuple[tuple[str, Kind, str, str], ...] = (
     ("service", "service", "service", "*"),
     ("admin", "admin", "admin", "*"),
+    ("gateway", "gateway", "gateway", "*"),
     ("tenant `<ns>`", "tenant", "<ns>", "*"),
     ("node `<id>`, labels pinned", "node", "<id>", "<digest>"),
     ("node `<id>`, not pinned", "node", "<id>", "*"),

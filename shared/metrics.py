@@ -297,7 +297,7 @@ INSTRUMENTS = Instruments(otel_metrics.get_meter(PREFIX))
 # -- the process's provider and exposition --------------------------------------------------------------
 
 
-def setup(service_name: str, port: int = 0, host: str = "") -> int:
+def setup(service_name: str, port: int = 0, host: str = "127.0.0.1") -> int:
     """Install this process's metrics (the first call wins) and serve `/metrics` on `port` if it is not 0.
     Returns the port served, or 0."""
     install(service_name)
@@ -321,23 +321,23 @@ def install(service_name: str) -> None:
         _provider = provider
 
 
-def serve(port: int, host: str = "") -> int:
-    """Serve the Prometheus registry over HTTP on `port` (0: a free one); returns the port. A port that
-    cannot be bound is logged, not fatal: a process does its work without its metrics endpoint."""
+def serve(port: int, host: str = "127.0.0.1") -> int:
+    """Serve the Prometheus registry over HTTP on `host`:`port` (port 0: a free one); returns the port. A
+    port that cannot be bound ends the process (SystemExit, non-zero): a process serves everything it was
+    asked to, or is gone for its supervisor to see."""
     with _lock:
         if port in _served:
             return _served[port]
     from prometheus_client import start_http_server
 
     try:
-        server, _ = start_http_server(port, addr=host or "0.0.0.0")
+        server, _ = start_http_server(port, addr=host)
     except OSError as exc:
-        log.warning("cannot serve metrics on port %d: %s", port, exc)
-        return 0
+        raise SystemExit(f"cannot serve metrics on {host}:{port} (SHOAL_METRICS_PORT, SHOAL_METRICS_HOST): {exc}")
     bound = int(server.server_port)
     with _lock:
         _served[port] = bound
-    log.info("metrics at http://%s:%d/metrics", host or "0.0.0.0", bound)
+    log.info("metrics at http://%s:%d/metrics", host, bound)
     return bound
 
 

@@ -403,7 +403,7 @@ class DryRunPlan(msgspec.Struct, kw_only=True):
     strategy: Strategy = "immediate"
     waves: list[int] = []  # node count of each wave, in order
     current_version: int = 0  # 0: a new job
-    current_state: str = ""  # the job's state now ("" for a new job)
+    current_state: JobStateType | Literal[""] = ""  # the job's state now ("" for a new job)
     changes: list[SpecChange] = []  # against the current version's spec (empty for a new job)
 
 

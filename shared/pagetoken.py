@@ -22,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -131,7 +132,7 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    if not text or any(c not in _ALPHABET for c in text):
+    if _B64_TEXT.fullmatch(text) is None:
         raise ValueError("bad characters")
     raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     if _b64(raw) != text:  # unused low bits set: another spelling of the same bytes is not our token
@@ -139,4 +140,4 @@ def _unb64(text: str) -> bytes:
     return raw
 
 
-_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_B64_TEXT = re.compile(r"[A-Za-z0-9_-]+")  # URL-safe base64 without padding, not empty

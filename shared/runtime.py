@@ -205,7 +205,7 @@ def run(factory: Callable[[Bus, Settings], Component], settings: Settings, name:
     """
     setup_logging(settings.log_level, settings.log_format, name)
     telemetry.setup(name, settings.traces_exporter, settings.traces_file)
-    metrics.setup(name, settings.metrics_port)
+    metrics.setup(name, settings.metrics_port, settings.metrics_host)
 
     async def main() -> int:
         stop = asyncio.Event()

@@ -54,6 +54,7 @@ class Settings(msgspec.Struct, kw_only=True):
     log_format: str = "text"
     # Serve this process's metrics at http://<host>:<port>/metrics in the Prometheus format; 0: off.
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"  # where SHOAL_METRICS_PORT listens (unauthenticated: loopback unless told)
 
     def credentials(self) -> Credentials:
         return Credentials(creds=self.nats_creds, nkey=self.nats_nkey, user=self.nats_user,
@@ -123,6 +124,7 @@ def from_env(**overrides: object) -> Settings:
         log_level=env.get("SHOAL_LOG_LEVEL", "INFO"),
         log_format=_choice("SHOAL_LOG_FORMAT", "text", LOG_FORMATS),
         metrics_port=_port("SHOAL_METRICS_PORT"),
+        metrics_host=env.get("SHOAL_METRICS_HOST") or "127.0.0.1",
     )
     for name, value in overrides.items():
         if value is not None:

@@ -83,6 +83,18 @@ def check_labels(labels: dict[str, str], field: str) -> None:
             raise InvalidInput(exc.message, field=f"{field}.{key}") from None
 
 
+def parse_labels(pairs: list[str], field: str = "label") -> dict[str, str]:
+    """`key=value` pairs (flags such as `--label tier=edge`) as a label map; a pair without `=` or key is
+    an error naming `field`."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise InvalidInput(f"label {shown(pair)} must be key=value", field=field)
+        labels[key] = value
+    return labels
+
+
 def validate_spec(spec: JobSpec, namespace: str) -> list[str]:
     """Check a decoded spec submitted in `namespace`; fill in the namespace. Returns warnings."""
     warnings: list[str] = []

@@ -24,7 +24,7 @@ MODULES: dict[str, list[str]] = {
     "shared/selector.py": ["tests/unit/test_selector.py"],
     "services/health/transitions.py": ["tests/unit/test_health_rules.py"],
     "services/health/windows.py": ["tests/unit/test_health_rules.py"],
-    "services/rollout/waves.py": ["tests/unit/test_rollout_rules.py"],
+    "shared/waves.py": ["tests/unit/test_rollout_rules.py"],
     "services/rollout/decide.py": ["tests/unit/test_decide.py"],
 }
 

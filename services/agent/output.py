@@ -33,6 +33,7 @@ from shared import subjects as s
 from shared.api import OUTPUT_CHUNK_BYTES, OutputChunk
 from shared.codec import to_msgpack
 from shared.durations import utcnow
+from shared.errors import ShoalError, Unavailable
 from shared.models import OUTPUT_SUMMARY_CHARS, Execution
 from shared.topology import OUTPUT_CHUNKS_KEPT
 from shared.transport import Bus
@@ -291,6 +292,9 @@ class OutputShipper:
                                              for _, chunk in batch), return_exceptions=True)
             failed: BaseException | None = None
             for (execution_id, chunk), result in zip(batch, results):
+                if isinstance(result, BaseException) and self._final(chunk, result):
+                    self._give_up(execution_id, chunk, result)
+                    continue
                 if isinstance(result, BaseException):
                     failed = result
                     continue
@@ -310,6 +314,26 @@ class OutputShipper:
                 delay = min(delay * 2, 5.0)
             else:
                 delay = 0.1
+
+    def _final(self, chunk: _Chunk, error: BaseException) -> bool:
+        """Whether trying `chunk` again cannot help: the stream refused the message itself (a JetStream
+        error, not a timeout or a lost connection), or the server refused this connection its subject."""
+        if isinstance(error, ShoalError) and not isinstance(error, Unavailable):
+            return True
+        return any(chunk.subject in violation for violation in self.bus.violations)
+
+    def _give_up(self, execution_id: str, chunk: _Chunk, error: BaseException) -> None:
+        queue = self.pending.get(execution_id)
+        if not queue or queue[0] is not chunk:
+            return  # dropped meanwhile
+        queue.popleft()
+        self.pending_bytes -= len(chunk.payload)
+        if not queue:
+            del self.pending[execution_id]
+        self.dropped += 1
+        if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+            log.warning("output chunk on %s refused for good and dropped (%d dropped so far): %s",
+                        chunk.subject, self.dropped, error)
 
     # -- the end -----------------------------------------------------------------------------------
 

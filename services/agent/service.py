@@ -32,6 +32,7 @@ from shared.models import Execution, Heartbeat
 from shared.runtime import Component
 from shared.settings import Settings
 from shared.transport import Bus, PullReader, StreamMessage, is_delete
+from shared.validation import parse_labels
 
 from .fleetstate import FleetJournal
 from .node import NodeAgent
@@ -67,16 +68,6 @@ def expand(template: str, i: int) -> str:
         return str(i)
 
     return _TEMPLATE.sub(sub, template)
-
-
-def parse_labels(pairs: list[str]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise InvalidInput(f"label {pair!r} must be key=value", field="label")
-        labels[key] = value
-    return labels
 
 
 class FleetNode:

@@ -37,7 +37,9 @@ from shared import authz
 from shared.authz import Identity, Kind, Registry
 from shared.codec import from_json, to_json
 from shared.errors import InvalidInput, ShoalError
+from shared.files import write_atomic
 from shared.models import DEFAULT_NAMESPACE
+from shared.tokens import add_token
 from shared.validation import check_labels
 
 REGISTRY = "shoal-auth.json"
@@ -59,8 +61,8 @@ def add_auth_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                                  description=(__doc__ or "").split("\n\n")[0])
     sub = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
 
-    init = sub.add_parser("init", help="create DIR: seeds of the service, admin and fleet identities, the "
-                                       "registry and nats-auth.conf")
+    init = sub.add_parser("init", help="create DIR: seeds of the service, admin, gateway and fleet identities, "
+                                       "the registry and nats-auth.conf")
     init.add_argument("dir", metavar="DIR")
     # Not --namespace: that is the global -n of every command, which `shoal` takes from anywhere on the line.
     init.add_argument("--tenant", action="append", default=[], dest="namespaces", metavar="NS",
@@ -177,7 +179,7 @@ def _target(args: argparse.Namespace) -> tuple[Kind, str]:
 
 def init(directory: Path, *, namespaces: list[str], nodes: list[str], fleet: bool = True,
          force: bool = False) -> int:
-    wanted: list[tuple[Kind, str]] = [("service", "service"), ("admin", "admin")]
+    wanted: list[tuple[Kind, str]] = [("service", "service"), ("admin", "admin"), ("gateway", "gateway")]
     wanted += [("fleet", "fleet")] if fleet else []
     wanted += [("tenant", ns) for ns in namespaces] + [("node", n) for n in nodes]
     for kind, name in wanted:
@@ -283,8 +285,6 @@ def revoke(directory: Path, registry: Registry, kind: Kind, name: str, *, previo
 def add_gateway_token(path: Path, *, admin: bool, namespaces: list[str], name: str) -> int:
     """`shoal auth add-token`: the token alone on stdout (so `TOKEN=$(shoal auth add-token ...)` works),
     what was done on stderr."""
-    from services.gateway.tokens import add_token
-
     token = add_token(path, role="admin" if admin else "tenant", namespaces=namespaces, name=name)
     print(token)
     scope = "admin" if admin else f"tenant of {', '.join(namespaces)}"
@@ -377,32 +377,6 @@ def _forget(directory: Path) -> None:
         if path.is_file():
             path.unlink()
             print(f"deleted {path}")
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` at once (readers see the old or the new file, never a part), created
-    with `mode` whatever the umask, so a seed is never readable by others even for a moment."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @contextlib.contextmanager

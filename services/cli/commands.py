@@ -19,16 +19,17 @@ from shared.api import (
     ListNodesRequest,
     LogItem,
     RolloutStatus,
+    node_failure,
 )
 from shared.codec import to_json
 from shared.durations import format_duration, rfc3339
 from shared import subjects as s
 from shared.errors import InvalidInput, NotFound, ShoalError
-from shared.models import ONE_SHOT_JOB_TYPES, Execution, Job, JobSpec, Node, Selector, SubmissionOutcome
+from shared.models import ONE_SHOT_JOB_TYPES, Execution, Job, JobSpec, Selector, SubmissionOutcome
 from shared.models import ENDED_JOB_STATES, TERMINAL_STATES, details
 from shared.settings import Settings
 from shared.transport import Bus
-from shared.validation import check_namespace
+from shared.validation import check_namespace, parse_labels
 
 from .client import Client, load_spec
 from .main import EXIT_TIMEOUT
@@ -172,24 +173,17 @@ async def _wait_for_job(client: Client, job_id: str, version: int, verbose: bool
         await asyncio.sleep(pause)
 
 
-async def _all_nodes(client: Client) -> list[Node]:
-    items: list[Node] = []
-    token = ""
-    while True:
-        _, page = await client.list_nodes(ListNodesRequest(limit=1000, next_token=token))
-        items += page.items
-        token = page.next_token
-        if not token:
-            return items
-
-
 async def _why_queued(client: Client, job: Job) -> str:
-    """`queued: no ready node matches the selector (...)`, with each requirement no ready node meets."""
-    from services.scheduler.submissions import explain_no_match
-
-    reasons = explain_no_match(job.spec, await _all_nodes(client))
+    """`queued: no ready node matches the selector (...)`, with each requirement no ready node meets: the
+    scheduler's dry run of the same spec says why (whoever may submit may ask; it speaks in counts)."""
     head = f"queued: no ready node matches {_selector_phrase(job.spec.selector)}"
-    return head + "".join(f"\n  why: {reason}" for reason in reasons)
+    try:
+        outcome = await client.submit(job.spec, dry_run=True, force=True)  # (force: the spec is the current one)
+    except ShoalError as exc:
+        return f"{head}\n  (could not ask why: {exc})"
+    if isinstance(outcome, str) or outcome.plan is None:
+        return head
+    return head + "".join(f"\n  why: {reason}" for reason in outcome.plan.no_match)
 
 
 async def first_failure(client: Client, job: str, version: int | None = None) -> Execution | None:
@@ -207,8 +201,6 @@ async def first_failure(client: Client, job: str, version: int | None = None) ->
 
 async def _explain_failure(client: Client, job: Job, out: Any) -> None:
     """The first failure's cause and the commands that show the rest."""
-    from services.rollout.service import node_failure
-
     first = await first_failure(client, job.id, job.version)
     if first is not None:
         print(f"first failure: {first.node_id} (execution {first.id}): "
@@ -584,8 +576,6 @@ JOB["logs"] = job_logs
 
 
 async def node(args: argparse.Namespace, client: Client) -> int:
-    from services.agent.service import parse_labels
-
     selector = None
     if args.selector or args.label or args.ids:
         selector = Selector(match_labels=parse_labels(args.label), match_expressions=list(args.selector),

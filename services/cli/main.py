@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None,
                        help="gateway: HTTP port (default: $SHOAL_HTTP_PORT or 8080)")
     serve.add_argument("--host", default=None, help="gateway: address to listen on (default: $SHOAL_HTTP_HOST or 127.0.0.1)")
+    serve.add_argument("--insecure", action="store_true", default=os.environ.get("SHOAL_GATEWAY_INSECURE", "") == "1",
+                       help="gateway: serve without SHOAL_GATEWAY_TOKENS on a non-loopback address, trusting every "
+                            "caller (default: $SHOAL_GATEWAY_INSECURE=1)")
     serve.add_argument("--replicas", type=int, default=1, help="run this many replicas in this process")
     serve.add_argument("--db", default=None, help="query service: SQLite view file (default: $SHOAL_QUERY_DB)")
     serve.add_argument("--ready-file", default="",
@@ -91,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--sim-label", action="append", default=[], metavar="KEY=TEMPLATE", help=SIM_LABEL_HELP)
     dev.add_argument("--http-port", type=int, default=0,
                      help="port of the HTTP gateway it starts (default: a free port; its URL is printed)")
+    dev.add_argument("--metrics-port", type=int, default=0, metavar="N",
+                     help="serve each process's metrics on its own port from N up (default: off)")
 
     demo = sub.add_parser("demo", help="start a local stack, run the examples, show the results, exit")
     demo.add_argument("--examples", default="examples", help="directory of example job specs")
@@ -436,6 +441,10 @@ async def rotate_page_key(args: argparse.Namespace, settings) -> int:
 def serve(args: argparse.Namespace, settings) -> int:
     if args.replicas < 1:
         raise ShoalError("--replicas must be at least 1", code=400)
+    if args.service == "gateway":
+        from services.gateway.service import check_exposure
+
+        check_exposure(args.host, insecure=args.insecure)  # before waiting for NATS
 
     def factory(bus, s):
         if args.service == "scheduler":
@@ -453,7 +462,7 @@ def serve(args: argparse.Namespace, settings) -> int:
         if args.service == "gateway":
             from services.gateway import GatewayService
 
-            return GatewayService(bus, s, port=args.port, host=args.host)
+            return GatewayService(bus, s, port=args.port, host=args.host, insecure=args.insecure)
         from services.query import QueryService
 
         return QueryService(bus, s, db_path=args.db, numbered=args.replicas > 1)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.authz import Kind
 from shared.errors import Conflict
 from shared.natsserver import NatsServer, ServerFailed
 from shared.transport import Credentials
@@ -151,6 +152,10 @@ class Stack:
     http_port: int = 0
     # Label templates of the simulated fleet's nodes (`--sim-label zone=z{i%3}`); none: the agent's defaults.
     sim_labels: tuple[str, ...] = ()
+    # Metrics (`shoal dev --metrics-port N`): each process its own port, N, N+1, ... in the order they first
+    # start, kept across restarts (0: none; a SHOAL_METRICS_PORT in the environment is not passed on).
+    metrics_port: int = 0
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     server: NatsServer | None = None
     children: dict[str, Child] = field(default_factory=dict)
     _lock_fd: int | None = field(default=None, repr=False)
@@ -218,6 +223,10 @@ class Stack:
 
     def child_env(self, name: str = "") -> dict[str, str]:
         env = {**os.environ, **self.env, "SHOAL_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+        env.pop("SHOAL_METRICS_PORT", None)
+        if self.metrics_port and name:
+            port = self.metrics_ports.setdefault(name, self.metrics_port + len(self.metrics_ports))
+            env["SHOAL_METRICS_PORT"] = str(port)
         if self.auth:
             env["SHOAL_NATS_NKEY"] = str(self.seed(*self._identity_of(name)))
             if name == GATEWAY:
@@ -230,20 +239,22 @@ class Stack:
     def auth_dir(self) -> Path:
         return self.data_dir / "nats" / "auth"
 
-    def seed(self, kind: str, name: str) -> Path:
+    def seed(self, kind: Kind, name: str) -> Path:
         """The seed file of one identity of this stack (e.g. `seed("admin", "admin")`)."""
         from .auth import seed_path
 
-        return self.auth_dir / seed_path(kind, name)  # type: ignore[arg-type]
+        return self.auth_dir / seed_path(kind, name)
 
     def credentials(self) -> Credentials:
         """How a user (or a test) talks to this stack: as the admin identity when auth is on."""
         return Credentials(nkey=str(self.seed("admin", "admin"))) if self.auth else Credentials()
 
-    def _identity_of(self, name: str) -> tuple[str, str]:
-        # The gateway enforces tokens itself and reads SHOAL_EVENTS for its event streams: a service.
+    def _identity_of(self, name: str) -> tuple[Kind, str]:
+        # The gateway has its own identity: the API, submissions and ordered consumers of SHOAL_EVENTS.
         if name == "fleet":
             return "fleet", "fleet"
+        if name == GATEWAY:
+            return "gateway", "gateway"
         if name.startswith("node-") or name in self._agents:
             return "node", name
         return "service", "service"
@@ -251,7 +262,7 @@ class Stack:
     def _make_identities(self) -> str:
         """Identities for every process of the stack (kept across restarts of the same data dir), and the
         nats-server configuration line that includes them."""
-        from .auth import add_node, add_tenant, init, load
+        from .auth import add_node, add_tenant, init, load, rotate
 
         nodes = [f"node-{i}" for i in range(1, self.nodes + 1)]
         with contextlib.redirect_stdout(io.StringIO()):
@@ -266,6 +277,8 @@ class Stack:
                 for tenant in self.tenants:
                     if ("tenant", tenant) not in known:
                         add_tenant(self.auth_dir, load(self.auth_dir), tenant)
+                if ("gateway", "gateway") not in known:  # a data dir from before the gateway had one
+                    rotate(self.auth_dir, load(self.auth_dir), "gateway", "gateway")
         return 'include "auth/nats-auth.conf"\n'  # relative to the server's config file
 
     def log_path(self, name: str) -> Path:
@@ -352,9 +365,10 @@ class Stack:
         path = self.auth_dir / GATEWAY_ADMIN_TOKEN
         if path.exists() and (self.auth_dir / GATEWAY_TOKENS).exists():
             return
-        from services.gateway.tokens import add_token
+        from shared.files import write_atomic
+        from shared.tokens import add_token
 
-        from .auth import SEED_MODE, write_atomic
+        from .auth import SEED_MODE
 
         token = add_token(self.auth_dir / GATEWAY_TOKENS, role="admin", name="shoal-dev")
         write_atomic(path, token.encode() + b"\n", SEED_MODE)

@@ -124,9 +124,12 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
     if not 0 <= http_port <= 65535:
         raise InvalidInput(f"--http-port {http_port} is not between 0 and 65535", field="http_port")
     sim_labels = tuple(getattr(args, "sim_label", None) or ())
+    metrics_port = getattr(args, "metrics_port", 0) or 0
+    if not 0 <= metrics_port <= 65535 - 1000:
+        raise InvalidInput(f"--metrics-port {metrics_port} leaves no room for a port per process", field="metrics_port")
     stack = Stack(Path(args.data_dir), nodes=args.nodes, simulate=args.simulate, replicas=replicas,
                   nats_url=settings.nats_url if source else "", auth=auth, gateway=True, http_port=http_port,
-                  sim_labels=sim_labels)
+                  sim_labels=sim_labels, metrics_port=metrics_port)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -160,6 +163,8 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
             say(f"  the dashboard asks for a token: the admin token is in {token}")
         say("  shoal node list")
         say("  shoal job run examples/pipeline-logs.yaml --wait")
+        if stack.metrics_ports:
+            say("metrics: " + ", ".join(f"{name} :{port}" for name, port in stack.metrics_ports.items()))
         say(f"logs: {stack.data_dir / 'logs'}    stop: Ctrl-C")
         while not stopping:
             for line in stack.supervise_once():

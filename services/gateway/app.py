@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.errors import Internal, InvalidInput, NotFound, ShoalError
+from shared.tokens import Unauthorized
 from shared.validation import check_namespace
 
 from .handlers import HANDLERS
 from .http import Receive, Request, Response, Scope, Send, error_response
 from .routes import ROUTES, Route
-from .tokens import Unauthorized
 
 if TYPE_CHECKING:
     from .service import GatewayService
@@ -109,12 +109,13 @@ class GatewayApp:
         route, req.params = match(ROUTES, req.segments, req.method)
         access = self.gw.tokens.check(req.header("authorization")) if route.access != "public" else None
         if "ns" in req.params:
-            check_namespace(req.params["ns"])
+            check_namespace(req.params["ns"], "ns")  # named as the path parameter `{ns}`
         if access is not None:
             if route.access == "admin":
                 access.admin()
             elif "ns" in req.params:
                 access.namespace(req.params["ns"])
+            req.access = access
         return await HANDLERS[route.handler](self.gw, route, req)
 
     def _static(self, req: Request) -> Response | None:

@@ -6,6 +6,7 @@ API; an error reply keeps its `{"error": ...}` body and its code becomes the HTT
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from shared import subjects as s
 from shared.api import GetSubmissionRequest, PutJobRequest
 from shared.codec import from_json, to_json
 from shared.errors import Conflict, ErrorBody, ErrorReply, InvalidInput, NotFound, Unavailable
+from shared.ids import SEQ_PREFIX
 from shared.models import SubmissionOutcome
 
 from .http import Request, Response
@@ -22,10 +24,14 @@ from .routes import Health, Route
 if TYPE_CHECKING:
     from .service import GatewayService
 
-# A submission id starting with this is one the scheduler gives itself (README: "answered as seq-<N>"):
-# a client's key that looks like one would be answered under another id, so it is refused here.
-SCHEDULER_ID_PREFIX = "seq-"
 IDEMPOTENCY_KEY = "Idempotency-Key"
+SUBMISSION_ID = "Submission-Id"
+# The submission id of a PUT is derived from its namespace and its Idempotency-Key: ids are the cluster's
+# (the submission stream drops a second message under an id it has seen, whatever its namespace), so a
+# client's raw key would let one namespace probe and occupy another's keys.
+SUBMISSION_PREFIX = "idem-"
+DIGEST_CHARS = 40  # hex characters of SHA-256 kept: 160 bits
+assert not SUBMISSION_PREFIX.startswith(SEQ_PREFIX)  # the scheduler's own ids stay distinct
 
 
 async def forward(gw: GatewayService, route: Route, req: Request) -> Response:
@@ -44,19 +50,21 @@ async def submit(gw: GatewayService, route: Route, req: Request) -> Response:
     The body is decoded here first, exactly as the scheduler decodes it, so a malformed one is a 400 at
     once and never enters the stream; the bytes published are the client's own.
 
-    A client's `Idempotency-Key` that already has an outcome in this namespace is answered with it, and
-    nothing is published. A key the stream has seen within its duplicate window without an outcome here
-    (used in another namespace: submission ids are the cluster's, not a namespace's) is a 409 naming the
-    key, since the stream dropped this submission as a duplicate and nothing will ever answer it.
+    The submission id is `submission_id_of(ns, key)`, the key being the client's `Idempotency-Key` (a
+    new one when absent): the same key in the same namespace is the same submission, answered with its
+    outcome without publishing again; the same key in another namespace is another submission. Both the
+    key and the id are in the reply's headers, and the id is the outcome's `submission_id`.
     """
     if req.query:
         raise InvalidInput("PUT /jobs takes no query parameters", field=next(iter(req.query)))
     ns = req.params["ns"]
     body = await req.body()
     from_json(body, PutJobRequest)
-    key = req.header(IDEMPOTENCY_KEY.lower())
-    submission_id = _submission_id(key)
-    reply = await _stored_outcome(gw, ns, submission_id) if key is not None else None
+    given = req.header(IDEMPOTENCY_KEY.lower())
+    key = _idempotency_key(given)
+    submission_id = submission_id_of(ns, key)
+    headers = {IDEMPOTENCY_KEY: key, SUBMISSION_ID: submission_id}
+    reply = await _stored_outcome(gw, ns, submission_id) if given is not None else None
     duplicate = False
     if reply is None:
         waiter = await gw.bus.expect(s.submitted(ns, submission_id))
@@ -71,29 +79,33 @@ async def submit(gw: GatewayService, route: Route, req: Request) -> Response:
     if reply is None:
         reply = await _stored_outcome(gw, ns, submission_id)
     if reply is None and duplicate:
-        raise Conflict(f"{IDEMPOTENCY_KEY} {submission_id!r} was used recently (within the submission stream's "
-                       f"duplicate window) for a submission with no outcome in namespace {ns!r}: another namespace's, "
-                       f"or one still queued; this one was dropped as its duplicate: use another key",
-                       field=IDEMPOTENCY_KEY)
+        raise Conflict(f"{IDEMPOTENCY_KEY} {key!r} was used moments ago in namespace {ns!r} for a submission that "
+                       f"has no outcome yet; GET /api/v1/namespaces/{ns}/submissions/{submission_id} tells its "
+                       f"outcome once it has one", field=IDEMPOTENCY_KEY)
     if reply is None:
         raise Unavailable(f"submission {submission_id} is queued but was not processed within "
                           f"{gw.submit_wait:.0f}s; GET /api/v1/namespaces/{ns}/submissions/{submission_id} tells "
                           f"its outcome later")
     outcome = from_json(reply, SubmissionOutcome, max_bytes=None)
     if outcome.accepted:
-        return Response(200, reply, headers={IDEMPOTENCY_KEY: submission_id})
+        return Response(200, reply, headers=headers)
     error = outcome.error or ErrorBody(code=500, message="submission rejected without an error")
     status = error.code if 400 <= error.code <= 599 else 500
-    return Response(status, to_json(ErrorReply(error=error)), headers={IDEMPOTENCY_KEY: submission_id})
+    return Response(status, to_json(ErrorReply(error=error)), headers=headers)
 
 
-def _submission_id(key: str | None) -> str:
+def _idempotency_key(key: str | None) -> str:
     if key is None:
         return str(uuid.uuid4())
-    if not s.TOKEN.fullmatch(key) or key.startswith(SCHEDULER_ID_PREFIX):
+    if not s.TOKEN.fullmatch(key):
         raise InvalidInput(f"invalid {IDEMPOTENCY_KEY}: use 1-128 letters, digits, '_' and '-', starting with a "
-                           f"letter or digit and not with {SCHEDULER_ID_PREFIX!r}", field=IDEMPOTENCY_KEY)
+                           f"letter or digit", field=IDEMPOTENCY_KEY)
     return key
+
+
+def submission_id_of(namespace: str, key: str) -> str:
+    """The submission id of `key` in `namespace`: `idem-` and 40 hex characters of their SHA-256."""
+    return SUBMISSION_PREFIX + hashlib.sha256(f"{namespace}\n{key}".encode()).hexdigest()[:DIGEST_CHARS]
 
 
 async def _stored_outcome(gw: GatewayService, ns: str, submission_id: str) -> bytes | None:

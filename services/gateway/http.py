@@ -15,6 +15,7 @@ import msgspec
 
 from shared.codec import MAX_REQUEST_BYTES, to_json
 from shared.errors import ErrorReply, InvalidInput, ShoalError
+from shared.tokens import OPEN, Access
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -48,24 +49,33 @@ def error_response(exc: ShoalError, headers: dict[str, str] | None = None) -> Re
 class Request:
     """One HTTP request: method, decoded path segments, query parameters (each name may repeat), headers."""
 
-    __slots__ = ("method", "path", "segments", "query", "headers", "_receive", "params")
+    __slots__ = ("method", "path", "segments", "query", "headers", "_receive", "params", "access", "client")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.method: str = scope["method"]
         raw = scope.get("raw_path") or scope["path"].encode()
         self.path = raw.decode("latin-1").split("?", 1)[0]
         # Split before decoding, so that an encoded "/" inside a job name stays inside its segment.
-        self.segments = [unquote(part, errors="strict") for part in self.path.split("/")[1:]]
+        try:
+            self.segments = [unquote(part, errors="strict") for part in self.path.split("/")[1:]]
+        except UnicodeDecodeError:
+            raise InvalidInput("the path is not UTF-8 once percent-decoded", field="path") from None
         query = scope.get("query_string", b"")
         if len(query) > MAX_QUERY:
-            raise InvalidInput(f"query string of {len(query)} bytes is longer than {MAX_QUERY}")
+            raise InvalidInput(f"query string of {len(query)} bytes is longer than {MAX_QUERY}", field="query")
         self.query: dict[str, list[str]] = {}
-        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="utf-8",
-                                     errors="strict"):
+        try:
+            pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidInput("the query string is not UTF-8 once percent-decoded", field="query") from None
+        for name, value in pairs:
             self.query.setdefault(name, []).append(value)
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         self._receive = receive
         self.params: dict[str, str] = {}
+        self.access: Access = OPEN  # who calls, once the token is checked
+        client = scope.get("client")
+        self.client: str = str(client[0]) if client else ""  # the peer's address
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

@@ -26,7 +26,8 @@ from .routes import ROUTES, Route
 
 REF = "#/components/schemas/{name}"
 ERROR_TEXT = {400: "Invalid input", 401: "No token or an unknown one", 403: "The token may not do this",
-              404: "Not found", 409: "Conflict", 500: "Internal error", 503: "Unavailable (retry)"}
+              404: "Not found", 409: "Conflict", 429: "Too many requests", 500: "Internal error",
+              503: "Unavailable (retry)"}
 
 
 def _schema_hook(tp: Any) -> dict[str, Any]:

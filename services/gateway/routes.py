@@ -97,8 +97,10 @@ ROUTES: tuple[Route, ...] = (
           summary="Submit a job spec; answers with the submission's outcome", handler="submit",
           request=PutJobRequest, source="body", reply=SubmissionOutcome,
           errors=(400, 401, 403, 404, 409, 500, 503),
-          description="Published on `shoal.submit.<ns>` with the `Idempotency-Key` header as its submission id "
-                      "(a new one when absent): the same key answers with the same outcome."),
+          description="Published on `shoal.submit.<ns>` under a submission id derived from the namespace and the "
+                      "`Idempotency-Key` header (a new key when absent): the same key in the same namespace answers "
+                      "with the same outcome. The reply's `Submission-Id` header (and the outcome's "
+                      "`submission_id`) is what GET .../submissions/{id} takes."),
     Route(method="GET", path=f"{NS}/jobs", name="listJobs", summary="A keyset page of the namespace's jobs",
           handler="forward", request=ListJobsRequest, source="query", operation=s.JOBS_LIST,
           reply=ListJobsResponse),
@@ -128,7 +130,7 @@ ROUTES: tuple[Route, ...] = (
                       "reply's `next` as `after` to continue, or to follow the output as it is written."),
     Route(method="GET", path=f"{NS}/jobs/{{job}}/events", name="jobEvents",
           summary="Server-Sent Events: the job's rollout progress and execution changes", handler="events",
-          tag="rollouts", content_type="text/event-stream",
+          tag="rollouts", content_type="text/event-stream", errors=(400, 401, 403, 404, 429, 500, 503),
           description="`event: rollout` with a RolloutStatus (first the current one, then on every change), "
                       "`event: execution` with an Execution (its `id:` is the stream sequence; send it back as "
                       "`Last-Event-ID` to resume), and a comment every 15 s."),
@@ -145,5 +147,6 @@ ROUTES: tuple[Route, ...] = (
     Route(method="GET", path="/openapi.json", name="openapi", summary="This document (OpenAPI 3.1)",
           handler="openapi", access="public", tag="gateway", errors=()),
     Route(method="GET", path="/metrics", name="metrics", summary="Prometheus metrics of this process",
-          handler="metrics", access="admin", tag="gateway", content_type="text/plain", errors=(401, 403, 404)),
+          handler="metrics", access="admin", tag="gateway", content_type="text/plain",
+          errors=(401, 403, 404, 503)),
 )

@@ -2,8 +2,13 @@
 
 Stateless: every route is one NATS call (or a stream of one job's events), so any number of gateways
 can run side by side behind a load balancer, and one that dies loses nothing. It creates no stream or
-bucket (the services do) and may therefore connect as the admin identity; only the event streams need
-an identity that may create consumers on SHOAL_EVENTS (the service identity).
+bucket (the services do). In a secured deployment it connects as the gateway identity of `shoal auth
+init` (shared/authz.py): the whole API, submissions, and ordered consumers on SHOAL_EVENTS for the event
+streams; nothing else.
+
+Secure by default: without a token file (SHOAL_GATEWAY_TOKENS) every caller is trusted, so the gateway
+then refuses to listen anywhere but on a loopback address unless told `--insecure`
+(SHOAL_GATEWAY_INSECURE=1).
 
 The HTTP server (uvicorn) runs on the component's own event loop. It is told not to touch signals:
 the process's runtime owns SIGINT and SIGTERM and stops the component, which stops the server.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -21,15 +27,15 @@ from collections.abc import Iterator
 import msgspec
 import uvicorn
 
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, Unavailable
 from shared.runtime import Component
 from shared.settings import Settings
+from shared.tokens import SETTING as TOKENS_SETTING, Tokens
 from shared.transport import Bus
 
 from .app import GatewayApp
 from .openapi import document
-from .sse import HEARTBEAT
-from .tokens import Tokens
+from .sse import HEARTBEAT, MAX_STREAMS, MAX_STREAMS_PER_CALLER, STATUS_EVERY, StatusRefresher
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ SUBMIT_WAIT = 15.0  # seconds to wait for a submission's outcome before saying w
 # HTTP parser (whose default, 16 KiB, is no more than that query string alone).
 MAX_HEAD = 64 * 1024
 SHUTDOWN_GRACE = 5.0  # seconds for requests in flight when stopping
+START_TIMEOUT = 10.0  # seconds for the HTTP server to start listening
+INSECURE_SETTING = "SHOAL_GATEWAY_INSECURE"
 
 
 class _Server(uvicorn.Server):
@@ -55,19 +63,27 @@ class GatewayService(Component):
     ensures_topology = False  # it creates nothing; an admin identity may not
 
     def __init__(self, bus: Bus, settings: Settings, *, port: int | None = None, host: str | None = None,
-                 tokens_file: str | None = None) -> None:
+                 tokens_file: str | None = None, insecure: bool = False) -> None:
         super().__init__(bus, settings)
         self.host = host or os.environ.get("SHOAL_HTTP_HOST") or DEFAULT_HOST
         self.requested_port = port if port is not None else _env_port()
         if not 0 <= self.requested_port <= 65535:
             raise InvalidInput(f"HTTP port {self.requested_port} is not between 0 and 65535", field="port")
-        path = tokens_file if tokens_file is not None else os.environ.get("SHOAL_GATEWAY_TOKENS", "")
+        path = tokens_file if tokens_file is not None else os.environ.get(TOKENS_SETTING, "")
+        check_exposure(self.host, tokens=bool(path), insecure=insecure)
         self.tokens = Tokens(path or None)
         self.port = 0  # the bound port, once started (a free one when asked for 0)
         self.timeout = REQUEST_TIMEOUT
         self.submit_wait = SUBMIT_WAIT
         self.heartbeat = HEARTBEAT
         self.streams = 0  # event streams open
+        self.caller_streams: dict[str, int] = {}  # event streams open, by caller
+        self.max_streams = MAX_STREAMS
+        self.max_streams_per_caller = MAX_STREAMS_PER_CALLER
+        self.refreshers: dict[tuple[str, str], StatusRefresher] = {}  # (namespace, job id): its status, shared
+        self.status_every = STATUS_EVERY
+        self.status_requests = 0  # rollouts.status requests made for event streams
+        self.start_timeout = START_TIMEOUT
         self.openapi = msgspec.json.encode(document())
         self._server: _Server | None = None
         self._serving: asyncio.Task[None] | None = None
@@ -94,10 +110,19 @@ class GatewayService(Component):
                                 server_header=False, h11_max_incomplete_event_size=MAX_HEAD)
         self._server = _Server(config)
         self._serving = asyncio.create_task(self._server.serve(sockets=[sock]), name="gateway:http")
+        deadline = asyncio.get_running_loop().time() + self.start_timeout
         while not self._server.started:
             if self._serving.done():
                 self._serving.result()  # raises what stopped it
                 raise InvalidInput(f"HTTP server on {self.host}:{self.port} did not start")
+            if asyncio.get_running_loop().time() >= deadline:
+                self._server.should_exit = True
+                self._serving.cancel()
+                await asyncio.gather(self._serving, return_exceptions=True)
+                self._serving = None
+                sock.close()
+                raise Unavailable(f"HTTP server on {self.host}:{self.port} did not start within "
+                                  f"{self.start_timeout:g}s", retryable=False)
             await asyncio.sleep(0.02)
         self._serving.add_done_callback(self._ended)
         log.info("gateway listening on %s (tokens %s)", self.url, "required" if self.tokens.enabled else "off")
@@ -117,6 +142,30 @@ class GatewayService(Component):
                 self._serving.cancel()
                 await asyncio.gather(self._serving, return_exceptions=True)
         await super().stop()
+
+
+def check_exposure(host: str | None, *, tokens: bool | None = None, insecure: bool = False) -> None:
+    """Refuse to serve every caller as trusted (no token file) on an address others can reach, unless told
+    `--insecure` (or SHOAL_GATEWAY_INSECURE=1). `host` None is SHOAL_HTTP_HOST or the loopback default;
+    `tokens` None is whether SHOAL_GATEWAY_TOKENS is set."""
+    host = host or os.environ.get("SHOAL_HTTP_HOST") or DEFAULT_HOST
+    if tokens is None:
+        tokens = bool(os.environ.get(TOKENS_SETTING, ""))
+    insecure = insecure or os.environ.get(INSECURE_SETTING, "") == "1"
+    if tokens or insecure or _loopback(host):
+        return
+    raise InvalidInput(f"refusing to serve on {host} without {TOKENS_SETTING}: every caller would be trusted; "
+                       f"set {TOKENS_SETTING} (shoal auth add-token), listen on 127.0.0.1, or pass --insecure "
+                       f"({INSECURE_SETTING}=1)", field=TOKENS_SETTING)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _env_port() -> int:

@@ -6,13 +6,20 @@ at its current end: no polling, and nothing is missed between the first status a
 
 - `event: execution`: the Execution as written (its `id:` is the stream sequence; a client that sends
   it back as `Last-Event-ID` resumes after it);
-- `event: rollout`: a RolloutStatus, first the current one, then after changes. The status is the
-  rollout service's answer (waves and their states are computed there), asked for at most every
-  REFRESH seconds however fast executions change, and sent only when it differs from the last one;
+- `event: rollout`: a RolloutStatus, first the current one, then after changes, sent only when it
+  differs from the last one sent;
 - a comment every HEARTBEAT seconds, so proxies and clients know the stream is alive.
 
+The status is the rollout service's answer (`rollouts.status`, which reads every execution of the
+job), so what asks for it is shared: one StatusRefresher per job in a gateway, whatever the number of
+streams open on that job. A change of the rollout record is asked about at once (once, however many
+streams saw it); a change of an execution only moves its wave's counts, so it is asked about at most
+once every `status_every` seconds (STATUS_EVERY), and its Execution is forwarded meanwhile.
+
 A stream ends when its client goes away, when the gateway stops, or when a reader fails for good (the
-client reconnects); either way its server-side consumers are deleted.
+client reconnects); either way its server-side consumers are deleted. A gateway holds at most
+`max_streams` streams, and one caller (a token; without tokens, a client address) at most
+`max_streams_per_caller`: the slot is taken before anything is awaited, and given back on every path.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shared import subjects as s
@@ -27,7 +35,7 @@ from shared.api import GetJobRequest, GetJobResponse, RolloutRequest
 from shared.codec import from_json, from_msgpack_or_none, to_json
 from shared.errors import InvalidInput, NotFound, ShoalError, Unavailable
 from shared.models import Execution
-from shared.transport import OrderedReader, StreamMessage, read_batches
+from shared.transport import OrderedReader, StreamMessage, is_delete, read_batches
 
 from .http import Request, Send
 
@@ -37,10 +45,49 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEARTBEAT = 15.0
-REFRESH = 0.3
+STATUS_EVERY = 3.0  # seconds: the most often one job's status is asked for because its executions changed
 MAX_STREAMS = 256  # each holds two ephemeral consumers on the server
+MAX_STREAMS_PER_CALLER = 32
 QUEUE = 1024
-KV_OPERATION = "KV-Operation"  # set on a deletion (DEL or PURGE) sourced from a bucket
+
+
+class TooManyRequests(ShoalError):
+    """One caller holds as many event streams as it may: 429."""
+
+    default_code = 429
+    default_retryable = True
+
+
+def reserve(gw: GatewayService, caller: str) -> Callable[[], None]:
+    """Take a stream slot for `caller`, or refuse: no await between the check and the count, so that
+    concurrent opens cannot all pass the check. Returns the release, which may be called more than once."""
+    if gw.streams >= gw.max_streams:
+        raise Unavailable(f"{gw.max_streams} event streams are open already; try again later")
+    held = gw.caller_streams.get(caller, 0)
+    if held >= gw.max_streams_per_caller:
+        raise TooManyRequests(f"this caller has {held} event streams open, the most it may; close one first")
+    gw.streams += 1
+    gw.caller_streams[caller] = held + 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        gw.streams -= 1
+        left = gw.caller_streams.get(caller, 1) - 1
+        if left > 0:
+            gw.caller_streams[caller] = left
+        else:
+            gw.caller_streams.pop(caller, None)
+
+    return release
+
+
+def caller_of(req: Request) -> str:
+    """Who opens a stream: the token (by its hash), or without tokens the client's address."""
+    return f"token:{req.access.key}" if req.access.key else f"address:{req.client}"
 
 
 async def open_job_events(gw: GatewayService, req: Request) -> JobEvents:
@@ -48,29 +95,32 @@ async def open_job_events(gw: GatewayService, req: Request) -> JobEvents:
     not a stream that ends at once."""
     if req.query:
         raise InvalidInput("the event stream takes no query parameters", field=next(iter(req.query)))
-    if gw.streams >= MAX_STREAMS:
-        raise Unavailable(f"{MAX_STREAMS} event streams are open already; try again later")
-    ns = req.params["ns"]
-    raw = await gw.bus.request(s.api(ns, s.JOBS_GET), to_json(GetJobRequest(job=req.params["job"])),
-                               timeout=gw.timeout)
-    job_id = from_json(raw, GetJobResponse, max_bytes=None).job.id
-    if not s.TOKEN.fullmatch(job_id):
-        raise NotFound(f"job {req.params['job']!r} has an id that cannot name its events")
-    end = (await gw.bus.stream_info(s.STREAM_EVENTS))["last_seq"] + 1
-    start = min(_last_event_id(req) + 1, end) if _last_event_id(req) else end
-    readers = [
-        OrderedReader(gw.bus, s.STREAM_EVENTS, filter_subject=f"{s.EVENTS_EXECUTION}.*.{ns}.{job_id}.>",
-                      start_seq=start),
-        OrderedReader(gw.bus, s.STREAM_EVENTS, filter_subject=f"{s.EVENTS_ROLLOUT}.*.{ns}.{job_id}", start_seq=start),
-    ]
+    release = reserve(gw, caller_of(req))
+    readers: list[OrderedReader] = []
     try:
+        ns = req.params["ns"]
+        raw = await gw.bus.request(s.api(ns, s.JOBS_GET), to_json(GetJobRequest(job=req.params["job"])),
+                                   timeout=gw.timeout)
+        job_id = from_json(raw, GetJobResponse, max_bytes=None).job.id
+        if not s.TOKEN.fullmatch(job_id):
+            raise NotFound(f"job {req.params['job']!r} has an id that cannot name its events", field="job")
+        end = (await gw.bus.stream_info(s.STREAM_EVENTS))["last_seq"] + 1
+        resume = _last_event_id(req)
+        start = min(resume + 1, end) if resume else end
+        readers = [
+            OrderedReader(gw.bus, s.STREAM_EVENTS, filter_subject=f"{s.EVENTS_EXECUTION}.*.{ns}.{job_id}.>",
+                          start_seq=start),
+            OrderedReader(gw.bus, s.STREAM_EVENTS, filter_subject=f"{s.EVENTS_ROLLOUT}.*.{ns}.{job_id}",
+                          start_seq=start),
+        ]
         for reader in readers:
             await reader.open()
     except BaseException:
         for reader in readers:
             await reader.close()
+        release()
         raise
-    return JobEvents(gw, ns, job_id, readers)
+    return JobEvents(gw, ns, job_id, readers, release)
 
 
 def _last_event_id(req: Request) -> int:
@@ -78,78 +128,186 @@ def _last_event_id(req: Request) -> int:
     return int(value) if value.isdigit() and len(value) < 20 else 0
 
 
+class StatusRefresher:
+    """The rollout status of one job, asked for on behalf of every stream of that job in this gateway."""
+
+    def __init__(self, gw: GatewayService, ns: str, job_id: str) -> None:
+        self.gw = gw
+        self.ns = ns
+        self.job_id = job_id
+        self.streams: set[JobEvents] = set()
+        self.status: bytes | None = None  # the last answer (None: no rollout, or not asked yet)
+        self.fetched_at = float("-inf")  # loop time of the last answer
+        self._due: float | None = None  # when to ask next; None: nothing changed since the last answer
+        self._rollout_seq = 0  # the last rollout-record event asked about
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task = asyncio.create_task(self._run(), name=f"gateway:status:{ns}/{job_id}")
+
+    @staticmethod
+    def join(gw: GatewayService, ns: str, job_id: str, stream: JobEvents) -> StatusRefresher:
+        refresher = gw.refreshers.get((ns, job_id))
+        if refresher is None:
+            refresher = gw.refreshers[(ns, job_id)] = StatusRefresher(gw, ns, job_id)
+        refresher.streams.add(stream)
+        return refresher
+
+    async def leave(self, stream: JobEvents) -> None:
+        self.streams.discard(stream)
+        if not self.streams and self.gw.refreshers.get((self.ns, self.job_id)) is self:
+            del self.gw.refreshers[(self.ns, self.job_id)]
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def execution_changed(self) -> None:
+        """An execution changed: its wave's counts may have moved; ask within `status_every`."""
+        now = asyncio.get_running_loop().time()
+        due = max(now, self.fetched_at + self.gw.status_every)
+        if self._due is None or due < self._due:
+            self._due = due
+            self._wake.set()
+
+    def rollout_changed(self, seq: int) -> None:
+        """The rollout record changed (event `seq`): ask now, once for every stream that saw it."""
+        if seq <= self._rollout_seq:
+            return
+        self._rollout_seq = seq
+        self._due = asyncio.get_running_loop().time()
+        self._wake.set()
+
+    async def current(self) -> bytes | None:
+        """The status for a stream that opens: the last answer while it is recent, else a new one."""
+        async with self._lock:
+            if asyncio.get_running_loop().time() - self.fetched_at < self.gw.status_every and self._due is None:
+                return self.status
+        return await self._fetch()
+
+    async def _run(self) -> None:
+        clock = asyncio.get_running_loop()
+        while True:
+            if self._due is None:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            delay = self._due - clock.time()
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                self._wake.clear()
+                continue
+            self._due = None
+            try:
+                raw = await self._fetch()
+            except Exception:  # never let one failure end the refreshes of every stream of the job
+                log.exception("event streams of %s/%s: rollout status failed", self.ns, self.job_id)
+                continue
+            if raw is not None:
+                for stream in list(self.streams):
+                    stream.offer_status(raw)
+
+    async def _fetch(self) -> bytes | None:
+        async with self._lock:
+            self.gw.status_requests += 1
+            try:
+                raw: bytes | None = await self.gw.bus.request(
+                    s.api(self.ns, s.ROLLOUT_STATUS), to_json(RolloutRequest(job=self.job_id)),
+                    timeout=self.gw.timeout)
+            except ShoalError as exc:
+                if not isinstance(exc, (NotFound, Unavailable)):
+                    log.warning("event streams of %s/%s: rollout status: %s", self.ns, self.job_id, exc)
+                raw = None
+            self.fetched_at = asyncio.get_running_loop().time()
+            if raw is not None:
+                self.status = raw
+            return raw
+
+
 class JobEvents:
-    def __init__(self, gw: GatewayService, ns: str, job_id: str, readers: list[OrderedReader]) -> None:
+    def __init__(self, gw: GatewayService, ns: str, job_id: str, readers: list[OrderedReader],
+                 release: Callable[[], None]) -> None:
         self.gw = gw
         self.ns = ns
         self.job_id = job_id
         self.readers = readers
+        self.release = release
         self.heartbeat = gw.heartbeat
         self._last_status = b""
+        self._status: bytes | None = None  # offered by the refresher, not yet sent
+        self._status_ready = asyncio.Event()
         self._done = asyncio.Event()
         self._send: Send | None = None
 
+    def offer_status(self, raw: bytes) -> None:
+        self._status = raw
+        self._status_ready.set()
+
     async def run(self, send: Send, req: Request) -> None:
-        self.gw.streams += 1
-        self._send = send
-        queue: asyncio.Queue[tuple[str, StreamMessage]] = asyncio.Queue(maxsize=QUEUE)
-        tasks = [asyncio.create_task(self._pump(reader, kind, queue))
-                 for reader, kind in zip(self.readers, ("execution", "rollout"))]
-        tasks.append(asyncio.create_task(self._until(req.disconnected())))
-        tasks.append(asyncio.create_task(self._until(self.gw.stopping.wait())))
+        refresher: StatusRefresher | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
+            refresher = StatusRefresher.join(self.gw, self.ns, self.job_id, self)
+            self._send = send
+            queue: asyncio.Queue[tuple[str, StreamMessage]] = asyncio.Queue(maxsize=QUEUE)
+            tasks = [asyncio.create_task(self._pump(reader, kind, queue))
+                     for reader, kind in zip(self.readers, ("execution", "rollout"))]
+            tasks.append(asyncio.create_task(self._until(req.disconnected())))
+            tasks.append(asyncio.create_task(self._until(self.gw.stopping.wait())))
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no"), (b"x-content-type-options", b"nosniff")]})
             await self._write(b"retry: 3000\n\n")
-            await self._rollout()
-            await self._loop(queue)
+            first = await refresher.current()
+            if first is not None:
+                await self._rollout(first)
+            await self._loop(queue, refresher)
         finally:
             self._done.set()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if refresher is not None:
+                await refresher.leave(self)
             for reader in self.readers:
                 await reader.close()
-            self.gw.streams -= 1
+            self.release()
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _loop(self, queue: asyncio.Queue[tuple[str, StreamMessage]]) -> None:
+    async def _loop(self, queue: asyncio.Queue[tuple[str, StreamMessage]], refresher: StatusRefresher) -> None:
         clock = asyncio.get_running_loop()
         next_beat = clock.time() + self.heartbeat
-        refresh_at = 0.0
-        dirty = False
         while not self._done.is_set():
-            now = clock.time()
-            wait = next_beat - now
-            if dirty:
-                wait = min(wait, refresh_at - now)
-            item = await self._next(queue, max(0.0, wait))
+            item = await self._next(queue, max(0.0, next_beat - clock.time()))
             if item is not None:
                 kind, msg = item
                 if kind == "execution":
                     body = _execution(msg)
                     if body is not None:
                         await self._event("execution", body, msg.seq)
-                dirty = True  # an execution's change moves its wave's counts, too
+                    refresher.execution_changed()
+                else:
+                    refresher.rollout_changed(msg.seq)
+            if self._status is not None:
+                raw, self._status = self._status, None
+                self._status_ready.clear()
+                await self._rollout(raw)
             now = clock.time()
-            if dirty and now >= refresh_at:
-                dirty = False
-                refresh_at = now + REFRESH
-                await self._rollout()
             if now >= next_beat:
                 await self._write(b": keep-alive\n\n")
                 next_beat = now + self.heartbeat
 
     async def _next(self, queue: asyncio.Queue[tuple[str, StreamMessage]],
                     wait: float) -> tuple[str, StreamMessage] | None:
+        if not queue.empty():
+            return queue.get_nowait()
         get = asyncio.ensure_future(queue.get())
         done = asyncio.ensure_future(self._done.wait())
+        status = asyncio.ensure_future(self._status_ready.wait())
         try:
-            await asyncio.wait({get, done}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({get, done, status}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
             done.cancel()
+            status.cancel()
             if not get.done():
                 get.cancel()
         if get.done() and not get.cancelled():
@@ -172,15 +330,8 @@ class JobEvents:
         await waiting
         self._done.set()
 
-    async def _rollout(self) -> None:
-        """Send the rollout's status if it changed; nothing while the job has no rollout yet."""
-        try:
-            raw = await self.gw.bus.request(s.api(self.ns, s.ROLLOUT_STATUS), to_json(RolloutRequest(job=self.job_id)),
-                                            timeout=self.gw.timeout)
-        except ShoalError as exc:
-            if not isinstance(exc, (NotFound, Unavailable)):
-                log.warning("event stream of %s/%s: rollout status: %s", self.ns, self.job_id, exc)
-            return
+    async def _rollout(self, raw: bytes) -> None:
+        """Send the rollout's status if it differs from the last one sent."""
         if raw != self._last_status:
             self._last_status = raw
             await self._event("rollout", raw)
@@ -199,7 +350,7 @@ class JobEvents:
 
 def _execution(msg: StreamMessage) -> bytes | None:
     """The JSON of an execution event; None for a deletion or a record that cannot be read."""
-    if msg.headers.get(KV_OPERATION) in ("DEL", "PURGE") or not msg.data:
+    if is_delete(msg.headers) or not msg.data:
         return None
     execution = from_msgpack_or_none(msg.data, Execution, f"execution event {msg.seq}")
     return to_json(execution) if execution is not None else None

@@ -60,6 +60,8 @@ LAG_NAME = "query-view"  # the view's reader in shoal_consumer_lag
 
 def fitting(sizes: Sequence[int], budget: int) -> int:
     """How many of the first items fit in `budget` bytes of reply (always at least one, if any)."""
+    if sum(sizes) + len(sizes) <= budget:
+        return len(sizes)  # all of them (nearly always): one sum in C instead of a loop
     total = 0
     for count, size in enumerate(sizes):
         total += size + 1
@@ -69,11 +71,16 @@ def fitting(sizes: Sequence[int], budget: int) -> int:
 
 
 def page_reply(bodies: Sequence[bytes], next_token: str) -> bytes:
-    """`{"items": [...], "next_token": "..."}` from stored JSON bodies; next_token only when more exist."""
-    out = b'{"items":[' + b",".join(bodies) + b"]"
-    if next_token:
-        out += b',"next_token":"' + next_token.encode() + b'"'
-    return out + b"}"
+    """`{"items": [...], "next_token": "..."}` from stored JSON bodies; next_token only when more exist.
+
+    The bodies are copied once, by one join (a page of 100 is about 100 KB): the envelope goes into the
+    first and last items' separators.
+    """
+    tail = b'],"next_token":"' + next_token.encode() + b'"}' if next_token else b"]}"
+    if not bodies:
+        return b'{"items":[' + tail
+    return b",".join([b'{"items":[' + bodies[0], *bodies[1:-1], bodies[-1] + tail] if len(bodies) > 1
+                     else [b'{"items":[' + bodies[0] + tail])
 
 
 class QueryService(Component):
@@ -85,6 +92,11 @@ class QueryService(Component):
         self.numbered = numbered  # replicas in one process each keep their own view file
         self.lag = 0  # events in the stream after the last one applied, as of the last batch
         self._jobs: dict[tuple[str, str], tuple[int, str, int]] = {}  # (ns, ref) -> (jobs_changed, id, version)
+        # Catching up since the reader was opened: (wall, CPU) at its start and the events applied; None
+        # once the view has caught up with the stream (then `caught_up` says how that went).
+        self._catching_up: tuple[float, float] | None = None
+        self._catchup_events = self._catchup_batches = 0
+        self.caught_up: tuple[int, float, float] | None = None  # events, seconds, CPU seconds
 
     async def start(self) -> None:
         self.store = Store(self.bus)
@@ -102,6 +114,8 @@ class QueryService(Component):
         # The view keeps its own position (the last sequence it committed, in the same transaction as the
         # rows), so it reads the stream in order from there with no durable consumer and no acks: nothing
         # redelivered late can arrive after newer events, and nothing is skipped.
+        self._catching_up = (time.perf_counter(), time.process_time())
+        self._catchup_events = self._catchup_batches = 0
         self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512,
                                     lag_name=LAG_NAME)
         await self.reader.open()
@@ -152,22 +166,43 @@ class QueryService(Component):
         the stream the view follows; if it was replaced under us, rebuild the view and start over."""
         loop = asyncio.get_running_loop()
         checked = loop.time()
+        if self.reader.last_seq != self.view.last_seq:
+            # Started again after a crash: the batch being applied then was read but never committed.
+            await self._reopen_reader()
         while not self.stopping.is_set():
             async for batch in read_batches(self.reader, self.stopping):
                 if batch:
                     await self.view.apply([Event(m.subject, m.data, is_delete(m.headers), m.seq, m.at)
                                            for m in batch])
                     self.lag = batch[-1].pending
+                    self._catchup_events += len(batch)
+                    self._catchup_batches += 1
+                if self._catching_up is not None and (not batch or not self.lag):
+                    self._report_caught_up()
                 if loop.time() - checked > STREAM_CHECK:
                     checked = loop.time()
                     if await self._stream_replaced():
                         break
             else:
                 return
-            await self.reader.close()
             await self._check_stream()
-            self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512,
-                                        lag_name=LAG_NAME)
+            await self._reopen_reader()
+
+    async def _reopen_reader(self) -> None:
+        """Read the stream again from right after the last event the view committed."""
+        await self.reader.close()
+        self.reader = OrderedReader(self.bus, s.STREAM_EVENTS, start_seq=self.view.last_seq + 1, batch=512,
+                                    lag_name=LAG_NAME)
+
+    def _report_caught_up(self) -> None:
+        """Once after start: the view has applied everything the stream held (how long it took, what CPU)."""
+        assert self._catching_up is not None
+        wall, cpu = time.perf_counter() - self._catching_up[0], time.process_time() - self._catching_up[1]
+        self._catching_up = None
+        self.caught_up = (self._catchup_events, wall, cpu)
+        log.info("view caught up with the events stream: %d events in %.3f s, %.3f s of CPU (%.0f events/s, "
+                 "%d batches), at sequence %d", self._catchup_events, wall, cpu,
+                 self._catchup_events / wall if wall else 0.0, self._catchup_batches, self.view.last_seq)
 
     async def _stream_replaced(self) -> bool:
         try:
@@ -296,17 +331,19 @@ class QueryService(Component):
             params = [*params, position[1], position[2]]
         direction = "DESC" if reverse else "ASC"
         sql, sql_params = as_of(table, f"body, {column}, id", where, params,
-                                f"{column} {direction}, id {direction}", seq, limit + 1)
+                                f"{column} {direction}, id {direction}", seq, limit + 1,
+                                past=self.view.past_after(table, seq))
         rows = await self.view.rows(sql, sql_params)
         self._still_readable(seq)
+        bodies = [r[0] for r in rows]
         # A page stops early, with a next_token, rather than grow past what one reply may carry.
-        kept = fitting([len(r[0]) for r in rows[:limit]], self._reply_budget())
+        kept = fitting([len(b) for b in bodies[:limit]], self._reply_budget())
         next_token = ""
         if len(rows) > kept:
-            rows = rows[:kept]
-            last = rows[-1]
+            del bodies[kept:]
+            last = rows[kept - 1]
             next_token = pagetoken.encode(self.token_key, scope, [seq, last[1], last[2], *carry])
-        return page_reply([r[0] for r in rows], next_token)
+        return page_reply(bodies, next_token)
 
     def _reply_budget(self) -> int:
         """Bytes of items a reply may hold: the server's max_payload, less room for the envelope and token."""
@@ -450,7 +487,8 @@ class QueryService(Component):
         size = 0
         # Labels are matched here, in Python: scan in id order, in chunks, until the page is full.
         while not more:
-            rows = await self.view.rows(*as_of("nodes", "id, state, labels, body", ["id > ?"], [after], "id", seq, 1000))
+            rows = await self.view.rows(*as_of("nodes", "id, state, labels, body", ["id > ?"], [after], "id", seq, 1000,
+                                                past=self.view.past_after("nodes", seq)), inline=False)
             self._still_readable(seq)
             if not rows:
                 break

@@ -10,7 +10,11 @@ when the stream no longer holds every event (`QueryService._fill_from_buckets`).
 Reads are snapshots: a row replaced or deleted by an event is kept in `<table>_past` with the
 sequence that ended it, for `retention` seconds. A listing that reads as of sequence S takes the
 current rows written at or before S and the past versions that were current at S, so every page of
-one walk sees the same moment, whatever changes in between.
+one walk sees the same moment, whatever changes in between. When nothing was replaced after S (a first
+page, or a walk through a quiet table: `View.past_after`), the past half is left out of the read.
+
+Reads run on the event loop's thread, with no hop to another thread, as long as they are short; one that
+takes more SQLite steps than INLINE_READ_STEPS is interrupted and run again on the reader's thread.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "2"
 MAX_WAIT_LAG = 5_000  # a token this many events ahead of the view is answered 503 at once
+# A read runs on the event loop's thread (no hop to a reader thread, which costs nearly as much CPU as
+# the read of a page of 100) unless it takes more than this many SQLite VM steps, about 1-2 ms: then it
+# is interrupted and run again on the reader thread, so that an unindexed filter or a long past never
+# stalls the loop.
+INLINE_READ_STEPS = 20_000
+_STEP_TICK = 1_000  # the progress handler runs every this many steps
+INLINE_CACHE_KIB = 32 * 1024  # page cache of the inline reader (SQLite's default is 2 MiB)
+# Pages of WAL after which a commit copies them into the file (SQLite's default is 1,000, about 4 MB):
+# each such checkpoint syncs the file twice, and a catch-up commits a batch every few milliseconds:
+# fewer, larger checkpoints cut the wall time of applying a catch-up by about a fifth. The WAL file
+# grows to about 40 MB before it is copied back.
+WAL_CHECKPOINT_PAGES = 10_000
 
 # Columns of each materialized table, in row order; every table also has `seq`, the stream sequence of
 # the event that wrote the row, and a `<table>_past` twin holding the versions it replaced.
@@ -137,7 +153,9 @@ class SnapshotGone(Exception):
 
 class View:
     """The view's file: one writer (a plain sqlite3 connection driven from a worker thread, one hop per
-    batch) and one aiosqlite reader; WAL lets the reader read while the writer writes."""
+    batch) and two readers: a plain connection used on the event loop's thread for short reads, and an
+    aiosqlite connection (its own thread) for the reads that turn out long. WAL lets readers read while
+    the writer writes."""
 
     def __init__(self, path: str, *, retention: float = 600.0, prune_every: float | None = None) -> None:
         self.path = path
@@ -145,11 +163,20 @@ class View:
         self.prune_every = retention / 10 if prune_every is None else prune_every
         self.writer: sqlite3.Connection | None = None
         self.reader: aiosqlite.Connection | None = None
+        self.inline: sqlite3.Connection | None = None
+        self._steps_left = 0
+        self.inline_reads = self.thread_reads = 0  # how reads went (a long one is counted in both)
         self.view_id = ""
         self.stream_id = ""  # the creation time of the EVENTS stream this view follows
         self.last_seq = 0
         self.pruned_through = 0  # snapshots older than this sequence can no longer be read
         self.jobs_changed = 0  # bumped whenever a batch changes the jobs table (caches of it compare this)
+        # Per table, a sequence at or after which nothing was replaced or deleted: no version in its past
+        # table has an until_seq above it. A read as of a sequence at or above it needs no past half. While
+        # a batch is being written it covers that batch's last sequence (the batch may replace rows).
+        self.past_through: dict[str, int] = {table: 0 for table in COLUMNS}
+        self._past_written: dict[str, int] = {table: 0 for table in COLUMNS}  # the same, as committed
+        self._replaced: set[str] = set()  # tables of which the batch being written replaced rows
         self._next_prune = 0.0
         self._writing = asyncio.Lock()
         self._caught_up = asyncio.Condition()
@@ -160,6 +187,10 @@ class View:
         await asyncio.to_thread(self._open)
         self.reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self.reader.execute("PRAGMA query_only = ON")
+        inline = self.inline = sqlite3.connect(self.path, isolation_level=None, timeout=0.05)
+        inline.execute("PRAGMA query_only = ON")
+        inline.execute(f"PRAGMA cache_size = -{INLINE_CACHE_KIB}")  # pages of a walk: fewer reads of the file
+        inline.set_progress_handler(self._step, _STEP_TICK)
         metrics.INSTRUMENTS.add_view(self.states)
 
     def _open(self) -> None:
@@ -173,12 +204,16 @@ class View:
         # is used by one thread at a time (`_writing`), whichever worker thread that is.
         db = self.writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.executescript(SCHEMA)
+        db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('view_id', ?)", (uuid.uuid4().hex[:12],))
         self.view_id = self._meta("view_id") or ""
         self.stream_id = self._meta("stream") or ""
         self.last_seq = int(self._meta("last_seq") or 0)
         self.pruned_through = int(self._meta("pruned_through") or 0)
+        for table in COLUMNS:
+            top = db.execute(f"SELECT max(until_seq) FROM {table}_past").fetchone()[0] or 0
+            self.past_through[table] = self._past_written[table] = top
         # metrics: counted once as the file opens; from here on each batch adds what it changed
         self.states.set(dict(db.execute("SELECT state, count(*) FROM executions GROUP BY state").fetchall()))
 
@@ -209,12 +244,17 @@ class View:
             await asyncio.to_thread(clear)
         self.states.set({})
         self.last_seq = self.pruned_through = 0
+        for table in COLUMNS:
+            self.past_through[table] = self._past_written[table] = 0
         self.stream_id = ""
 
     async def close(self) -> None:
         metrics.INSTRUMENTS.remove_view(self.states)
         if self.reader is not None:
             await self.reader.close()
+        if self.inline is not None:
+            self.inline.close()
+            self.inline = None
         if self.writer is not None:
             async with self._writing:
                 self.writer.close()
@@ -265,8 +305,17 @@ class View:
     async def _commit(self, ops: list[tuple[str, Any, int]], last: int, at: float, floor: int = 0) -> None:
         """Write `ops` in one transaction on the writer's thread, then publish the new sequence."""
         now = time.time()
+        touched = {table for table, _, _ in ops}
         async with self._writing:
-            pruned = await asyncio.to_thread(self._write, ops, last, at, now, floor)
+            for table in touched:  # until the batch is committed, it may have replaced rows up to `last`
+                self.past_through[table] = max(self.past_through[table], last)
+            try:
+                pruned, replaced = await asyncio.to_thread(self._write, ops, last, at, now, floor)
+            finally:
+                for table in touched:
+                    self.past_through[table] = self._past_written[table]
+            for table in replaced:
+                self.past_through[table] = self._past_written[table] = max(self._past_written[table], last)
         if now >= self._next_prune:
             self._next_prune = now + self.prune_every
         self.pruned_through = pruned
@@ -274,19 +323,23 @@ class View:
         async with self._caught_up:
             self._caught_up.notify_all()
 
-    def _write(self, ops: list[tuple[str, Any, int]], last: int, at: float, now: float, floor: int) -> int:
-        """The transaction of `_commit`; returns the oldest sequence still readable afterwards."""
+    def _write(self, ops: list[tuple[str, Any, int]], last: int, at: float, now: float,
+               floor: int) -> tuple[int, set[str]]:
+        """The transaction of `_commit`; returns the oldest sequence still readable afterwards, and the
+        tables of which it moved versions to the past."""
         db = self.writer
         assert db is not None
         upserts: dict[str, list[tuple[Any, ...]]] = {table: [] for table in COLUMNS}
         pruned = self.pruned_through
+        replaced = self._replaced = set()  # (filled by _flush too)
         db.execute("BEGIN")
         try:
             tally = self._tally = _StateTally(db)  # metrics: executions by state
             for table, item, seq in ops:
                 if isinstance(item, str):  # a delete
                     self._flush(upserts)  # a put then a delete of one key in a batch keep their order
-                    db.execute(_RETIRE[table], (seq, item))
+                    if db.execute(_RETIRE[table], (seq, item)).rowcount:
+                        replaced.add(table)
                     db.execute(f"DELETE FROM {table} WHERE id = ?", (item,))
                 else:
                     upserts[table].append(item)
@@ -304,7 +357,7 @@ class View:
             db.execute("ROLLBACK")
             raise
         self.states.apply(deltas)
-        return pruned
+        return pruned, replaced
 
     def _set_meta(self, key: str, value: int | str) -> None:
         assert self.writer is not None
@@ -329,7 +382,10 @@ class View:
                 for row in rows:
                     (later if row[0] in ids else now).append(row)
                     ids.add(row[0])
+                changes = self.writer.total_changes
                 self.writer.executemany(_SUPERSEDE[table], [(r[-1], r[0], r[revision]) for r in now])
+                if self.writer.total_changes != changes:
+                    self._replaced.add(table)
                 changes = self.writer.total_changes  # metrics: how many of the upserts take effect
                 self.writer.executemany(_UPSERT[table], now)
                 if table == "executions" and self._tally is not None:
@@ -371,10 +427,35 @@ class View:
                 raise TimeoutError
         return seq
 
-    async def rows(self, sql: str, params: Iterable[Any]) -> list[tuple[Any, ...]]:
+    def past_after(self, table: str, seq: int) -> bool:
+        """Whether `table` may hold versions replaced after `seq` (a read as of `seq` needs its past half)."""
+        return seq < self.past_through[table]
+
+    def _step(self) -> int:
+        """SQLite's progress handler of the inline reader: non-zero interrupts the read."""
+        self._steps_left -= _STEP_TICK
+        return self._steps_left < 0
+
+    async def rows(self, sql: str, params: Iterable[Any], *, inline: bool = True) -> list[tuple[Any, ...]]:
+        """The rows of a read: on this thread if it is short (INLINE_READ_STEPS), else on the reader's.
+        `inline=False` sends a read known to be long (a chunk of a scan) to the reader's thread at once."""
+        params = tuple(params)
+        if inline and self.inline is not None:
+            self._steps_left = INLINE_READ_STEPS
+            try:
+                found = self.inline.execute(sql, params).fetchall()
+            except sqlite3.OperationalError:
+                pass  # interrupted (too long for this thread), or the file busy: read it on the thread
+            else:
+                self.inline_reads += 1
+                # Still a point where other tasks run, as every read was: a loop of reads (a scan, a
+                # reader beside a writer in one process) must not hold the loop.
+                await asyncio.sleep(0)
+                return found
         assert self.reader is not None
+        self.thread_reads += 1
         # One trip to the connection's thread (execute + fetchall + close), not three.
-        return list(await self.reader.execute_fetchall(sql, tuple(params)))
+        return list(await self.reader.execute_fetchall(sql, params))
 
     async def one(self, sql: str, params: Iterable[Any]) -> tuple[Any, ...] | None:
         rows = await self.rows(sql, params)
@@ -382,15 +463,19 @@ class View:
 
 
 def as_of(table: str, columns: str, where: Sequence[str], params: Sequence[Any], order: str, seq: int,
-          limit: int) -> tuple[str, list[Any]]:
+          limit: int, *, past: bool = True) -> tuple[str, list[Any]]:
     """SQL and parameters for `table`'s rows as they were at sequence `seq`: filtered, ordered, limited.
 
     Each half is limited on its own before they are merged. The current half reads about `limit` rows of
     a keyset index, however deep into the listing it is; the past half reads the versions replaced after
     `seq` (by the until_seq index) and sorts them, so it costs what has changed since the walk began.
+    With `past=False` (the caller knows nothing was replaced after `seq`: `View.past_after`) it is the
+    current half alone.
     """
     cond = " AND ".join(where) or "1"
     now = f"SELECT {columns} FROM {table} WHERE seq <= ? AND {cond} ORDER BY {order} LIMIT ?"
+    if not past:
+        return now, [seq, *params, limit]
     # The first term is constant: when nothing was replaced after the snapshot (a first page, mostly),
     # SQLite checks it once, on the until_seq index, and skips the past half without scanning it.
     past = (f"SELECT {columns} FROM {table}_past WHERE ? < (SELECT max(until_seq) FROM {table}_past) "

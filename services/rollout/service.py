@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from shared import metrics
 from shared import subjects as s
 from shared import telemetry
-from shared.api import NodeFailure, RollbackStory, RolloutRequest, RolloutStatus, WaveStatus
+from shared.api import RollbackStory, RolloutRequest, RolloutStatus, WaveStatus, node_failure
 from shared.codec import decode_message, from_json, from_msgpack_or_none, to_json
 from shared.durations import rfc3339, utcnow
 from shared.errors import Conflict, NotFound
@@ -57,20 +57,6 @@ def first_failures(executions: Sequence[Execution], version: int) -> dict[str, E
         if held is None or (execution.status.created_at, execution.id) < (held.status.created_at, held.id):
             first[execution.node_id] = execution
     return first
-
-
-def node_failure(node_id: str, execution: Execution | None) -> NodeFailure:
-    """What one failed node's execution said: its message, reason, exit code and last line of output."""
-    if execution is None:
-        return NodeFailure(node_id=node_id)
-    typed = details(execution)
-    last = next((line.strip() for line in reversed(typed.output.splitlines()) if line.strip()), "")
-    message = execution.status.observed_state.message
-    if execution.observed != "failed" and execution.status.desired_state.message.startswith("stalled"):
-        message = execution.status.desired_state.message
-    return NodeFailure(node_id=node_id, execution_id=execution.id, state=execution.observed, message=message,
-                       reason=typed.reason or "", exit_code=typed.exit_code, output=last[:200],
-                       at=typed.finished_at or rfc3339(execution.status.updated_at))
 
 
 class Partition:

@@ -1,14 +1,16 @@
 """Evaluations: decide which nodes a job version should run on, and hand that plan to the rollout service.
 
-Triggers: a job registered or updated (place it on every ready node its selector matches), a job
-stopped, or a node that joined or came back (give it every running pipeline and config job it
-matches, and let queued jobs of any type start). The scheduler only decides *where*; the rollout
-service decides *when* (waves) and writes executions.
+Triggers: a job registered or updated (place it on every ready node its selector matches: `place`,
+called by the submission handler with the job it has just written, so this costs no trip through the
+evaluations stream), a job stopped, or a node that joined or came back (give it every running pipeline
+and config job it matches, and let queued jobs of any type start). The scheduler only decides *where*;
+the rollout service decides *when* (waves) and writes executions.
 
 The cost of an evaluation follows what it names, not the size of the fleet or of the job list: a job
 pinned to nodes by id reads just those nodes, a job that requires a label value reads the nodes that
 carry it (`NodeTable`, an index the nodes mirror keeps current), and a node join looks only at the jobs
-that want new nodes (`WantingJobs`, kept by a mirror of the jobs bucket). Node joins that arrive in one
+that want new nodes (`WantingJobs`, kept by a mirror of the jobs bucket that reads its changes in
+batches, `JobsMirror`). Node joins that arrive in one
 fetch are decided together: a fleet of a thousand nodes coming back is one add-nodes plan per job that
 wants them, not a thousand.
 """
@@ -25,9 +27,10 @@ from shared import subjects as s
 from shared import telemetry
 from shared.codec import decode_message, to_msgpack
 from shared.durations import utcnow
-from shared.models import DAEMON_JOB_TYPES, Evaluation, Job, JobSpec, Node, Plan
+from shared.errors import ShoalError
+from shared.models import DAEMON_JOB_TYPES, Evaluation, Job, JobSpec, Node, Plan, PlanKind
 from shared.selector import CompiledSelector, Requirement, SelectorError, compile_selector
-from shared.store import Mirror, Store
+from shared.store import Bucket, Mirror, Store
 from shared.transport import Bus, Delivery
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,10 @@ ACTIVE_JOB_STATES = frozenset(
 EVAL_CONCURRENCY = 8
 # Joined nodes read at once from the nodes bucket.
 NODE_READS = 64
+# Seconds the jobs mirror waits, once caught up, before it fetches the jobs written meanwhile.
+JOBS_PACE = 0.25
+# Seconds a node join waits for the jobs mirror to hold every job written before it.
+CATCH_UP_WAIT = 5.0
 
 
 class _Table(dict[str, T]):
@@ -243,11 +250,89 @@ def nodes_mirror(store: Store) -> Mirror[Node]:
     return mirror
 
 
-def wanting_jobs_mirror(store: Store) -> Mirror[Job]:
+class JobsMirror(Mirror[Job]):
+    """The scheduler's copy of the jobs that want new nodes, fed by a watch of the whole jobs bucket that
+    takes the changes in batches.
+
+    Every job write reaches every scheduler replica (a job's life is several: created, deploying, running,
+    completed), yet only node joins read this copy. Read one change at a time, each write would cost a
+    replica a fetch of its own; so once the watch has caught up, it waits `pace` seconds before fetching
+    again, and what was written meanwhile comes in one fetch. A reader that needs the copy current (a node
+    join must see every job written before it) calls `catch_up()`, which ends the wait at once and returns
+    when the copy holds the bucket's last write.
+    """
+
+    def __init__(self, bucket: Bucket[Job], pace: float = JOBS_PACE) -> None:
+        super().__init__(bucket)
+        self.items = WantingJobs()
+        self.pace = pace
+        self.revision = 0  # stream sequence of the latest write applied
+        self.batches = 0  # times the watch caught up (about one fetch each)
+        self._hurry = asyncio.Event()
+        self._moved = asyncio.Event()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        seen: set[str] | None = set()  # keys of the first load; a reload drops keys deleted meanwhile
+        async with self.bucket.kv.watch(self.pattern) as watch:
+            async for entry in watch:
+                if stopping.is_set():
+                    return
+                if entry is None:
+                    if seen is not None:
+                        for key in [k for k in self.items if k not in seen]:
+                            del self.items[key]
+                    seen = None
+                    self.ready.set()
+                    self._moved.set()
+                    continue
+                if seen is not None:
+                    seen.add(entry.key)
+                if entry.deleted:
+                    self.items.pop(entry.key, None)
+                elif (record := self.bucket.decode_or_none(entry)) is not None:
+                    self.items[entry.key] = record.value
+                self.revision = max(self.revision, entry.revision)
+                if entry.pending or seen is not None:
+                    continue
+                self.batches += 1
+                self._moved.set()
+                if not self._hurry.is_set():
+                    try:
+                        await asyncio.wait_for(self._hurry.wait(), self.pace)
+                    except asyncio.TimeoutError:
+                        pass
+                self._hurry.clear()
+
+    async def catch_up(self, timeout: float = CATCH_UP_WAIT) -> bool:
+        """Until the copy holds the last write the bucket had when called; False (the copy as it is) if that
+        takes longer than `timeout` or the bucket cannot be asked."""
+        await self.wait_ready()
+        kv = self.bucket.kv
+        try:
+            last = int((await kv.bus.stream_info(kv.stream))["last_seq"])
+        except ShoalError as exc:
+            log.warning("jobs mirror: cannot read where the bucket is (%s); using the copy as it is", exc)
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.revision < last:
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("jobs mirror: at %d, not at the bucket's %d after %.1fs; using the copy as it is",
+                            self.revision, last, timeout)
+                return False
+            self._moved.clear()
+            self._hurry.set()
+            try:
+                await asyncio.wait_for(self._moved.wait(), min(left, 0.1))
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+
+def wanting_jobs_mirror(store: Store) -> JobsMirror:
     """The scheduler's live copy of the jobs that want new nodes (of the whole jobs bucket)."""
-    mirror = Mirror(store.jobs)
-    mirror.items = WantingJobs()
-    return mirror
+    return JobsMirror(store.jobs)
 
 
 class Evaluations:
@@ -316,6 +401,13 @@ class Evaluations:
             log.info("evaluation %s is for version %d, job is at %d: superseded",
                      evaluation.id, evaluation.job_version, job.version)
             return
+        await self.place(evaluation, job)
+
+    async def place(self, evaluation: Evaluation, job: Job) -> None:
+        """The deploy plan of a job registered or updated, from the job as it was just written: the ready
+        nodes its selector matches now. The plan's message id is the evaluation's, so placing twice (a
+        redelivered submission) publishes one plan."""
+        await self.nodes.wait_ready()
         selector = compile_spec_selector(job.spec)
         pool = candidates(selector, job.spec.selector.match_ids, self.nodes.items)
         self.nodes_examined += len(pool)
@@ -326,6 +418,8 @@ class Evaluations:
         """Give nodes that joined (or came back) the jobs that want them: one add-nodes plan per job,
         listing every joined node it matches."""
         await self.jobs.wait_ready()
+        if isinstance(self.jobs, JobsMirror):
+            await self.jobs.catch_up()  # every job written before these joins
         # Read the nodes themselves: the mirror may not have seen the writes that triggered these yet.
         gate = asyncio.Semaphore(NODE_READS)
 
@@ -349,8 +443,8 @@ class Evaluations:
                         kind="add-nodes", node_ids=targets, reason=reason, created_at=utcnow())
             await self.bus.js_publish(s.plan(job.namespace), to_msgpack(plan), msg_id=f"{key}:{job.id}")
 
-    async def _plan(self, evaluation: Evaluation, kind: str, node_ids: list[str], reason: str) -> None:
+    async def _plan(self, evaluation: Evaluation, kind: PlanKind, node_ids: list[str], reason: str) -> None:
         plan = Plan(eval_id=evaluation.id, namespace=evaluation.namespace, job_id=evaluation.job_id,
-                    job_version=evaluation.job_version, kind=kind, node_ids=node_ids,  # type: ignore[arg-type]
+                    job_version=evaluation.job_version, kind=kind, node_ids=node_ids,
                     reason=reason, created_at=utcnow())
         await self.bus.js_publish(s.plan(evaluation.namespace), to_msgpack(plan), msg_id=evaluation.id)

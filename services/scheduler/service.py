@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import cProfile
 import datetime as dt
+import os
 import re
 import uuid
+from pathlib import Path
 
 from shared import subjects as s
 from shared.api import (
@@ -46,6 +49,8 @@ DEAD_LETTERS_PAGE = 200
 SEQUENCE = re.compile(r"[1-9][0-9]{0,17}")  # a stream sequence, as dead-letter pages carry it
 PREVIEW_BYTES = 512
 EVALS_BATCH = 256  # evaluations taken in one fetch (and node joins decided together)
+# A directory: the process runs under cProfile and writes scheduler-<pid>.prof there when it stops.
+PROFILE_ENV = "SHOAL_SCHEDULER_PROFILE"
 
 
 def _dead_letter(m: StoredMessage) -> DeadLetter:
@@ -65,15 +70,22 @@ def _dead_letter(m: StoredMessage) -> DeadLetter:
 class SchedulerService(Component):
     name = "scheduler"
 
+    profiler: cProfile.Profile | None = None
+    _profiling = False  # one profiler per process (one thread): the replicas of a process share it
+
     async def start(self) -> None:
+        if os.environ.get(PROFILE_ENV) and not SchedulerService._profiling:
+            SchedulerService._profiling = True
+            self.profiler = cProfile.Profile()
+            self.profiler.enable()
         self.store = Store(self.bus)
         self.nodes = nodes_mirror(self.store)
         self.spawn(lambda: self.nodes.run(self.stopping), "watch-nodes")
         # Node joins read the jobs that want new nodes from here, not from a scan of every job.
         self.jobs = wanting_jobs_mirror(self.store)
         self.spawn(lambda: self.jobs.run(self.stopping), "watch-jobs")
-        submissions = Submissions(self.bus, self.store)
         self.evaluations = evaluations = Evaluations(self.bus, self.store, self.nodes, self.jobs)
+        submissions = Submissions(self.bus, self.store, self.nodes, evaluations=evaluations)
 
         await ApiService.start(self.bus, s.SERVICE_SCHEDULER, VERSION, "Job submission and scheduling",
                                queue_group=s.QUEUE_GROUP, endpoints=[
@@ -92,6 +104,16 @@ class SchedulerService(Component):
         await Consumer(
             self.bus, ConsumerSpec(stream=s.STREAM_EVALS, durable=s.CONSUMER_SCHEDULER_EVALS), batch=EVALS_BATCH,
         ).start_batch(evaluations.handle_batch)
+
+    async def stop(self) -> None:
+        try:
+            await super().stop()
+        finally:
+            if self.profiler is not None:
+                self.profiler.disable()
+                self.profiler.dump_stats(Path(os.environ[PROFILE_ENV]) / f"scheduler-{os.getpid()}.prof")
+                self.profiler = None
+                SchedulerService._profiling = False
 
     async def stop_job(self, req: ApiRequest) -> bytes:
         namespace = check_namespace(req.token(2))

@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
-
-import msgspec
+from collections.abc import Mapping
 
 from shared import metrics
 from shared import subjects as s
 from shared.api import PutJobRequest
 from shared.codec import from_json, to_canonical_json, to_json, to_msgpack
-from shared.durations import Duration, format_duration, utcnow
-from shared.ids import derived_id
+from shared.durations import utcnow
+from shared.ids import SEQ_PREFIX, derived_id
 from shared.errors import Conflict, Internal, InvalidInput, Poison, ShoalError, shown
 from shared.models import (
     ENDED_JOB_STATES,
@@ -45,165 +41,26 @@ from shared.models import (
     JobState,
     JobVersion,
     Node,
-    RolloutSpec,
-    SpecChange,
     SubmissionOutcome,
 )
-from shared.selector import Requirement
+from shared.plan import PLAN_NODE_IDS, explain_no_match, spec_changes
 from shared.store import Mirror, Store
 from shared.transport import Bus, Delivery
 from shared.validation import check_namespace, validate_spec
+from shared.waves import plan_waves
 
-from .evaluations import NodeTable, candidates, compile_spec_selector, select
+from .evaluations import Evaluations, NodeTable, candidates, compile_spec_selector, select
 
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
-SEQ_PREFIX = "seq-"  # submissions without a usable id are known by their stream sequence
-PLAN_NODE_IDS = 10  # target ids a dry run names (it counts them all)
-PLAN_VALUES_SHOWN = 8  # label values an explanation lists (the most common first)
+
 
 def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(to_canonical_json(spec)).hexdigest()
 
 
 # -- dry runs: what a submission would do ----------------------------------------------------------
-
-
-def dry_run_waves(rollout: RolloutSpec, total: int) -> list[int]:
-    """Sizes of the waves the rollout service would make of `total` targets (docs/ROLLOUTS.md).
-
-    The same arithmetic as services/rollout/waves.py `plan_waves`, which this service may not import
-    (services share only `shared`); tests/unit/test_cli_parts.py holds the two equal.
-    """
-    if total <= 0:
-        return []
-    if rollout.strategy == "immediate":
-        return [total]
-
-    def percent_of(percent: float, count: int) -> int:
-        scaled = round(percent * 1_000_000)  # exact for integral percents: 10% of 30 is 3
-        return max(1, min(count, -(-scaled * count // 100_000_000)))
-
-    sizes: list[int] = []
-    remaining = total
-    if rollout.strategy == "canary":
-        canary = rollout.canary
-        if canary is not None and canary.canary_count is not None:
-            first = max(1, min(total, canary.canary_count))
-        else:
-            percent = canary.canary_percent if canary is not None and canary.canary_percent is not None else 10.0
-            first = percent_of(percent, total)
-        sizes.append(first)
-        remaining -= first
-    step = percent_of(rollout.max_parallel or 10, total)
-    while remaining > 0:
-        sizes.append(min(step, remaining))
-        remaining -= sizes[-1]
-    return sizes
-
-
-def _builtins(spec: JobSpec) -> dict[str, Any]:
-    """The spec as plain data, durations as people write them ("10s")."""
-    return msgspec.to_builtins(spec, enc_hook=lambda o: format_duration(o) if isinstance(o, Duration) else o)
-
-
-def spec_changes(old: JobSpec, new: JobSpec) -> list[SpecChange]:
-    """The fields added, removed and changed from `old` to `new`, by dotted path, sorted. Maps on both
-    sides are compared key by key; a block only one side has (a health check) is one change; lists and
-    other values compare whole (`config.command`). Nulls, empty strings, lists and maps count as absent
-    (a description taken out is removed, not changed to "")."""
-    changes: list[SpecChange] = []
-
-    def absent(value: Any) -> bool:
-        return value is None or value == {} or value == [] or value == ""
-
-    def walk(before: Any, after: Any, path: str) -> None:
-        if isinstance(before, dict) and isinstance(after, dict):
-            for key in sorted(before.keys() | after.keys(), key=str):
-                walk(before.get(key), after.get(key), f"{path}.{key}" if path else str(key))
-        elif absent(before) and absent(after):
-            return
-        elif absent(before):
-            changes.append(SpecChange(path=path, change="added", new=after))
-        elif absent(after):
-            changes.append(SpecChange(path=path, change="removed", old=before))
-        elif before != after:
-            changes.append(SpecChange(path=path, change="changed", old=before, new=after))
-
-    walk(_builtins(old), _builtins(new), "")
-    return changes
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
-def _value(value: str) -> str:
-    return value if value else '""'
-
-
-def _requirement_text(req: Requirement) -> str:
-    if req.op in ("=", "!="):
-        return f"label {req.key}={_value(req.values[0])}"
-    if req.op in ("exists", "!exists"):
-        return f"label {req.key}"
-    return f"{req.key} in ({','.join(req.values)})"
-
-
-def _unmet(req: Requirement, pool: Sequence[Node], of: str) -> str:
-    """One requirement that no node of `pool` (the ready nodes, `of` saying which) meets, with what those
-    nodes have instead."""
-    wants = _requirement_text(req)
-    scope = f"ready node{of}"
-    line = (f"no {scope} has {wants}" if req.op in ("=", "in", "exists")
-            else f"every {scope} has {wants}")
-    values = Counter(node.labels[req.key] for node in pool if req.key in node.labels)
-    if not values:
-        keys = sorted({key for node in pool for key in node.labels})
-        shown_keys = ", ".join(keys[:PLAN_VALUES_SHOWN]) + (f" and {len(keys) - PLAN_VALUES_SHOWN} more"
-                                                            if len(keys) > PLAN_VALUES_SHOWN else "")
-        return f"{line}; the {_plural(len(pool), 'ready node')}{of} {'has' if len(pool) == 1 else 'have'} " + (
-            f"the labels {shown_keys}" if keys else "no labels")
-    if req.op == "exists":
-        return line  # unreachable: some node has the key
-    common = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))
-    listed = ", ".join(f"{_value(v)}({n})" for v, n in common[:PLAN_VALUES_SHOWN])
-    if len(common) > PLAN_VALUES_SHOWN:
-        listed += f" and {len(common) - PLAN_VALUES_SHOWN} more values"
-    having = sum(values.values())
-    line += f"; {_plural(having, 'node')} {'has' if having == 1 else 'have'} {req.key}: {listed}"
-    if having < len(pool):
-        line += f" ({len(pool) - having} no {req.key})"
-    return line
-
-
-def explain_no_match(spec: JobSpec, nodes: Iterable[Node]) -> list[str]:
-    """Why the spec's selector matches no ready node, one line per cause: each selector requirement that
-    no ready node meets (with the values the nodes have instead), or that they meet only apart."""
-    known = list(nodes)
-    ready = [node for node in known if node.state.state_type == "ready"]
-    if not ready:
-        return [f"no node is ready ({_plural(len(known), 'node')} known, all disconnected)" if known
-                else "no node has registered"]
-    selector = compile_spec_selector(spec)
-    pool, of = ready, ""
-    pinned = sorted(set(spec.selector.match_ids))
-    if pinned:
-        by_id = {node.id: node for node in known}
-        pool = [by_id[i] for i in pinned if i in by_id and by_id[i].state.state_type == "ready"]
-        if not pool:
-            why = [f"{i} is {'disconnected' if i in by_id else 'unknown'}" for i in pinned[:PLAN_NODE_IDS]]
-            more = f" and {len(pinned) - PLAN_NODE_IDS} more" if len(pinned) > PLAN_NODE_IDS else ""
-            return [f"no ready node has one of the ids of match_ids: {', '.join(why)}{more}"]
-        of = " of match_ids"
-    reasons = [_unmet(req, pool, of) for req in selector.requirements
-               if not any(req.matches(node.labels) for node in pool)]
-    if not reasons and selector.requirements:
-        each = ", ".join(f"{req} ({_plural(sum(req.matches(n.labels) for n in pool), 'node')})"
-                         for req in selector.requirements)
-        reasons.append(f"no ready node{of} meets all of: {each}")
-    return reasons
 
 
 def dry_run_plan(spec: JobSpec, nodes: Mapping[str, Node], job: Job | None,
@@ -220,7 +77,7 @@ def dry_run_plan(spec: JobSpec, nodes: Mapping[str, Node], job: Job | None,
         matched_disconnected=disconnected,
         no_match=[] if targets else explain_no_match(spec, nodes.values()),
         strategy=spec.rollout.strategy,
-        waves=dry_run_waves(spec.rollout, len(targets)),
+        waves=plan_waves(spec.rollout, len(targets)),
         current_version=job.version if job is not None else 0,
         current_state=job.state.state_type if job is not None else "",
         changes=spec_changes(current.spec, spec) if current is not None else [],
@@ -234,11 +91,15 @@ def _count(outcome: SubmissionOutcome) -> None:
 
 
 class Submissions:
-    def __init__(self, bus: Bus, store: Store, nodes: Mirror[Node] | None = None) -> None:
+    def __init__(self, bus: Bus, store: Store, nodes: Mirror[Node] | None = None,
+                 evaluations: Evaluations | None = None) -> None:
         self.bus = bus
         self.store = store
         # The scheduler's nodes mirror, for dry runs; without it a dry run reads the nodes bucket.
         self.nodes = nodes
+        # With it, a job registered or updated is evaluated here, as its submission is handled (its plan
+        # published at once); without it, the evaluation goes through the evaluations stream.
+        self.evaluations = evaluations
 
     async def handle(self, delivery: Delivery) -> None:
         namespace, submission_id, bad_id = self._identify(delivery)
@@ -324,7 +185,10 @@ class Submissions:
             created_at=utcnow(),
         )
         await self.store.evaluations.put(s.evaluation_key(namespace, evaluation.id), evaluation)
-        await self.bus.js_publish(s.evaluation(namespace), to_msgpack(evaluation), msg_id=evaluation.id)
+        if self.evaluations is not None:
+            await self.evaluations.place(evaluation, job)
+        else:
+            await self.bus.js_publish(s.evaluation(namespace), to_msgpack(evaluation), msg_id=evaluation.id)
         return SubmissionOutcome(
             submission_id=submission_id,
             namespace=namespace,
@@ -373,10 +237,12 @@ class Submissions:
     async def _upsert(self, namespace: str, submission_id: str, spec: JobSpec, digest: str,
                       force: bool) -> tuple[Job, bool]:
         """Create the job or its next version; returns (job, whether the spec changed)."""
-        job_id = await self._job_id(namespace, spec.name, submission_id)
-        for _ in range(50):
+        job_id, fresh = await self._job_id(namespace, spec.name, submission_id)
+        for attempt in range(50):
             now = utcnow()
-            record = await self.store.jobs.get(s.job_key(namespace, job_id))
+            # A name this submission has just claimed has no job yet: the first attempt need not read it
+            # (should one exist after all, its create conflicts and the next attempt reads it).
+            record = None if fresh and not attempt else await self.store.jobs.get(s.job_key(namespace, job_id))
             if record is None:
                 version_no, changed = 1, True
             else:
@@ -421,10 +287,11 @@ class Submissions:
             return job, changed or version_no == 1
         raise Internal(f"job {spec.name!r}: too many concurrent submissions")
 
-    async def _job_id(self, namespace: str, name: str, submission_id: str) -> str:
+    async def _job_id(self, namespace: str, name: str, submission_id: str) -> tuple[str, bool]:
+        """The id of the job of this name, and whether this submission has just given the name its id."""
         existing = await self.store.job_id_by_name(namespace, name)
         if existing is not None:
-            return existing
+            return existing, False
         job_id = derived_id("job", namespace, name, submission_id)
         try:
             await self.store.job_names.create(s.job_name_key(namespace, name), job_id.encode())
@@ -432,5 +299,5 @@ class Submissions:
             existing = await self.store.job_id_by_name(namespace, name)
             if existing is None:
                 raise InvalidInput(f"job name {name!r} is being deleted; try again", field="spec.name") from None
-            return existing
-        return job_id
+            return existing, False
+        return job_id, True

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,15 @@ JOB = {"name": "probe", "type": "query", "config": {"command": ["sh", "-c", "ech
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
     st = Stack(tmp_path_factory.mktemp("auth") / "stack", nodes=2, env=ENV, auth=True,
-               tenants=("default", "team-a", "team-b")).start()
+               tenants=("default", "team-a", "team-b"), gateway=True).start()
     try:
         async def ready() -> None:
+            from services.cli.stackcmd import wait_gateway
+
             bus = await Bus.connect(st.nats_url, name="ready", wait=10, credentials=st.credentials())
             try:
                 await Client(bus).wait_ready(2, timeout=60)
+                await wait_gateway(st.dashboard_url, 60)
             finally:
                 await bus.close()
 
@@ -350,3 +352,113 @@ def test_only_the_service_identity_rotates_page_token_keys_and_a_revoke_refuses_
     while (error := run(next_page(token))) is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the query replicas see the delete through their watch
     assert error is not None and getattr(error, "field", None) == "next_token"
+
+
+# -- the HTTP gateway ---------------------------------------------------------------------------------
+
+
+def test_the_gateway_identity_serves_every_route(stack: Stack) -> None:
+    """`shoal dev --auth`'s gateway runs as the gateway identity: every route works through it (a route
+    whose NATS call the server refused would time out as a 503, never a 200 or a 404/409 from a service)."""
+    import httpx
+
+    from services.cli.stack import GATEWAY
+    from services.gateway.routes import ROUTES
+
+    assert stack._identity_of(GATEWAY) == ("gateway", "gateway")
+    token = stack.gateway_token()
+    assert token is not None
+    headers = {"Authorization": f"Bearer {token.read_text().strip()}"}
+    ns = "/api/v1/namespaces/team-a"
+    job = {**JOB, "name": "over-http", "selector": {"match_ids": ["node-1"]}}
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=stack.dashboard_url.rstrip("/"), headers=headers, trust_env=False,
+                                     timeout=30) as http:
+            put = await http.put(f"{ns}/jobs", json={"spec": job}, headers={"Idempotency-Key": "http-1"})
+            assert put.status_code == 200 and put.json()["accepted"], put.text
+            submission = put.json()["submission_id"]
+            deadline = time.monotonic() + 60
+            while True:
+                listed = await http.get(f"{ns}/jobs/over-http/executions")
+                assert listed.status_code in (200, 404), listed.text
+                items = listed.json().get("items", []) if listed.status_code == 200 else []
+                if items and items[0]["status"]["observed_state"]["state_type"] == "completed":
+                    break
+                assert time.monotonic() < deadline, listed.text
+                await asyncio.sleep(0.3)
+            execution = items[0]["id"]
+            served: dict[str, int] = {}
+            for method, path, expected in (
+                ("GET", f"{ns}/jobs", {200}),
+                ("GET", f"{ns}/jobs/over-http", {200}),
+                ("GET", f"{ns}/jobs/over-http/executions", {200}),
+                ("GET", f"{ns}/executions/{execution}", {200}),
+                ("GET", f"{ns}/submissions/{submission}", {200}),
+                ("GET", f"{ns}/jobs/over-http/logs", {200}),
+                ("GET", f"{ns}/jobs/over-http/rollout", {200, 404}),
+                ("POST", f"{ns}/jobs/over-http/rollout/promote", {404, 409}),
+                ("POST", f"{ns}/jobs/over-http/rollout/pause", {404, 409}),
+                ("POST", f"{ns}/jobs/over-http/rollout/resume", {404, 409}),
+                ("POST", f"{ns}/jobs/over-http/rollout/abort", {404, 409}),
+                ("POST", f"{ns}/jobs/over-http/stop", {200}),
+                ("GET", "/api/v1/nodes", {200}),
+                ("GET", "/api/v1/deadletters", {200}),
+                ("GET", "/healthz", {200}),
+                ("GET", "/openapi.json", {200}),
+                ("GET", "/metrics", {200}),
+            ):
+                response = await http.request(method, path)
+                assert response.status_code in expected, (method, path, response.text)
+                served[f"{method} {path}"] = response.status_code
+            async with http.stream("GET", f"{ns}/jobs/over-http/events") as events:
+                assert events.status_code == 200
+                async for line in events.aiter_lines():
+                    if line.startswith("retry:"):
+                        break  # the stream is open: its consumers of SHOAL_EVENTS were created
+            assert len(served) + 2 == len([r for r in ROUTES if r.path != "/"])  # PUT and the events, above
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(("subject", "body"), [
+    (s.report("node-1"), report_for("node-1")),
+    (s.heartbeat("node-1"), to_msgpack(Heartbeat(node_id="node-1", at=utcnow()))),
+    (s.node_register("node-9", s.labels_digest({})), b"{}"),
+    (f"$KV.{s.BUCKET_EXECUTIONS}.team-a.j.node-1.e", b"x"),
+    (f"$KV.{s.BUCKET_NODES}.node-1", b"x"),
+    (f"$JS.API.DIRECT.GET.KV_{s.BUCKET_CONFIG}.$KV.{s.BUCKET_CONFIG}.page-token-key", b""),
+    (f"$JS.API.STREAM.INFO.{s.STREAM_ASSIGNMENTS}", b""),
+    (f"$JS.API.STREAM.INFO.{s.STREAM_OUTPUT}", b""),
+    (f"$JS.API.CONSUMER.CREATE.{s.STREAM_ASSIGNMENTS}", b"{}"),
+    (s.pull_next(s.assign_consumer("node-1")), b"{}"),
+])
+def test_the_gateway_identity_cannot_report_or_write_a_bucket(stack: Stack, subject: str, body: bytes) -> None:
+    async def scenario() -> None:
+        bus = await connect(stack, "gateway", "gateway")
+        try:
+            await bus.nc.publish(subject, body)
+            assert await refused(bus, subject), bus.violations
+        finally:
+            await bus.close()
+
+    run(scenario())
+
+
+def test_the_gateway_identity_reads_only_events_through_its_own_consumers(stack: Stack) -> None:
+    from shared.transport import OrderedReader
+
+    async def scenario() -> None:
+        bus = await connect(stack, "gateway", "gateway")
+        try:
+            reader = OrderedReader(bus, s.STREAM_EVENTS, filter_subject=f"{s.EVENTS_PREFIX}.>")
+            await reader.open()
+            assert await reader.next_batch(wait=1)  # the job events of the stack so far
+            await reader.close()
+            assert not bus.violations
+            await bus.nc.subscribe(f"{s.REPORT_PREFIX}.>")
+            assert await refused(bus, s.REPORT_PREFIX)
+        finally:
+            await bus.close()
+
+    run(scenario())

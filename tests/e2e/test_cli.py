@@ -99,8 +99,7 @@ def test_dry_run_explains_nodes_waves_and_changes(dev, tmp_path) -> None:
     none = cli(url, "job", "run", eu, "--dry-run").stdout
     assert "would be accepted" in none
     assert "nodes:   none of 6 ready nodes matches the selector (region=eu-west)" in none
-    assert ("why:   no ready node has label region=eu-west; 3 nodes have region: eu-central(1), us-east(1), "
-            "us-west(1) (3 no region)") in none
+    assert "why:   no ready node has label region=eu-west; 3 of the 6 ready nodes have a region label" in none
 
     spec = ("name: planned\ntype: pipeline\nconfig: {command: [sh, -c, 'exec sleep 600']}\n" + EDGE +
             "rollout: {strategy: rolling, max_parallel: 50, health_check: {interval: 300ms, success_threshold: 1, "
@@ -133,7 +132,7 @@ def test_wait_says_why_it_stops_and_gives_up_after_its_timeout(dev, tmp_path) ->
     queued = cli(url, "job", "run", eu, "--wait", check=False, timeout=30)
     assert queued.returncode == 1 and time.monotonic() - started < 20
     assert "queued: no ready node matches the selector (region=eu-west)" in queued.stdout
-    assert "why: no ready node has label region=eu-west; 3 nodes have region:" in queued.stdout
+    assert "why: no ready node has label region=eu-west; 3 of the 6 ready nodes have a region label" in queued.stdout
     assert "starts when a matching node joins" in queued.stdout
 
     typo = write(tmp_path / "typo.yaml", "name: typo\ntype: query\nconfig: {command: [unamee, -a]}\n" + EDGE)

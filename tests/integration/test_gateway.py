@@ -17,9 +17,9 @@ import pytest
 
 from services.cli.main import main as shoal
 from services.gateway import GatewayService
+from services.gateway.handlers import submission_id_of
 from services.gateway.http import MAX_QUERY
 from services.gateway.routes import ROUTES
-from services.gateway.tokens import add_token
 from shared import subjects as s
 from shared.api import (
     ExecutionLogsRequest,
@@ -32,6 +32,7 @@ from shared.codec import to_json
 from shared.errors import ErrorReply, NotFound
 from shared.models import Selector
 from shared.runtime import start_component
+from shared.tokens import add_token
 
 pytestmark = pytest.mark.nats
 
@@ -180,8 +181,8 @@ async def test_errors_carry_the_nats_error_body_and_its_code_as_status(stack) ->
         ("/api/v1/nodes", {"state": "null"}, 400, "state"),
         (f"{NS}/jobs/x/executions", {"next_token": "garbage"}, 400, "next_token"),
         (f"{NS}/jobs/x/executions", {"job": "y"}, 400, "job"),
-        ("/api/v1/namespaces/Bad_NS/jobs", {}, 400, "namespace"),
-        ("/api/v1/namespaces/nodes/jobs", {}, 400, "namespace"),
+        ("/api/v1/namespaces/Bad_NS/jobs", {}, 400, "ns"),  # the path parameter {ns}
+        ("/api/v1/namespaces/nodes/jobs", {}, 400, "ns"),
         (f"{NS}/executions/no-such", {}, 404, "id"),
         (f"{NS}/submissions/no-such", {}, 404, "submission_id"),
         ("/api/v1/nodes", {"selector": "zone in (a"}, 400, None),
@@ -201,6 +202,10 @@ async def test_errors_carry_the_nats_error_body_and_its_code_as_status(stack) ->
     status, headers, body = await raw_get(gw.port, f"/api/v1/nodes?selector={'x' * (MAX_QUERY + 1000)}")
     assert status == 400 and headers["content-type"] == "application/json", (status, headers, body[:200])
     assert str(MAX_QUERY) in json.loads(body)["error"]["message"]
+    # A path or query string that is not UTF-8 once percent-decoded names what it is.
+    for target, field in ((f"{NS}/jobs/%ff", "path"), (f"{NS}/jobs?state=%ff", "query")):
+        status, headers, body = await raw_get(gw.port, target)
+        assert status == 400 and json.loads(body)["error"]["field"] == field, (target, body)
     response = await http.post(f"{NS}/jobs/x/stop", content=b"{not json")
     assert response.status_code == 400
     response = await http.post(f"{NS}/jobs/x/stop", json={"job": "y"})
@@ -252,10 +257,14 @@ async def test_put_job_accepted_rejected_dry_run_and_idempotent(stack, wait_for)
     first = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers=key)
     assert first.status_code == 200, first.text
     outcome = first.json()
-    assert outcome["accepted"] and outcome["submission_id"] == "put-once" and outcome["job_version"] == 1
+    # The submission id is derived from the namespace and the key; the reply names both.
+    assert outcome["accepted"] and outcome["job_version"] == 1
+    assert outcome["submission_id"] == submission_id_of("default", "put-once") != "put-once"
+    assert first.headers["submission-id"] == outcome["submission_id"]
+    assert first.headers["idempotency-key"] == "put-once"
     again = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers=key)
     assert again.status_code == 200 and again.content == first.content  # the same outcome, not a new version
-    stored = await http.get(f"{NS}/submissions/put-once")
+    stored = await http.get(f"{NS}/submissions/{outcome['submission_id']}")
     assert stored.status_code == 200 and stored.content == first.content
 
     unchanged = await put_job(http, spec("put"))
@@ -267,31 +276,37 @@ async def test_put_job_accepted_rejected_dry_run_and_idempotent(stack, wait_for)
     rejected = await put_job(http, {**spec("bad"), "rollout": {"strategy": "rolling"}})  # no health check
     assert rejected.status_code == 400, rejected.text
     assert set(rejected.json()) == {"error"} and error(rejected)["code"] == 400 and error(rejected)["message"]
-    assert rejected.headers["idempotency-key"]  # the submission's id, to look it up later
-    stored = await http.get(f"{NS}/submissions/{rejected.headers['idempotency-key']}")
+    assert rejected.headers["idempotency-key"]  # the key made for it, to retry with
+    stored = await http.get(f"{NS}/submissions/{rejected.headers['submission-id']}")  # its id, to look it up later
     assert stored.status_code == 200 and stored.json()["accepted"] is False
     assert (await http.put(f"{NS}/jobs", content=b"[]")).status_code == 400
     response = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers={"Idempotency-Key": "no.dots"})
     assert response.status_code == 400 and error(response)["field"] == "Idempotency-Key"
-    response = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers={"Idempotency-Key": "seq-12"})
+    response = await http.put(f"{NS}/jobs", json={"spec": spec("put")}, headers={"Idempotency-Key": "k" * 129})
     assert response.status_code == 400 and error(response)["field"] == "Idempotency-Key"
 
 
-async def test_an_idempotency_key_of_another_namespace_is_a_conflict_not_a_timeout(stack) -> None:
-    """Submission ids are the cluster's: the stream drops a second submission under a key it has seen,
-    whatever its namespace, so nothing would ever answer it; the gateway says so at once."""
+async def test_the_same_idempotency_key_in_two_namespaces_is_two_submissions(stack) -> None:
+    """Submission ids are the cluster's, so the gateway derives them from (namespace, key): one namespace
+    can neither probe another's keys (a 409 would tell it the key is in use) nor occupy them."""
     api, gw, http = stack
-    gw.submit_wait = 3.0
+    gw.submit_wait = 5.0
     key = {"Idempotency-Key": "shared-key"}
     first = await http.put(f"{NS}/jobs", json={"spec": spec("mine")}, headers=key)
     assert first.status_code == 200 and first.json()["namespace"] == "default", first.text
     other = await http.put("/api/v1/namespaces/other/jobs", json={"spec": spec("theirs")}, headers=key)
-    assert other.status_code == 409, other.text
-    assert error(other)["field"] == "Idempotency-Key" and "shared-key" in error(other)["message"]
-    assert (await http.get("/api/v1/namespaces/other/jobs/theirs")).status_code == 404
-    # In its own namespace the key still answers with its outcome, and changes nothing.
+    assert other.status_code == 200, other.text
+    assert other.json()["accepted"] and other.json()["namespace"] == "other"
+    assert other.json()["submission_id"] != first.json()["submission_id"]
+    assert (await http.get("/api/v1/namespaces/other/jobs/theirs")).status_code == 200
+    for ns, reply in (("default", first), ("other", other)):
+        stored = await http.get(f"/api/v1/namespaces/{ns}/submissions/{reply.json()['submission_id']}")
+        assert stored.status_code == 200 and stored.content == reply.content
+    # In each namespace the key still answers with its own outcome, and changes nothing.
     again = await http.put(f"{NS}/jobs", json={"spec": spec("mine", strategy="rolling")}, headers=key)
     assert again.status_code == 200 and again.content == first.content
+    again = await http.put("/api/v1/namespaces/other/jobs", json={"spec": spec("x")}, headers=key)
+    assert again.status_code == 200 and again.content == other.content
 
 
 async def test_logs_route_answers_the_job_output(stack, wait_for, cluster) -> None:
@@ -333,7 +348,7 @@ async def test_logs_route_answers_the_job_output(stack, wait_for, cluster) -> No
 # -- tokens ----------------------------------------------------------------------------------------
 
 
-async def test_tokens_admin_tenant_missing_bad_and_other_namespace(cluster, tmp_path: Path) -> None:
+async def test_tokens_admin_tenant_missing_bad_and_other_namespace(cluster, tmp_path: Path, wait_for) -> None:
     await cluster.start_services()
     file = tmp_path / "tokens.json"
     admin = add_token(file, role="admin", name="ops")
@@ -363,6 +378,10 @@ async def test_tokens_admin_tenant_missing_bad_and_other_namespace(cluster, tmp_
         for path in ("/api/v1/namespaces/other/jobs/x/rollout/pause", "/api/v1/namespaces/other/jobs/x/stop"):
             assert (await http.post(path, headers=auth(tenant))).status_code == 403, path
         assert (await http.get("/api/v1/namespaces/other/jobs/x/events", headers=auth(tenant))).status_code == 403
+        for path in ("/api/v1/namespaces/other/jobs/x/logs", "/api/v1/namespaces/other/jobs/x/executions",
+                     "/api/v1/namespaces/other/executions/e-1", "/api/v1/namespaces/other/submissions/s-1"):
+            response = await http.get(path, headers=auth(tenant))
+            assert response.status_code == 403 and error(response)["field"] == "ns", (path, response.text)
         for path in ("/api/v1/namespaces/default/jobs", "/api/v1/namespaces/acme/jobs", "/api/v1/nodes",
                      "/api/v1/deadletters", "/api/v1/namespaces/acme/jobs/x"):
             assert (await http.get(path, headers=auth(admin))).status_code == 200, path
@@ -376,8 +395,11 @@ async def test_tokens_admin_tenant_missing_bad_and_other_namespace(cluster, tmp_
                                                "--name", "ci")
         assert code == 0
         late = out.strip()
-        await asyncio.sleep(1.1)
-        assert (await http.get("/api/v1/namespaces/beta/jobs", headers=auth(late))).status_code == 200
+
+        async def late_works() -> bool:
+            return (await http.get("/api/v1/namespaces/beta/jobs", headers=auth(late))).status_code == 200
+
+        await wait_for(late_works, timeout=10)
         assert (await http.get("/api/v1/namespaces/acme/jobs", headers=auth(late))).status_code == 403
 
 
@@ -482,3 +504,189 @@ async def test_healthz_only_while_connected_and_the_openapi_names_every_route(st
     await gw.bus.nc.close()  # the connection is gone for good
     response = await http.get("/healthz")
     assert response.status_code == 503 and error(response)["code"] == 503
+
+
+# -- limits and costs of event streams -------------------------------------------------------------
+
+
+async def open_stream(http: httpx.AsyncClient, path: str) -> tuple[Any, httpx.Response]:
+    context = http.stream("GET", path)
+    response = await context.__aenter__()
+    if response.status_code != 200:
+        await response.aread()
+    return context, response
+
+
+async def test_stream_limits_hold_under_concurrent_opens(stack, wait_for) -> None:
+    """The slot is taken before the first await: opens racing past the limit are refused, and every slot
+    comes back when the streams close."""
+    api, gw, http = stack
+    assert (await put_job(http, spec("limits"))).status_code == 200
+    await wait_for(lambda: _true_async(http, f"{NS}/jobs/limits"), timeout=20)
+    path = f"{NS}/jobs/limits/events"
+    for total, per_caller, admitted, refusal in ((3, 100, 3, 503), (100, 2, 2, 429)):
+        gw.max_streams, gw.max_streams_per_caller = total, per_caller
+        opened = await asyncio.gather(*(open_stream(http, path) for _ in range(8)))
+        statuses = sorted(response.status_code for _, response in opened)
+        assert statuses == [200] * admitted + [refusal] * (8 - admitted), statuses
+        for _, response in opened:
+            if response.status_code != 200:
+                assert error(response)["code"] == refusal
+        assert gw.streams == admitted
+        for context, _ in opened:
+            await context.__aexit__(None, None, None)
+        await wait_for(lambda: _true(gw.streams == 0 and not gw.caller_streams and not gw.refreshers), timeout=10)
+
+
+async def _true_async(http: httpx.AsyncClient, path: str) -> bool:
+    return (await http.get(path)).status_code == 200
+
+
+async def test_event_streams_of_one_job_share_one_status_refresher(stack, wait_for, cluster) -> None:
+    """A burst of execution changes under N open streams costs a bounded number of rollouts.status
+    requests, whatever N and the number of changes: one refresher per job, at most one request every
+    `status_every` seconds for execution changes (plus one per change of the rollout record)."""
+    api, gw, http = stack
+    gw.status_every = 1.0
+    rolling = spec("costly", strategy="rolling", max_parallel=50, health_check=HEALTH)
+    assert (await put_job(http, rolling)).status_code == 200
+
+    async def succeeded() -> bool:
+        response = await http.get(f"{NS}/jobs/costly/rollout")
+        return response.status_code == 200 and response.json()["state"] == "succeeded"
+
+    await wait_for(succeeded, timeout=40)
+    job_id = (await http.get(f"{NS}/jobs/costly")).json()["job"]["id"]
+    streams = 6
+    events: list[list[tuple[str, Any]]] = [[] for _ in range(streams)]
+    stop = asyncio.Event()
+    opened = [await open_stream(http, f"{NS}/jobs/costly/events") for _ in range(streams)]
+    readers = [asyncio.create_task(read_events(response, into, stop)) for (_, response), into in zip(opened, events)]
+    try:
+        await wait_for(lambda: _true(all(into and into[0][0] == "rollout" for into in events)), timeout=10)
+        assert list(gw.refreshers) == [("default", job_id)]
+
+        requests: list[str] = []
+        rollout_writes: list[str] = []
+        bus = api.bus
+
+        async def count_request(msg: Any) -> None:
+            requests.append(msg.subject)
+
+        async def count_write(msg: Any) -> None:
+            rollout_writes.append(msg.subject)
+
+        counting = await bus.nc.subscribe(s.api("default", s.ROLLOUT_STATUS), cb=count_request)
+        records = await bus.nc.subscribe(f"$KV.{s.BUCKET_ROLLOUTS}.>", cb=count_write)
+        await bus.nc.flush()
+        kv = await bus.js.key_value(s.BUCKET_EXECUTIONS)
+        keys = [k for k in await kv.keys() if f".{job_id}." in k]
+        assert len(keys) == 4
+        entries = [await kv.get(k) for k in keys]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        burst = 120
+        for i in range(burst):  # the same records again: an execution event each, nothing else changes
+            entry = entries[i % len(entries)]
+            await kv.put(entry.key, entry.value)
+            await asyncio.sleep(0.01)
+
+        async def forwarded() -> bool:
+            return all(sum(kind == "execution" for kind, _ in into) >= burst for into in events)
+
+        await wait_for(forwarded, timeout=20)
+        await asyncio.sleep(gw.status_every * 1.5)  # the last refresh due after the burst
+        elapsed = loop.time() - started
+        await bus.nc.flush()
+        await counting.unsubscribe()
+        await records.unsubscribe()
+        bound = 2 + int(elapsed / gw.status_every) + len(rollout_writes)
+        assert 1 <= len(requests) <= bound, (len(requests), bound, elapsed, len(rollout_writes))
+        assert gw.status_requests >= len(requests)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.cancel()
+        for context, _ in opened:
+            await context.__aexit__(None, None, None)
+    await wait_for(lambda: _true(gw.streams == 0 and not gw.refreshers), timeout=10)
+
+
+# -- the token file fails closed -------------------------------------------------------------------
+
+
+async def test_a_broken_token_file_refuses_every_token_until_fixed(cluster, tmp_path: Path, wait_for,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    await cluster.start_services()
+    file = tmp_path / "tokens.json"
+    admin = add_token(file, role="admin", name="ops")
+    revoked = add_token(file, role="admin", name="leaked")
+    good = file.read_bytes()
+    gw = await start_gateway(cluster, tokens_file=str(file))
+    headers = {"Authorization": f"Bearer {revoked}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}", trust_env=False, timeout=30) as http:
+        assert (await http.get(f"{NS}/jobs", headers=headers)).status_code == 200
+        # Revoking the leaked token goes wrong half-way: the file is left invalid.
+        file.write_bytes(good[: len(good) // 2])
+
+        async def refused() -> httpx.Response | None:
+            response = await http.get(f"{NS}/jobs", headers=headers)
+            return response if response.status_code == 503 else None
+
+        response = await wait_for(refused, timeout=10)
+        assert error(response)["code"] == 503 and error(response)["field"] == "SHOAL_GATEWAY_TOKENS"
+        assert "token file" in error(response)["message"]
+        for path in (f"{NS}/jobs", "/api/v1/nodes", "/metrics", f"{NS}/jobs/x/events"):
+            assert (await http.get(path, headers={"Authorization": f"Bearer {admin}"})).status_code == 503, path
+        assert (await http.get("/healthz")).status_code == 200  # routes without a token still answer
+        assert any("unusable" in r.getMessage() and str(file) in r.getMessage() for r in caplog.records)
+        # Fixed, without the leaked token: the admin's works again, the leaked one never does.
+        entries = json.loads(good)["tokens"]
+        fixed = {"tokens": [e for e in entries if e["name"] != "leaked"]}
+        file.write_text(json.dumps(fixed))
+
+        async def recovered() -> bool:
+            return (await http.get(f"{NS}/jobs", headers={"Authorization": f"Bearer {admin}"})).status_code == 200
+
+        await wait_for(recovered, timeout=10)
+        assert (await http.get(f"{NS}/jobs", headers=headers)).status_code == 401
+
+
+# -- starting -------------------------------------------------------------------------------------
+
+
+async def test_the_gateway_fails_when_its_http_server_does_not_start(cluster, monkeypatch) -> None:
+    from services.gateway import service as gateway_service
+    from shared.errors import Unavailable
+
+    async def never(self, sockets=None) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(gateway_service._Server, "serve", never)
+    monkeypatch.setattr(gateway_service, "START_TIMEOUT", 0.5)
+    with pytest.raises(Unavailable, match="did not start within"):
+        await asyncio.wait_for(start_gateway(cluster), timeout=15)
+
+
+def test_no_token_file_on_a_public_address_is_refused_unless_insecure(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from services.cli.stack import shoal_command
+    from services.gateway.service import check_exposure
+    from shared.errors import InvalidInput
+
+    env = {k: v for k, v in os.environ.items() if k not in ("SHOAL_GATEWAY_TOKENS", "SHOAL_GATEWAY_INSECURE")}
+    env["SHOAL_NATS_URL"] = "nats://127.0.0.1:1"  # never reached: refused before connecting
+    done = subprocess.run(shoal_command("serve", "gateway", "--host", "0.0.0.0", "--port", "0"), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SHOAL_GATEWAY_TOKENS" in lines[0] and "--insecure" in lines[0], done.stderr
+    with pytest.raises(InvalidInput) as refused:
+        check_exposure("::", tokens=False)
+    assert refused.value.field == "SHOAL_GATEWAY_TOKENS"
+    check_exposure("0.0.0.0", tokens=False, insecure=True)
+    check_exposure("0.0.0.0", tokens=True)
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.5"):
+        check_exposure(host, tokens=False)

@@ -27,7 +27,7 @@ from shared.api import OUTPUT_CHUNK_BYTES, ExecutionLogsRequest, ExecutionLogsRe
 from shared.codec import from_msgpack, to_json
 from shared.errors import ShoalError
 from services.query import QueryService
-from services.rollout.service import node_failure
+from shared.api import node_failure
 from shared.models import OUTPUT_SUMMARY_CHARS, details
 
 pytestmark = pytest.mark.nats
@@ -364,3 +364,34 @@ async def test_a_bad_namespace_is_a_400_and_an_unknown_job_a_404(cluster) -> Non
         await api.logs(ExecutionLogsRequest(job="no-such-job"))
     assert (caught.value.code, caught.value.field) == (404, "job")
     assert "no-such-job" in caught.value.message
+
+
+async def test_a_chunk_the_stream_refuses_for_good_is_dropped_not_retried_and_newer_output_follows(bus) -> None:
+    """A refusal that trying again cannot change (here: the stream takes no message that large) gives up
+    that chunk at once, counted, and the execution's next chunks are not held behind it."""
+    from services.agent.output import TextSource
+    from shared.transport import StreamSpec
+    from tests import builders
+
+    await bus.ensure_stream(StreamSpec(name=s.STREAM_OUTPUT, subjects=(s.output("*", "*", "*", "*"),),
+                                       max_msg_size=300))
+    shipper = OutputShipper(bus, interval=0.02)
+    shipper.start()
+    try:
+        big, small = builders.execution("edge-1", id="e-big"), builders.execution("edge-1", id="e-small")
+        shipper.open(big, TextSource("x" * 1000))  # a chunk over the stream's limit
+        shipper.open(small, TextSource("ok"))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if shipper.dropped and shipper.shipped:
+                break
+        assert (shipper.dropped, shipper.shipped) == (1, 1)
+        assert "e-big" not in shipper.pending  # given up at once, not waiting to be tried again
+        shipper.close(big.id)  # its final chunk (empty) still goes out
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not shipper.pending:
+                break
+        assert not shipper.pending and shipper.shipped == 2
+    finally:
+        await shipper.abandon()

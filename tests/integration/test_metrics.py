@@ -212,3 +212,31 @@ async def test_transport_span_names_do_not_grow_with_node_ids(bus, monkeypatch) 
     assert attrs["messaging.consumer.group.name"] == "test-reports"
     assert attrs["messaging.message.id"].startswith("report-node-")
     assert attrs["messaging.destination.template"] == "shoal.report.*" and attrs["messaging.system"] == "nats"
+
+
+def test_a_service_whose_metrics_port_is_taken_exits_non_zero(nats_url: str) -> None:
+    """A process serves everything it was asked to, or exits for a supervisor to see: a metrics port it
+    cannot bind is not logged and forgotten."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        env = {**os.environ, "SHOAL_NATS_URL": nats_url, "SHOAL_METRICS_PORT": str(port)}
+        proc = subprocess.run([sys.executable, "-m", "services.cli.main", "serve", "scheduler"], env=env,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert proc.returncode != 0
+    assert "SHOAL_METRICS_PORT" in proc.stderr and str(port) in proc.stderr
+
+
+def test_metrics_are_served_on_loopback_unless_told_otherwise() -> None:
+    from shared.settings import from_env
+
+    assert from_env().metrics_host == "127.0.0.1"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import uuid
 
 import pytest
@@ -621,3 +622,52 @@ async def test_a_view_file_from_another_events_stream_is_rebuilt(cluster, bus, w
     assert sorted(e.id for e in await api.all_executions("")) == sorted(e.id for e in fresh)
     with pytest.raises(NotFound):
         await api.get_job("before-wipe")
+
+
+async def test_a_new_replica_says_once_when_it_has_caught_up_with_the_stream(cluster, bus, wait_for, caplog) -> None:
+    store = Store(bus)
+    job = make_job("default", "catching-up")
+    await put_job(store, job)
+    await put_executions(store, [make_execution(job, f"n{i}") for i in range(30)])
+
+    async def sourced() -> int:
+        last = (await bus.stream_info(s.STREAM_EVENTS))["last_seq"]
+        return last if last >= 31 else 0
+
+    last = await wait_for(sourced)
+    with caplog.at_level(logging.INFO, logger="services.query.service"):
+        query = await cluster.start("query")
+
+        async def caught_up() -> bool:
+            return query.caught_up is not None
+
+        await wait_for(caught_up)
+        await put_executions(store, [make_execution(job, "later")])  # following the stream is not catching up
+        await until_visible(await cluster.api(), "catching-up", 31, wait_for)
+    events, wall, cpu = query.caught_up
+    assert events >= last and wall > 0 and cpu > 0
+    said = [r.getMessage() for r in caplog.records if "caught up with the events stream" in r.getMessage()]
+    assert len(said) == 1 and f"{events} events in" in said[0]
+
+
+async def test_a_batch_whose_write_failed_is_read_again_not_lost(query, cluster, wait_for) -> None:
+    store, api = query, await cluster.api()
+    service = [c for c in cluster.components if c.name == "query"][0]
+    apply = service.view.apply
+    failed: list[int] = []
+
+    async def failing_once(events):
+        if not failed and any(e.subject.startswith(s.EVENTS_EXECUTION) for e in events):
+            failed.append(len(events))
+            raise OSError("disk I/O error")
+        await apply(events)
+
+    service.view.apply = failing_once
+    job = make_job("default", "retried")
+    await put_job(store, job)
+    executions = [make_execution(job, f"n{i}") for i in range(20)]
+    await put_executions(store, executions)
+    # The follower crashed on the batch and was started again; it reads that batch again from the stream.
+    await until_visible(api, "retried", 20, wait_for)
+    assert failed
+    assert sorted(e.id for e in await api.all_executions("retried")) == sorted(e.id for e in executions)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
@@ -62,7 +64,7 @@ async def test_dry_run_explains_nodes_waves_and_changes(cluster) -> None:
 
     nowhere = await api.submit(spec("nowhere", selector={"match_expressions": ["zone in (z7,z8)"]}), dry_run=True)
     assert nowhere.plan.matched_nodes == 0 and nowhere.plan.waves == []
-    assert nowhere.plan.no_match == ["no ready node has zone in (z7,z8); 4 nodes have zone: z0(2), z1(2)"]
+    assert nowhere.plan.no_match == ["no ready node has zone in (z7,z8); 4 of the 4 ready nodes have a zone label"]
 
     # Against the current version: what the next one would change, and nothing applied.
     assert (await api.submit(spec("planned", selector={"match_labels": {"zone": "z1"}}, rollout=rolling))).accepted
@@ -250,3 +252,94 @@ async def test_a_submission_id_another_namespace_used_is_a_409_in_this_one(clust
     assert outcome.error.code == 409 and outcome.error.field == "Nats-Msg-Id"
     kept = await store.submissions.get("shared-1")
     assert kept is not None and kept.value.namespace == "team-a" and kept.value.accepted
+
+
+async def test_a_submission_publishes_its_plan_itself_once(cluster) -> None:
+    """A job registered is evaluated as its submission is handled: its deploy plan goes out under the
+    evaluation's id, nothing goes through the evaluations stream, and handling the same submission again
+    (a redelivery after a crash before the outcome was stored) publishes no second plan."""
+    from services.scheduler.submissions import Submissions
+    from shared.codec import from_msgpack
+    from shared.models import Plan
+    from shared.store import Store
+
+    scheduler = await cluster.start("scheduler")
+    api = await cluster.api()
+    outcome = await api.submit(spec("planned-here"), submission_id="plan-once-1")
+    assert outcome.accepted and outcome.eval_id, outcome
+
+    async def plans() -> list[Plan]:
+        found = await api.bus.read_stream(s.STREAM_PLANS, "shoal.plan.>", 1, 100)
+        return [p for p in (from_msgpack(m.data, Plan) for m in found) if p.job_id == outcome.job_id]
+
+    [plan] = await plans()
+    assert (plan.eval_id, plan.kind, plan.job_version, plan.node_ids) == (outcome.eval_id, "deploy", 1, [])
+    assert await api.bus.read_stream(s.STREAM_EVALS, s.evaluation("default"), 1, 10) == []
+
+    again = Submissions(api.bus, Store(api.bus), evaluations=scheduler.evaluations)
+    redone = await again._process("default", "plan-once-1", to_json({"spec": spec("planned-here")}))
+    assert (redone.job_id, redone.job_version, redone.eval_id) == (outcome.job_id, 1, outcome.eval_id)
+    assert len(await plans()) == 1
+
+
+async def test_the_jobs_mirror_takes_writes_in_batches_and_catches_up_on_demand(cluster, wait_for) -> None:
+    """The scheduler's copy of the jobs that want new nodes fetches what was written only every `pace`
+    seconds, but a node join (catch_up) gets every job written before it at once."""
+    import asyncio
+
+    scheduler = await cluster.start("scheduler")
+    api = await cluster.api()
+    mirror = scheduler.jobs
+    mirror.pace = 60.0
+    first = await api.submit(spec("first-daemon"))
+    await wait_for(lambda: _in_mirror(mirror, first.job_id), timeout=5)  # the last short wait, then a long one
+    await asyncio.sleep(0.5)
+    second = await api.submit(spec("second-daemon"))
+    await asyncio.sleep(0.5)
+    assert not _has(mirror, second.job_id), "the mirror fetched again without waiting its pace"
+    assert await asyncio.wait_for(mirror.catch_up(), 5)
+    assert _has(mirror, second.job_id)
+
+
+def _has(mirror, job_id: str) -> bool:
+    return f"default.{job_id}" in mirror.items
+
+
+async def _in_mirror(mirror, job_id: str) -> bool:
+    return _has(mirror, job_id)
+
+
+async def test_a_profiled_scheduler_leaves_its_profile_when_it_stops(cluster, monkeypatch, tmp_path) -> None:
+    import os
+    import pstats
+
+    from services.scheduler.service import PROFILE_ENV
+
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path))
+    scheduler = await cluster.start("scheduler")
+    api = await cluster.api()
+    assert (await api.submit(spec("profiled"))).accepted
+    await cluster.stop(scheduler)
+    profile = tmp_path / f"scheduler-{os.getpid()}.prof"
+    assert "_process" in pstats.Stats(str(profile)).get_stats_profile().func_profiles
+
+
+async def test_a_dry_run_reads_the_schedulers_nodes_mirror_not_the_nodes_bucket(cluster) -> None:
+    """A dry run costs what it reads: the fleet from the scheduler's mirror, never a scan of the bucket."""
+    for kind in ("health", "rollout", "query"):
+        await cluster.start(kind)
+    scheduler = await cluster.start("scheduler")
+    await cluster.start("agent", simulate=3, sim_labels=["tier=edge"])
+    api = await cluster.api()
+    await api.wait_ready(3)
+
+    async def no_scan(*args, **kwargs):
+        raise AssertionError("a dry run scanned the nodes bucket")
+
+    scheduler.store.nodes.scan = no_scan
+    for _ in range(50):
+        if len(scheduler.nodes.items) == 3:
+            break
+        await asyncio.sleep(0.1)
+    dry = await api.submit(spec("mirrored", selector={"match_labels": {"tier": "edge"}}), dry_run=True)
+    assert dry.accepted and dry.plan is not None and dry.plan.matched_nodes == 3, dry

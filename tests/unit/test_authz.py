@@ -55,6 +55,23 @@ def test_admin_rules() -> None:
     )
 
 
+def test_gateway_rules() -> None:
+    """The API and submissions, and ordered consumers of SHOAL_EVENTS only: no bucket, no other stream, no
+    node protocol, no Services API ping."""
+    assert permissions("gateway", "gateway", KEY) == Permissions(
+        publish_allow=["shoal.v1.>", "shoal.submit.*", "$JS.API.STREAM.INFO.SHOAL_EVENTS",
+                       "$JS.API.CONSUMER.CREATE.SHOAL_EVENTS", "$JS.API.CONSUMER.MSG.NEXT.SHOAL_EVENTS.*",
+                       "$JS.API.CONSUMER.INFO.SHOAL_EVENTS.*", "$JS.API.CONSUMER.DELETE.SHOAL_EVENTS.*"],
+        publish_deny=["shoal.v1.nodes.register.>", "shoal.v1.fleets.>"],
+        subscribe_allow=["shoal.submitted.>", f"_INBOX.{KEY}.>"],
+    )
+    p = permissions("gateway", "gateway", KEY)
+    assert all(x.endswith((f".{s.STREAM_EVENTS}", f".{s.STREAM_EVENTS}.*"))
+               for x in p.publish_allow if x.startswith("$JS"))
+    assert not [x for x in p.publish_allow + p.subscribe_allow
+                if x.startswith(("$KV", "$SRV", s.REPORT_PREFIX, "shoal.heartbeat", "_INBOX.>"))]
+
+
 def test_tenant_is_confined_to_its_namespace() -> None:
     assert permissions("tenant", "acme", KEY) == Permissions(
         publish_allow=["shoal.submit.acme", "shoal.v1.acme.>"],
@@ -218,7 +235,8 @@ def umask_open() -> Iterator[None]:
 def test_init_writes_every_file_with_its_mode(tmp_path: Path, umask_open: None) -> None:
     d = tmp_path / "auth"
     assert auth("init", str(d), "--tenant", "acme", "--tenant", "beta", "--node", "edge-1") == 0
-    seeds = [d / "service.nk", d / "admin.nk", d / "fleet.nk", d / "tenants/acme.nk", d / "tenants/beta.nk",
+    seeds = [d / "service.nk", d / "admin.nk", d / "gateway.nk", d / "fleet.nk", d / "tenants/acme.nk",
+             d / "tenants/beta.nk",
              d / "nodes/edge-1.nk"]
     for seed in seeds:
         assert mode(seed) == 0o600, seed
@@ -227,7 +245,8 @@ def test_init_writes_every_file_with_its_mode(tmp_path: Path, umask_open: None) 
     assert mode(d / REGISTRY) == mode(d / CONF) == 0o644
     assert not list(d.rglob("*.tmp"))
     reg = identities(d)
-    assert set(reg) == {("service", "service"), ("admin", "admin"), ("fleet", "fleet"), ("tenant", "acme"),
+    assert set(reg) == {("service", "service"), ("admin", "admin"), ("gateway", "gateway"), ("fleet", "fleet"),
+                        ("tenant", "acme"),
                         ("tenant", "beta"), ("node", "edge-1")}
     conf = (d / CONF).read_text()
     for (kind, name), [ident] in reg.items():
@@ -361,6 +380,7 @@ def test_the_last_identity_cannot_be_revoked(tmp_path: Path) -> None:
     d = tmp_path / "auth"
     auth("init", str(d), "--no-fleet")
     assert auth("revoke", str(d), "--identity", "admin") == 0
+    assert auth("revoke", str(d), "--identity", "gateway") == 0
     assert auth("revoke", str(d), "--identity", "service") == 2  # the conf would let anyone in
     assert ("service", "service") in identities(d) and (d / "service.nk").exists()
 
@@ -617,6 +637,31 @@ async def test_server_enforces_each_identity(stack: tuple[Server, Path]) -> None
         assert await admin.refused("pub", subject), subject
     assert await admin.refused("sub", "_INBOX.>")
 
+    # -- the gateway: the API, submissions and ordered consumers of SHOAL_EVENTS; nothing else --
+    await js.add_stream(StreamConfig(name=s.STREAM_EVENTS, subjects=["shoal.events.>"]))
+    await js.publish("shoal.events.rollout.0.acme.job", b"event")
+    gateway = await connect(server.url, d / "gateway.nk")
+    assert (await gateway.nc.request("shoal.v1.beta.jobs.list", b"{}", timeout=WAIT)).data.startswith(b"ok:")
+    assert await gateway.publishes("shoal.submit.acme", tap)
+    assert await gateway.receives("shoal.submitted.>", "shoal.submitted.acme.sub-3", svc)
+    gjs = gateway.nc.jetstream()
+    assert (await gjs.stream_info(s.STREAM_EVENTS)).state.last_seq == 1
+    made = await gjs.add_consumer(s.STREAM_EVENTS, ConsumerConfig(ack_policy=AckPolicy.NONE, mem_storage=True,
+                                                                  filter_subject="shoal.events.rollout.>"))
+    events = await gjs.pull_subscribe_bind(made.name, stream=s.STREAM_EVENTS)
+    [event] = await events.fetch(1, timeout=WAIT)
+    assert event.data == b"event"
+    await gjs.consumer_info(s.STREAM_EVENTS, made.name)
+    assert await gjs.delete_consumer(s.STREAM_EVENTS, made.name)
+    for subject in ("shoal.report.edge-1", "shoal.heartbeat.edge-1", "shoal.v1.nodes.register.edge-1.x",
+                    "$KV.shoal_executions.acme.j.edge-1.e", "$JS.API.STREAM.INFO.SHOAL_ASSIGNMENTS",
+                    "$JS.API.CONSUMER.CREATE.SHOAL_ASSIGNMENTS",
+                    "$JS.API.CONSUMER.MSG.NEXT.SHOAL_ASSIGNMENTS.assign-edge-1",
+                    "$JS.API.DIRECT.GET.KV_shoal_config", "$JS.API.STREAM.NAMES", "$SRV.PING"):
+        assert await gateway.refused("pub", subject), subject
+    for subject in ("_INBOX.>", "shoal.report.>", "shoal.assign.>"):
+        assert await gateway.refused("sub", subject), subject
+
     # -- the fleet acts for any node, but creates no consumer either --
     fleet = await connect(server.url, d / "fleet.nk")
     for subject in ("shoal.v1.nodes.register.sim-0001.abc", "shoal.heartbeat.sim-0001", "shoal.report.sim-0001",
@@ -626,7 +671,7 @@ async def test_server_enforces_each_identity(stack: tuple[Server, Path]) -> None
         assert await fleet.refused("pub", subject), subject
 
     assert not svc.violations()
-    for conn in (svc, node, acme, shared_inbox, admin, fleet):
+    for conn in (svc, node, acme, shared_inbox, admin, gateway, fleet):
         await conn.nc.close()
 
 
@@ -728,3 +773,46 @@ async def test_reload_applies_a_rotation(stack: tuple[Server, Path], tmp_path: P
     assert after.nc.is_connected
     await after.nc.close()
     await svc.nc.close()
+
+
+# --- files the CLI and the gateway share ----------------------------------------------------------
+
+
+def test_write_atomic_creates_with_its_mode_and_leaves_no_temporary_file(tmp_path: Path, umask_open: None) -> None:
+    from shared.files import write_atomic
+
+    target = tmp_path / "seed.nk"
+    write_atomic(target, b"one\n", 0o600)
+    write_atomic(target, b"two\n", 0o600)
+    assert target.read_bytes() == b"two\n" and mode(target) == 0o600
+    # A replacement that fails (the target is a directory) leaves the target and no temporary file.
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "inside").write_text("x")
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "dir", b"data", 0o600)
+    assert (tmp_path / "dir" / "inside").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "seed.nk"]
+
+
+def test_the_cli_reaches_the_token_file_through_shared_not_the_gateway() -> None:
+    """Services never import each other: `shoal auth add-token` and `shoal dev --auth` use shared/tokens.py."""
+    for path in ("services/cli/auth.py", "services/cli/stack.py", "services/cli/stackcmd.py"):
+        assert "services.gateway" not in (ROOT / path).read_text(), path
+
+
+def test_tokens_are_checked_against_every_stored_hash(tmp_path: Path) -> None:
+    from shared.tokens import Forbidden, Tokens, Unauthorized, add_token
+
+    file = tmp_path / "tokens.json"
+    admin = add_token(file, role="admin", name="ops")
+    tenant = add_token(file, role="tenant", namespaces=["acme"], name="ci")
+    tokens = Tokens(file)
+    assert tokens.check(f"Bearer {admin}").role == "admin"
+    access = tokens.check(f"bearer  {tenant} ")
+    assert access.role == "tenant" and access.namespaces == {"acme"} and access.key and tenant not in access.key
+    access.namespace("acme")
+    with pytest.raises(Forbidden):
+        access.namespace("beta")
+    for header in (None, "", f"Basic {admin}", "Bearer shoal_nope", f"Bearer {admin}x", "Bearer " + "x" * 600):
+        with pytest.raises(Unauthorized):
+            tokens.check(header)

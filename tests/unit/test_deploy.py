@@ -158,7 +158,7 @@ def test_serve_commands_cover_the_four_services(services: dict[str, dict[str, An
     served: dict[str, str] = {}
     for name, svc in shoal_services(services).items():
         args = parse_shoal(name, argv(svc.get("command")))
-        if args.command == "serve":
+        if args.command == "serve" and args.service != "gateway":
             assert args.service in SERVED
             served[args.service] = name
     assert set(served) == SERVED, f"services not run by any container: {sorted(SERVED - set(served))}"
@@ -168,6 +168,19 @@ def test_serve_commands_cover_the_four_services(services: dict[str, dict[str, An
     assert db, "query service should name its SQLite file with --db"
     targets = [target for _, target in volume_mounts(query)]
     assert any(db.startswith(t.rstrip("/") + "/") for t in targets), f"--db {db} is not on a volume {targets}"
+
+
+def test_the_gateway_without_tokens_is_insecure_on_purpose_and_published_on_loopback_only(
+        services: dict[str, dict[str, Any]]) -> None:
+    """This stack has no authentication: its gateway must say --insecure to listen on its container's
+    addresses (else it refuses to start), and the host publishes it on loopback only."""
+    (name,) = [n for n, svc in shoal_services(services).items() if argv(svc.get("command"))[:2] == ["serve", "gateway"]]
+    gateway = services[name]
+    args = parse_shoal(name, argv(gateway.get("command")))
+    assert args.insecure and args.host == "0.0.0.0", args
+    assert "SHOAL_GATEWAY_TOKENS" not in environment(gateway)
+    ports = [str(p) for p in gateway.get("ports") or []]
+    assert ports and all(p.startswith("127.0.0.1:") and p.endswith(f":{args.port}") for p in ports), ports
 
 
 def test_agents_have_distinct_node_ids_and_their_own_volume(services: dict[str, dict[str, Any]]) -> None:
@@ -410,9 +423,11 @@ VARIABLE = re.compile(r"\bSHOAL_[A-Z0-9_]+\b")
 
 
 def settings_variables() -> set[str]:
-    """The SHOAL_* variables shoal reads: shared/settings.py, and the CLI's own (SHOAL_NAMESPACE)."""
+    """The SHOAL_* variables shoal reads: shared/settings.py, the CLI's own (SHOAL_NAMESPACE) and the
+    gateway's (SHOAL_HTTP_*, SHOAL_GATEWAY_*)."""
     found: set[str] = set()
-    for source in (REPO / "shared" / "settings.py", REPO / "services" / "cli" / "main.py"):
+    for source in (REPO / "shared" / "settings.py", REPO / "services" / "cli" / "main.py",
+                   REPO / "services" / "gateway" / "service.py", REPO / "shared" / "tokens.py"):
         found |= set(VARIABLE.findall(source.read_text()))
     return found
 
@@ -1023,6 +1038,10 @@ def test_cluster_compose_runs_two_replicas_of_every_service(cluster_compose: dic
         if command[:1] != ["serve"]:
             continue
         replicas[command[1]] = replicas.get(command[1], 0) + compose_replicas(svc)
+        if command[1] == "gateway":  # no NATS service instance to ping: its HTTP /healthz instead
+            (port,) = option(command, "--port")
+            assert f"127.0.0.1:{port}/healthz" in argv(svc["healthcheck"]["test"])[-1], name
+            continue
         path = ready_file(command)
         assert path, f"{name}: serve without --ready-file"
         assert argv(svc["healthcheck"]["test"]) == ["CMD", "shoal", "ping", "--ready-file", path], name
@@ -1032,7 +1051,7 @@ def test_cluster_compose_runs_two_replicas_of_every_service(cluster_compose: dic
             volume = [source for source, target in volume_mounts(svc) if under(db, target)]
             assert len(volume) == 1 and volume[0] in cluster_compose["volumes"], f"{name}: --db {db} not on a volume"
             views[name] = volume[0]
-    assert replicas == {service: 2 for service in SERVED}, f"replicas per service: {replicas}"
+    assert replicas == {service: 2 for service in (*SERVED, "gateway")}, f"replicas per service: {replicas}"
     assert len(set(views.values())) == 2, f"the query replicas share a view volume: {views}"
 
 
@@ -1050,7 +1069,15 @@ def test_cluster_compose_clients_use_the_seeds_tls_their_identity_and_r3(cluster
         ca = compose_secret_file(cluster_compose, svc, env["SHOAL_NATS_TLS_CA"])
         assert ca == "./deploy/cluster/local/tls/ca.pem", f"{name}: {ca}"
         seed = compose_secret_file(cluster_compose, svc, env["SHOAL_NATS_NKEY"])
-        if command[:1] == ["serve"]:
+        if command[:2] == ["serve", "gateway"]:
+            kind = "gateway"
+            assert seed == "./deploy/cluster/local/auth/gateway.nk", f"{name}: {seed}"
+            tokens = env["SHOAL_GATEWAY_TOKENS"]
+            mounts = {target: source for source, target in volume_mounts(svc)}
+            (directory,) = [t for t in mounts if under(tokens, t)]
+            assert mounts[directory] == "./deploy/cluster/local/gateway", (
+                f"{name}: the token file's directory is mounted (a replaced file is seen): {mounts}")
+        elif command[:1] == ["serve"]:
             kind = "service"
             assert seed == "./deploy/cluster/local/auth/service.nk", f"{name}: {seed}"
             assert env.get("SHOAL_JS_REPLICAS") == str(len(NODES)), f"{name}: streams and buckets on every node"
@@ -1064,7 +1091,7 @@ def test_cluster_compose_clients_use_the_seeds_tls_their_identity_and_r3(cluster
         kinds[kind] = kinds.get(kind, 0) + 1
         depends = svc.get("depends_on") or {}
         assert {n: d.get("condition") for n, d in depends.items()} == dict.fromkeys(NODES, "service_healthy"), name
-    assert kinds.keys() == {"service", "node", "admin"}, kinds
+    assert kinds.keys() == {"service", "node", "admin", "gateway"}, kinds
 
 
 def test_cluster_compose_auth_init_creates_every_identity_it_mounts(cluster_compose: dict[str, Any]) -> None:
@@ -1082,6 +1109,7 @@ def test_cluster_compose_auth_init_creates_every_identity_it_mounts(cluster_comp
     assert set(option(command, "--node")) == agents, "auth init should create every agent's node identity"
     # Every seed file a secret names is one that auth init writes.
     written = {"./deploy/cluster/local/auth/service.nk", "./deploy/cluster/local/auth/admin.nk",
+               "./deploy/cluster/local/auth/gateway.nk",
                *(f"./deploy/cluster/local/auth/nodes/{a}.nk" for a in agents)}
     seeds = {s["file"] for s in cluster_compose["secrets"].values() if s["file"].endswith(".nk")}
     assert seeds == written, seeds ^ written
@@ -1317,6 +1345,8 @@ def test_k8s_runs_two_ready_checked_replicas_of_every_service(k8s: dict[tuple[st
         service = command[1]
         served[service] = name
         assert spec["replicas"] == 2, f"{name}: replicas {spec['replicas']}"
+        if service == "gateway":
+            continue  # test_k8s_gateway_runs_as_its_own_identity_with_its_tokens
         assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, (
             f"{name}: keep the old replica until the new one serves")
         assert files.get(env["SHOAL_NATS_NKEY"]) == ("secret", "shoal-nkey-service", "service.nk"), name
@@ -1333,7 +1363,36 @@ def test_k8s_runs_two_ready_checked_replicas_of_every_service(k8s: dict[tuple[st
             assert any(under(db, d) for d in k8s_empty_dirs(pod, container)), f"{name}: the view is not on an emptyDir"
         pdb = k8s[("PodDisruptionBudget", name)]["spec"]
         assert pdb["minAvailable"] == 1 and pdb["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
-    assert set(served) == SERVED, f"services without a Deployment: {sorted(SERVED - set(served))}"
+    assert set(served) == {*SERVED, "gateway"}, f"services without a Deployment: {sorted(SERVED - set(served))}"
+
+
+def test_k8s_gateway_runs_as_its_own_identity_with_its_tokens(k8s: dict[tuple[str, str], dict[str, Any]],
+                                                              kustomization: dict[str, Any]) -> None:
+    deployment = k8s[("Deployment", "shoal-gateway")]
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    args = parse_shoal("shoal-gateway", [str(a) for a in container["args"]])
+    assert args.command == "serve" and args.service == "gateway" and not args.insecure
+    env = k8s_env(container)
+    files = k8s_files(pod, container)
+    assert files.get(env["SHOAL_NATS_NKEY"]) == ("secret", "shoal-nkey-gateway", "gateway.nk")
+    assert files.get(env["SHOAL_GATEWAY_TOKENS"]) == ("secret", "shoal-gateway-tokens", "tokens.json")
+    assert "SHOAL_JS_REPLICAS" not in env  # it creates no stream or bucket
+    generators = {g["name"]: g for g in kustomization["secretGenerator"]}
+    assert generators["shoal-gateway-tokens"]["files"] == ["tokens.json=local/gateway/tokens.json"]
+    assert (generators["shoal-gateway-tokens"].get("options") or {}).get("disableNameSuffixHash") is True, (
+        "updated in place, so that the running gateways read the new tokens")
+    assert generators["shoal-nkey-gateway"]["files"] == ["gateway.nk=local/auth/gateway.nk"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert port == args.port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+    service = k8s[("Service", "shoal-gateway")]["spec"]
+    assert service["selector"] == spec["selector"]["matchLabels"]
+    assert service["ports"][0]["targetPort"] == "http"
+    pdb = k8s[("PodDisruptionBudget", "shoal-gateway")]["spec"]
+    assert pdb["minAvailable"] == 1 and pdb["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
 
 
 def test_k8s_commands_are_real_cli_commands(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -1440,6 +1499,22 @@ def test_systemd_service_and_nats_units() -> None:
     check_shoal_commands(commands)
 
 
+def test_systemd_gateway_unit_runs_as_the_gateway_identity_with_tokens() -> None:
+    unit = unit_file(SYSTEMD_DIR / "shoal-gateway.service")
+    service = unit["Service"]
+    assert service["EnvironmentFile"] == ["/etc/shoal/gateway.env"]
+    env = env_file(SYSTEMD_DIR / "gateway.env.example")
+    assert {"SHOAL_NATS_URL", "SHOAL_NATS_NKEY", "SHOAL_NATS_TLS_CA", "SHOAL_GATEWAY_TOKENS"} <= env.keys()
+    assert Path(env["SHOAL_NATS_NKEY"]).name == "gateway.nk"
+    assert "SHOAL_JS_REPLICAS" not in env
+    assert service["Restart"] == ["always"] and service["User"] == ["shoal"]
+    words = exec_start(service["ExecStart"][0], env)
+    assert Path(words[0]).name == "shoal" and words[1:3] == ["serve", "gateway"]
+    args = parse_shoal("shoal-gateway.service", words[1:])
+    assert not args.insecure
+    check_shoal_commands([("shoal-gateway.service", words[1:])])
+
+
 def test_systemd_nats_unit_and_users() -> None:
     unit = unit_file(SYSTEMD_DIR / "nats-server.service")
     service = unit["Service"]
@@ -1450,7 +1525,7 @@ def test_systemd_nats_unit_and_users() -> None:
     assert store_dir(CLUSTER_CONF.read_text()) in service["ReadWritePaths"][0].split()
     users = {line.split()[1] for line in (SYSTEMD_DIR / "shoal.sysusers").read_text().splitlines()
              if line.startswith("u ")}
-    for name in ("shoal-agent.service", "shoal@.service", "nats-server.service"):
+    for name in ("shoal-agent.service", "shoal@.service", "shoal-gateway.service", "nats-server.service"):
         assert unit_file(SYSTEMD_DIR / name)["Service"]["User"][0] in users, name
 
 

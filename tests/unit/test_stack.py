@@ -173,3 +173,19 @@ def test_a_seed_list_is_split_and_an_empty_one_refused() -> None:
     assert servers(" nats://a:4222 ,nats://b:4222,") == ["nats://a:4222", "nats://b:4222"]
     with pytest.raises(InvalidInput):
         servers(" , ")
+
+
+def test_each_process_of_a_stack_gets_its_own_metrics_port_or_none(tmp_path, monkeypatch) -> None:
+    """One SHOAL_METRICS_PORT for every child would leave all but one unable to bind it (and a process
+    that cannot serve its metrics exits): a stack gives its processes base, base+1, ... and keeps each
+    process's port across restarts; without a base, no child inherits the user's port."""
+    from services.cli.stack import Stack
+
+    monkeypatch.setenv("SHOAL_METRICS_PORT", "9100")
+    plain = Stack(tmp_path / "a", nats_url="nats://127.0.0.1:1")
+    assert "SHOAL_METRICS_PORT" not in plain.child_env("query")
+    stack = Stack(tmp_path / "b", nats_url="nats://127.0.0.1:1", metrics_port=9200)
+    ports = [stack.child_env(name)["SHOAL_METRICS_PORT"] for name in ("scheduler", "rollout", "query", "agent-1")]
+    assert ports == ["9200", "9201", "9202", "9203"]
+    assert stack.child_env("rollout")["SHOAL_METRICS_PORT"] == "9201"  # the same after a restart
+    assert stack.metrics_ports == {"scheduler": 9200, "rollout": 9201, "query": 9202, "agent-1": 9203}

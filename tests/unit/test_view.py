@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.query.view import MAX_WAIT_LAG, SCHEMA_VERSION, Event, SnapshotGone, View, as_of
+from services.query.view import MAX_WAIT_LAG, SCHEMA_VERSION, WAL_CHECKPOINT_PAGES, Event, SnapshotGone, View, as_of
 from shared import subjects as s
 from shared.codec import to_msgpack
 from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState
@@ -82,6 +82,14 @@ async def replay(path: str, history: list[tuple[int, str]], cuts: list[int]) -> 
             sql, params = as_of("executions", "id, revision", ["namespace = ?"], ["default"], "id", seq, 1000)
             got = [tuple(r) for r in await view.rows(sql, params)]
             assert got == sorted(states[seq].items()), f"as of {seq}"
+            # The past half may be left out only when nothing was replaced after `seq`; then the current
+            # half alone reads the same rows.
+            replaced = (await view.rows("SELECT count(*) FROM executions_past WHERE until_seq > ?", (seq,)))[0][0]
+            past = view.past_after("executions", seq)
+            assert past or not replaced, f"as of {seq}: {replaced} versions replaced after it, past_after says none"
+            sql, params = as_of("executions", "id, revision", ["namespace = ?"], ["default"], "id", seq, 1000,
+                                past=past)
+            assert [tuple(r) for r in await view.rows(sql, params)] == got, f"as of {seq}, past={past}"
         # The current rows are the last snapshot, and never hold two versions of one id.
         assert sorted(await view.rows("SELECT id, revision FROM executions", ())) == sorted(model.items())
     finally:
@@ -133,6 +141,87 @@ async def test_a_snapshot_ahead_of_this_view_waits_for_it_then_gives_up(tmp_path
         with pytest.raises(TimeoutError):
             await view.snapshot(view.last_seq + MAX_WAIT_LAG + 1, wait=30)
         assert time.monotonic() - started < 1
+    finally:
+        await view.close()
+
+
+async def test_while_a_batch_is_written_reads_as_of_before_it_keep_their_past_half(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """The batch's commit may land (on the writer's thread) while a read runs on the loop: until the write
+    has returned, a read as of an earlier sequence must not skip the past half."""
+    view = View(str(tmp_path / "v.db"))
+    await view.open()
+    seen: list[bool] = []
+    write = view._write
+
+    def watched(*args):  # in the writer's thread, before and after the batch's transaction
+        seen.append(view.past_after("executions", view.last_seq))  # as of the last sequence committed
+        out = write(*args)
+        seen.append(view.past_after("executions", view.last_seq))
+        return out
+
+    try:
+        await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 1, "running")), False, 1)])
+        assert not view.past_after("executions", 1)  # an insert replaces nothing
+        monkeypatch.setattr(view, "_write", watched)
+        await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 2, "running")), False, 2)])
+        assert seen == [True, True]
+        assert view.past_after("executions", 1) and not view.past_after("executions", 2)
+        assert not view.past_after("jobs", 1)  # per table
+        seen.clear()
+        await view.apply([Event(subject(IDS[1]), to_msgpack(execution(IDS[1], 1, "running")), False, 3)])
+        assert seen == [True, True]  # conservative during the write
+        assert not view.past_after("executions", 2)  # exact after it: an insert replaced nothing
+        await view.apply([Event(subject(IDS[1]), b"", True, 4)])  # a delete moves the row to the past
+        assert view.past_after("executions", 3) and not view.past_after("executions", 4)
+    finally:
+        await view.close()
+    reopened = View(str(tmp_path / "v.db"))
+    await reopened.open()
+    try:  # known again from the file
+        assert reopened.past_after("executions", 3) and not reopened.past_after("executions", 4)
+    finally:
+        await reopened.close()
+
+
+async def test_a_read_too_long_for_the_loop_thread_is_done_on_the_reader_thread(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    import services.query.view as view_module
+
+    view = View(str(tmp_path / "v.db"))
+    await view.open()
+    try:
+        await view.apply([Event(subject(f"x{i:04d}"), to_msgpack(execution(f"x{i:04d}", 1, "running")), False, i + 1)
+                          for i in range(300)])
+        short = await view.rows("SELECT id FROM executions WHERE id = ?", ("x0005",))
+        assert short == [("x0005",)] and (view.inline_reads, view.thread_reads) == (1, 0)
+        monkeypatch.setattr(view_module, "INLINE_READ_STEPS", 500)  # a scan of 300 rows takes more
+        scanned = await view.rows("SELECT id FROM executions WHERE state = 'running' ORDER BY id", ())
+        assert [r[0] for r in scanned] == [f"x{i:04d}" for i in range(300)]
+        assert (view.inline_reads, view.thread_reads) == (1, 1)
+        assert await view.rows("SELECT id FROM executions WHERE id = ?", ("x0007",)) == [("x0007",)]
+        assert view.inline_reads == 2  # the next short read is inline again
+        assert await view.rows("SELECT id FROM executions WHERE id = ?", ("x0008",), inline=False) == [("x0008",)]
+        assert (view.inline_reads, view.thread_reads) == (2, 2)  # asked for the thread: no try inline first
+        # The writer checkpoints its WAL in larger steps than SQLite's default of 1,000 pages.
+        assert view.writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES > 1000
+    finally:
+        await view.close()
+
+
+async def test_a_loop_of_short_reads_still_lets_other_tasks_run(tmp_path: Path) -> None:
+    view = View(str(tmp_path / "v.db"))
+    await view.open()
+    try:
+        await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 1, "running")), False, 1)])
+        writer = asyncio.create_task(view.apply([Event(subject(IDS[1]), to_msgpack(execution(IDS[1], 1, "running")),
+                                                       False, 2)]))
+        reads = 0
+        while not writer.done() and reads < 100_000:  # a reader beside a writer, as in one process
+            await view.rows("SELECT id FROM executions WHERE id = ?", (IDS[0],))
+            reads += 1
+        assert writer.done() and view.inline_reads == reads
+        await writer
     finally:
         await view.close()
 
