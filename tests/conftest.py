@@ -6,6 +6,7 @@ Docker engine, testcontainers' NATS module runs it instead; SHOAL_TEST_NATS_URL 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,6 +15,7 @@ import pytest
 from shared import topology
 from shared.natsserver import NatsServer
 from shared.transport import Bus
+from shared.errors import Internal
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +59,18 @@ async def wipe(bus: Bus) -> None:
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[Bus]:
     b = await Bus.connect(nats_url, name="test")
-    await wipe(b)
-    await topology.ensure(b)
     try:
+        await wipe(b)
+        for attempt in range(5):
+            try:
+                await topology.ensure(b)
+                break
+            except Internal:
+                # nats-server may not have finished removing a deleted stream's files: "error creating
+                # store for stream". Try again shortly (the services' start-up retries the same way).
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.2)
         yield b
     finally:
         await b.close()
@@ -69,7 +80,6 @@ async def bus(nats_url: str) -> AsyncIterator[Bus]:
 # A cluster of real services, each with its own connection, in this process.
 # --------------------------------------------------------------------------------------------------
 
-import asyncio  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
 from typing import Any  # noqa: E402
 

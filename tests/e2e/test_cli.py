@@ -13,78 +13,32 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.devproc import FAST_ENV, SHOAL, running_dev, shoal
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-SHOAL = str(Path(sys.executable).parent / "shoal")
 README = Path(__file__).resolve().parents[2] / "README.md"
-FAST_ENV = {
-    "SHOAL_HEARTBEAT_INTERVAL": "0.5",
-    "SHOAL_NODE_TIMEOUT": "3",
-    "SHOAL_SWEEP_INTERVAL": "0.25",
-    "SHOAL_RESTART_BACKOFF_BASE": "0.2",
-}
 EDGE = "selector: {match_labels: {tier: edge}}\n"  # the three real agents (the simulated nodes have no tier)
 
 
 def cli(url: str, *args: str, check: bool = True, timeout: float = 60,
         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **FAST_ENV, "SHOAL_NATS_URL": url}
-    env.pop("SHOAL_NAMESPACE", None)
-    result = subprocess.run([SHOAL, *args], env=env, capture_output=True, text=True, timeout=timeout, input=stdin)
-    if check and result.returncode != 0:
-        raise AssertionError(f"shoal {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
+    return shoal(*args, env={"SHOAL_NATS_URL": url}, check=check, timeout=timeout, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory):
     """`shoal dev --nodes 3 --simulate 3 --sim-label rack=r{i%2}`; yields the NATS URL it prints."""
     tmp_path = tmp_path_factory.mktemp("dev")
-    env = {**os.environ, **FAST_ENV}
-    env.pop("SHOAL_NATS_URL", None)
-    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "3", "--simulate", "3", "--sim-label", "rack=r{i%2}",
-                             "--data-dir", str(tmp_path / "dev")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = None
-    lines = []
-    deadline = time.monotonic() + 90
-    assert proc.stdout is not None
-    while time.monotonic() < deadline and url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"export SHOAL_NATS_URL=(\S+)", line)
-        if match:
-            url = match.group(1)
-    if url is None:
-        proc.kill()
-        proc.wait()
-        lines.append(proc.stdout.read())
-        proc.stdout.close()
-        raise AssertionError("shoal dev did not become ready:\n" + "".join(lines))
-    try:
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            rest = proc.stdout.read()
-            proc.stdout.close()
-        assert code == 0, "".join(lines) + rest
+    with running_dev(tmp_path / "dev", "--nodes", "3", "--simulate", "3", "--sim-label", "rack=r{i%2}",
+                     timeout=90) as running:
+        yield running.url
 
 
 def write(path: Path, text: str) -> str:

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,13 +19,13 @@ from typing import Any
 
 import pytest
 
+from tests.devproc import running_dev
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 CHROMIUM = os.environ.get("SHOAL_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--no-proxy-server"]
-SHOAL = str(Path(sys.executable).parent / "shoal")
-FAST_ENV = {"SHOAL_HEARTBEAT_INTERVAL": "0.5", "SHOAL_NODE_TIMEOUT": "3", "SHOAL_SWEEP_INTERVAL": "0.25"}
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 SIMULATED = 12
 # Four waves of three simulated nodes, each wave healthy only after 4 intervals of 1 s: about 20 s in all,
@@ -70,57 +65,19 @@ def call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def until(fn, timeout: float = 60, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s; last: {last!r}")
-
-
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory) -> Any:
     """`shoal dev` with one real agent and a simulated fleet; yields the dashboard URL it prints."""
     browser_or_skip()
     data = tmp_path_factory.mktemp("dashboard") / "dev"
-    env = {**os.environ, **FAST_ENV}
-    env.pop("SHOAL_NATS_URL", None)
     with socket.socket() as probe:  # a free port, for --http-port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "1", "--simulate", str(SIMULATED), "--data-dir", str(data),
-                             "--http-port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    url = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"dashboard: (http://\S+)", line)
-        if match:
-            url = match.group(1)
-    if url is None:
-        proc.kill()
-        proc.wait()
-        raise AssertionError("shoal dev printed no dashboard URL:\n" + "".join(lines) + proc.stdout.read())
-    assert url == f"http://127.0.0.1:{port}/", (url, port)  # --http-port is the gateway's port
-    try:
+    with running_dev(data, "--nodes", "1", "--simulate", str(SIMULATED), "--http-port", str(port),
+                     wait_for={"dashboard": r"dashboard: (http://\S+)"}, clean_exit=False) as running:
+        url = running.found["dashboard"]
+        assert url == f"http://127.0.0.1:{port}/", (url, port)  # --http-port is the gateway's port
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
 
 def test_dashboard_shows_jobs_waves_live_updates_and_steers_a_rollout(dashboard: str, tmp_path: Path) -> None:

@@ -3,86 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+from tests.devproc import running_dev, shoal, until
 
-SHOAL = str(Path(sys.executable).parent / "shoal")
-FAST_ENV = {
-    "SHOAL_HEARTBEAT_INTERVAL": "0.5",
-    "SHOAL_NODE_TIMEOUT": "3",
-    "SHOAL_SWEEP_INTERVAL": "0.25",
-    "SHOAL_RESTART_BACKOFF_BASE": "0.2",
-}
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
 def cli(url: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **FAST_ENV, "SHOAL_NATS_URL": url}
-    result = subprocess.run([SHOAL, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"shoal {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def until(fn, timeout: float = 60, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s; last: {last!r}")
+    return shoal(*args, env={"SHOAL_NATS_URL": url}, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory):
-    """`shoal dev --nodes 3` as a user starts it; yields the NATS URL it prints."""
+    """`shoal dev --nodes 3` as a user starts it; yields the NATS URL it prints and its data dir."""
     tmp_path = tmp_path_factory.mktemp("dev")
-    env = {**os.environ, **FAST_ENV}
-    env.pop("SHOAL_NATS_URL", None)
-    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "3", "--data-dir", str(tmp_path / "dev")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = None
-    lines = []
-    deadline = time.monotonic() + 90
-    assert proc.stdout is not None
-    while time.monotonic() < deadline and url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"export SHOAL_NATS_URL=(\S+)", line)
-        if match:
-            url = match.group(1)
-    if url is None:
-        proc.kill()
-        proc.wait()
-        lines.append(proc.stdout.read())
-        proc.stdout.close()
-        raise AssertionError("shoal dev did not become ready:\n" + "".join(lines))
-    try:
-        yield url, tmp_path / "dev"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            rest = proc.stdout.read()
-            proc.stdout.close()
-        assert code == 0, "".join(lines) + rest
+    with running_dev(tmp_path / "dev", "--nodes", "3", timeout=90) as running:
+        yield running.url, tmp_path / "dev"
 
 
 def test_dev_runs_real_commands_on_matching_nodes_and_the_cli_lists_them(dev, tmp_path) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.devproc import FAST_ENV, SHOAL, running_dev, shoal, until
 
 from services.cli.auth import seed_path
 from shared import subjects as s
@@ -24,8 +24,6 @@ from shared.transport import Bus, Credentials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-SHOAL = str(Path(sys.executable).parent / "shoal")
-FAST_ENV = {"SHOAL_HEARTBEAT_INTERVAL": "0.5", "SHOAL_NODE_TIMEOUT": "3", "SHOAL_SWEEP_INTERVAL": "0.25"}
 HELLO = "echo hello; echo oops >&2; sleep 0.3; echo bye"
 
 
@@ -37,10 +35,8 @@ class Dev:
         return {**os.environ, **FAST_ENV, "SHOAL_NATS_URL": self.url, "SHOAL_NATS_NKEY": self.admin_seed}
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([SHOAL, *args], env=self.env(), capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"shoal {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-        return result
+        return shoal(*args, env={"SHOAL_NATS_URL": self.url, "SHOAL_NATS_NKEY": self.admin_seed}, check=check,
+                     timeout=timeout)
 
     def run_job(self, tmp_path: Path, name: str, kind: str, script: str, nodes: str = "") -> None:
         spec = tmp_path / f"{name}.yaml"
@@ -50,59 +46,12 @@ class Dev:
         until(lambda: self.cli("job", "describe", name, check=False).returncode == 0)  # in the query view
 
 
-def until(fn, timeout: float = 60, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s; last: {last!r}")
-
-
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory):
     """`shoal dev --nodes 2 --auth`: every agent connects as its node's identity."""
     data = tmp_path_factory.mktemp("logs") / "dev"
-    env = {**os.environ, **FAST_ENV}
-    env.pop("SHOAL_NATS_URL", None)
-    env.pop("SHOAL_NATS_NKEY", None)
-    proc = subprocess.Popen([SHOAL, "dev", "--nodes", "2", "--auth", "--data-dir", str(data)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = seed = None
-    lines = []
-    deadline = time.monotonic() + 120
-    assert proc.stdout is not None
-    while time.monotonic() < deadline and seed is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if match := re.search(r"export SHOAL_NATS_URL=(\S+)", line):
-            url = match.group(1)
-        if match := re.search(r"export SHOAL_NATS_NKEY=(\S+)", line):
-            seed = match.group(1)
-    if url is None or seed is None:
-        proc.kill()
-        proc.wait()
-        lines.append(proc.stdout.read())
-        proc.stdout.close()
-        raise AssertionError("shoal dev did not become ready:\n" + "".join(lines))
-    try:
-        yield Dev(url, seed, data)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            rest = proc.stdout.read()
-            proc.stdout.close()
-        assert code == 0, "".join(lines) + rest
+    with running_dev(data, "--nodes", "2", "--auth", wait_for={"seed": r"export SHOAL_NATS_NKEY=(\S+)"}) as running:
+        yield Dev(running.url, running.found["seed"], data)
 
 
 def test_logs_print_what_each_node_printed_prefixed_with_the_node(dev: Dev, tmp_path: Path) -> None:
