@@ -19,7 +19,8 @@ from services.cli.client import Client
 from services.cli.stack import Stack
 from shared.natsserver import free_port
 from shared.transport import Bus
-from tests.e2e.test_dev_stack import FAST_ENV, SHOAL, cli
+from tests.devproc import FAST_ENV, SHOAL
+from tests.e2e.test_dev_stack import cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
