@@ -132,6 +132,7 @@ class Mirror(Generic[T]):
                             del self.items[key]
                     seen = None
                     self.ready.set()
+                    await self.applied(None, loading=False)
                     continue
                 if seen is not None:
                     seen.add(entry.key)
@@ -139,6 +140,11 @@ class Mirror(Generic[T]):
                     self.items.pop(entry.key, None)
                 elif (record := self.bucket.decode_or_none(entry)) is not None:
                     self.items[entry.key] = record.value
+                await self.applied(entry, loading=seen is not None)
+
+    async def applied(self, entry: Entry | None, loading: bool) -> None:
+        """Called after each change is in the copy (`entry` None: the first load is complete; `loading`:
+        the change is part of that first load). Nothing here; a subclass may pace itself."""
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         try:

@@ -31,7 +31,7 @@ from shared.errors import ShoalError
 from shared.models import DAEMON_JOB_TYPES, Evaluation, Job, JobSpec, Node, Plan, PlanKind
 from shared.selector import CompiledSelector, Requirement, SelectorError, compile_selector
 from shared.store import Bucket, Mirror, Store
-from shared.transport import Bus, Delivery
+from shared.transport import Bus, Delivery, Entry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -271,37 +271,21 @@ class JobsMirror(Mirror[Job]):
         self._hurry = asyncio.Event()
         self._moved = asyncio.Event()
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        seen: set[str] | None = set()  # keys of the first load; a reload drops keys deleted meanwhile
-        async with self.bucket.kv.watch(self.pattern) as watch:
-            async for entry in watch:
-                if stopping.is_set():
-                    return
-                if entry is None:
-                    if seen is not None:
-                        for key in [k for k in self.items if k not in seen]:
-                            del self.items[key]
-                    seen = None
-                    self.ready.set()
-                    self._moved.set()
-                    continue
-                if seen is not None:
-                    seen.add(entry.key)
-                if entry.deleted:
-                    self.items.pop(entry.key, None)
-                elif (record := self.bucket.decode_or_none(entry)) is not None:
-                    self.items[entry.key] = record.value
-                self.revision = max(self.revision, entry.revision)
-                if entry.pending or seen is not None:
-                    continue
-                self.batches += 1
-                self._moved.set()
-                if not self._hurry.is_set():
-                    try:
-                        await asyncio.wait_for(self._hurry.wait(), self.pace)
-                    except asyncio.TimeoutError:
-                        pass
-                self._hurry.clear()
+    async def applied(self, entry: Entry | None, loading: bool) -> None:
+        if entry is None:
+            self._moved.set()
+            return
+        self.revision = max(self.revision, entry.revision)
+        if entry.pending or loading:
+            return
+        self.batches += 1
+        self._moved.set()
+        if not self._hurry.is_set():
+            try:
+                await asyncio.wait_for(self._hurry.wait(), self.pace)
+            except asyncio.TimeoutError:
+                pass
+        self._hurry.clear()
 
     async def catch_up(self, timeout: float = CATCH_UP_WAIT) -> bool:
         """Until the copy holds the last write the bucket had when called; False (the copy as it is) if that
