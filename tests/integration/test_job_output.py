@@ -9,17 +9,14 @@ agent's memory) are the production ones.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy
 
 from services.agent.output import CHUNK, KEPT, OutputShipper
-from services.agent.runstate import OUTPUT_FILE, STATE_FILE, RunState, is_running, read_struct
+from services.agent.runstate import OUTPUT_FILE
 from shared import subjects as s
 from shared import topology
 from shared.topology import OUTPUT_MESSAGE_BYTES
@@ -27,6 +24,7 @@ from shared.api import OUTPUT_CHUNK_BYTES, ExecutionLogsRequest, ExecutionLogsRe
 from shared.codec import from_msgpack, to_json
 from shared.errors import ShoalError
 from services.query import QueryService
+from tests.integration.test_agent_restart import reaping
 from shared.api import node_failure
 from shared.models import OUTPUT_SUMMARY_CHARS, details
 
@@ -69,16 +67,6 @@ async def stored(bus, subject: str) -> list[OutputChunk]:
     return [from_msgpack(m.data, OutputChunk) for m in await bus.read_stream(s.STREAM_OUTPUT, subject, 1, 10_000)]
 
 
-@contextlib.contextmanager
-def reaping(*works: Path):
-    try:
-        yield
-    finally:
-        for work in works:
-            for state_file in work.glob(f"executions/*/{STATE_FILE}"):
-                state = read_struct(state_file, RunState)
-                if state is not None and is_running(state):
-                    os.killpg(state.pid, signal.SIGKILL)
 
 
 async def test_what_a_command_prints_comes_back_in_order_with_its_node_and_execution(cluster, wait_for) -> None:
