@@ -172,8 +172,8 @@ def _rules(kind: Kind, name: str, key: str, digest: str) -> Permissions:
         )
     if kind == "fleet":
         return Permissions(
-            publish_allow=[f"{s.NODES_REGISTER}.>", s.heartbeat("*"), s.report("*"), s.fleet_open("*"),
-                           s.pull_next("*"), s.ack("*"), s.output_of_node("*")],
+            publish_allow=[f"{s.NODES_REGISTER}.>", s.heartbeat("*"), s.fleet_heartbeat("*"), s.report("*"),
+                           s.fleet_open("*"), s.pull_next("*"), s.ack("*"), s.output_of_node("*")],
             subscribe_allow=replies,
         )
     raise InvalidInput(f"unknown identity kind {shown(kind)}", field="kind")

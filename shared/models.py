@@ -349,6 +349,18 @@ class Heartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
     seq: int = 0
 
 
+FLEET_HEARTBEAT_NODES = 4096  # nodes one fleet heartbeat may name (about 60 KB of ids)
+
+
+class FleetHeartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One heartbeat for many nodes of a simulated fleet: one message per interval instead of one per node."""
+
+    fleet: str
+    node_ids: Annotated[list[str], msgspec.Meta(max_length=FLEET_HEARTBEAT_NODES)]
+    at: Timestamp
+    seq: int = 0
+
+
 class StateReport(msgspec.Struct, kw_only=True, omit_defaults=True, tag="state"):
     """An agent saw an execution change state (started, exited, stopped)."""
 

@@ -169,6 +169,7 @@ class Store:
         self.job_versions = Bucket(bus, s.BUCKET_JOB_VERSIONS, JobVersion)
         self.evaluations = Bucket(bus, s.BUCKET_EVALUATIONS, Evaluation)
         self.executions = Bucket(bus, s.BUCKET_EXECUTIONS, Execution)
+        self.archive = Bucket(bus, s.BUCKET_EXECUTIONS_ARCHIVE, Execution)
         self.nodes = Bucket(bus, s.BUCKET_NODES, Node)
         self.submissions = Bucket(bus, s.BUCKET_SUBMISSIONS, SubmissionOutcome)
         self.config = Kv(bus, s.BUCKET_CONFIG)
@@ -196,6 +197,29 @@ class Store:
 
     async def executions_of_job(self, namespace: str, job_id: str) -> list[Record[Execution]]:
         return await self.executions.scan(s.executions_of_job(namespace, job_id))
+
+    async def all_executions(self, pattern: str = ">") -> list[Execution]:
+        """Every execution matching `pattern`, archived or not (the newer revision where both hold one:
+        a move to the archive interrupted between its two writes). For rebuilds and checks, not decisions."""
+        found = {r.key: r.value for r in await self.archive.scan(pattern)}
+        for record in await self.executions.scan(pattern):
+            held = found.get(record.key)
+            if held is None or held.status.revision <= record.value.status.revision:
+                found[record.key] = record.value
+        return list(found.values())
+
+    async def archive_execution(self, key: str, keep: Callable[[Execution], bool]) -> bool:
+        """Move an execution to the archive bucket, unless `keep(current)` says it must stay. The archive
+        is written first, then the live record is deleted on the revision just read (a change meanwhile:
+        Conflict, nothing deleted), with a marker that says where it went and that leaves the bucket after
+        ARCHIVE_MARKER_TTL. Safe to repeat at any point. True if it moved now."""
+        record = await self.executions.get(key)
+        if record is None or keep(record.value):
+            return False
+        await self.archive.put(key, record.value, headers=telemetry.trace_headers(record.headers))
+        await self.executions.kv.delete(key, last=record.revision, ttl=s.ARCHIVE_MARKER_TTL,
+                                        headers={s.ARCHIVED_HEADER: "1"})
+        return True
 
     async def mutate_execution(
         self,

@@ -86,6 +86,14 @@ def heartbeat(node_id: str) -> str:
     return f"{HEARTBEAT_PREFIX}.{node_id}"
 
 
+FLEET_HEARTBEAT_PREFIX = f"{ROOT}.fleetbeat"
+
+
+def fleet_heartbeat(fleet: str) -> str:
+    """A simulated fleet's heartbeats, many nodes to a message (core NATS; only a fleet identity may send)."""
+    return f"{FLEET_HEARTBEAT_PREFIX}.{fleet}"
+
+
 def fleet_open(fleet: str) -> str:
     """A simulated fleet asks here for its consumer of its nodes' assignments."""
     return f"{FLEETS_OPEN_PREFIX}.{fleet}"
@@ -261,12 +269,28 @@ BUCKET_JOB_NAMES = "shoal_job_names"  # <ns>.<name> -> job id
 BUCKET_JOB_VERSIONS = "shoal_job_versions"  # <ns>.<job_id>.<version> -> JobVersion
 BUCKET_EVALUATIONS = "shoal_evaluations"  # <ns>.<eval_id> -> Evaluation
 BUCKET_EXECUTIONS = "shoal_executions"  # <ns>.<job_id>.<node_id>.<exec_id> -> Execution
+# Executions that ended and were superseded, moved out of BUCKET_EXECUTIONS (same keys): history that no
+# decision reads, still listed by the query view.
+BUCKET_EXECUTIONS_ARCHIVE = "shoal_executions_archive"
 BUCKET_ROLLOUTS = "shoal_rollouts"  # <ns>.<job_id> -> Rollout
 BUCKET_NODES = "shoal_nodes"  # <node_id> -> Node
 BUCKET_SUBMISSIONS = "shoal_submissions"  # <submission_id> -> SubmissionOutcome
 BUCKET_HEALTH = "shoal_health"  # <ns>.<job_id>.<node_id>.<exec_id> -> HealthWindow
 BUCKET_LEASES = "shoal_leases"  # <name> -> holder (leader leases, expire by bucket TTL)
 BUCKET_CONFIG = "shoal_config"  # cluster-wide settings shared by replicas (page-token key)
+
+
+# The header of the delete marker that moves an execution to the archive: readers of the executions
+# bucket's events (the query view, a rollout's memory of the job) tell it from a deletion.
+ARCHIVED_HEADER = "Shoal-Archived"
+# How long that marker stays in the executions bucket (streams sourced from it keep their copy): long
+# enough for every source to have copied it, short enough that scans of a job do not grow with history.
+ARCHIVE_MARKER_TTL = 600.0
+
+
+def archived(headers: dict[str, str] | None) -> bool:
+    """Whether an executions-bucket delete marker moved its execution to the archive."""
+    return headers is not None and ARCHIVED_HEADER in headers
 
 
 def kv_stream(bucket: str) -> str:

@@ -64,6 +64,7 @@ STREAMS: tuple[StreamSpec, ...] = (
         name=s.STREAM_ASSIGNMENTS,
         retention="limits",
         max_msgs_per_subject=1,
+        msg_ttl=True,  # an archived execution's marker goes away here too
         description="The latest state of every execution by node (shoal.assign.<node>.<ns>.<job>.<execution>), "
                     "sourced from the executions bucket: agents read their own through consumers the services keep",
         sources=(Source(s.kv_stream(s.BUCKET_EXECUTIONS), f"$KV.{s.BUCKET_EXECUTIONS}.*.*.*.*",
@@ -112,7 +113,8 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(s.BUCKET_JOB_NAMES),
     BucketSpec(s.BUCKET_JOB_VERSIONS),
     BucketSpec(s.BUCKET_EVALUATIONS, ttl=7 * DAY),
-    BucketSpec(s.BUCKET_EXECUTIONS),
+    BucketSpec(s.BUCKET_EXECUTIONS, msg_ttl=True),  # archive markers go away (ARCHIVE_MARKER_TTL)
+    BucketSpec(s.BUCKET_EXECUTIONS_ARCHIVE),
     BucketSpec(s.BUCKET_ROLLOUTS),
     BucketSpec(s.BUCKET_NODES),
     BucketSpec(s.BUCKET_SUBMISSIONS, ttl=DAY),

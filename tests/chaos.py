@@ -342,7 +342,7 @@ async def _check_views(stack: Stack, client: Client, bus: Bus, report: Report, c
 
 async def _view_differences(client: Client, store: Store) -> list[str]:
     truth = {
-        "executions": {r.value.id: r.value.status.revision for r in await store.executions.scan(">")},
+        "executions": {e.id: e.status.revision for e in await store.all_executions()},
         "jobs": {r.value.id: r.value.revision for r in await store.jobs.scan(">")},
         "nodes": {r.value.id: r.value.revision for r in await store.nodes.scan(">")},
     }

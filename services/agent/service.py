@@ -28,7 +28,7 @@ from shared.api import OpenFleetRequest, OpenFleetResponse, RegisterNodeRequest,
 from shared.codec import from_json, from_msgpack_or_none, to_json, to_msgpack
 from shared.durations import utcnow
 from shared.errors import InvalidInput, NotFound, ShoalError
-from shared.models import Execution, Heartbeat
+from shared.models import FLEET_HEARTBEAT_NODES, Execution, FleetHeartbeat, Heartbeat
 from shared.runtime import Component
 from shared.settings import Settings
 from shared.transport import Bus, PullReader, StreamMessage, is_delete
@@ -237,11 +237,24 @@ class AgentService(Component):
         if reply.consumer:
             self.shards[0].consumer = reply.consumer
         node.registered = True
-        await self._beat(node, 0)
+        if not self.simulated:
+            await self._beat(node, 0)
 
     async def _beat(self, node: FleetNode, seq: int) -> None:
         await self.bus.publish(s.heartbeat(node.node_id),
                                to_msgpack(Heartbeat(node_id=node.node_id, at=utcnow(), seq=seq)))
+
+    async def _beat_fleet(self, online: list[FleetNode], seq: int) -> None:
+        """A simulated fleet beats for its nodes together: one message per FLEET_HEARTBEAT_NODES nodes."""
+        at = utcnow()
+        for i in range(0, len(online), FLEET_HEARTBEAT_NODES):
+            share = [n.node_id for n in online[i:i + FLEET_HEARTBEAT_NODES]]
+            beat = FleetHeartbeat(fleet=self.fleet_name, node_ids=share, at=at, seq=seq)
+            try:
+                await self.bus.publish(s.fleet_heartbeat(self.fleet_name), to_msgpack(beat))
+            except ShoalError as exc:
+                log.info("%d heartbeats not sent: %s", len(online) - i, exc)
+                return
 
     async def _heartbeat_loop(self) -> None:
         seq = 0
@@ -250,7 +263,9 @@ class AgentService(Component):
             seq += 1
             now = loop.time()
             online = [node for node in self.nodes.values() if node.registered and not self._offline(node, now)]
-            # A fleet's heartbeats go out together, not one round trip after another.
+            if self.simulated:
+                await self._beat_fleet(online, seq)
+                continue
             for i in range(0, len(online), HEARTBEAT_BATCH):
                 results = await asyncio.gather(*(self._beat(n, seq) for n in online[i:i + HEARTBEAT_BATCH]),
                                                return_exceptions=True)

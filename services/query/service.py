@@ -37,7 +37,7 @@ from shared.runtime import Component
 from shared.selector import SelectorError, compile_selector
 from shared.settings import Settings
 from shared.store import Store
-from shared.transport import ApiRequest, ApiService, Bus, OrderedReader, is_delete, read_batches
+from shared.transport import ApiRequest, ApiService, Bus, OrderedReader, StreamMessage, is_delete, read_batches
 from shared.validation import check_namespace, check_node_id, check_token
 
 from . import tokenkeys
@@ -56,6 +56,14 @@ LOG_EXAMINED = 1024  # chunks one request reads at most (others' versions includ
 # older ones are not of this job's executions (or not of the node that published them), and are skipped.
 LOG_HOLD = 2.0
 LAG_NAME = "query-view"  # the view's reader in shoal_consumer_lag
+
+
+def event_of(msg: StreamMessage) -> Event:
+    """An EVENTS message as the view applies it. The marker of an execution moved to the archive deletes
+    no row: an archived execution stays listed as it last was."""
+    if s.archived(msg.headers):
+        return Event.position(msg.seq, msg.at)
+    return Event(msg.subject, msg.data, is_delete(msg.headers), msg.seq, msg.at)
 
 
 def fitting(sizes: Sequence[int], budget: int) -> int:
@@ -172,8 +180,7 @@ class QueryService(Component):
         while not self.stopping.is_set():
             async for batch in read_batches(self.reader, self.stopping):
                 if batch:
-                    await self.view.apply([Event(m.subject, m.data, is_delete(m.headers), m.seq, m.at)
-                                           for m in batch])
+                    await self.view.apply([event_of(m) for m in batch])
                     self.lag = batch[-1].pending
                     self._catchup_events += len(batch)
                     self._catchup_batches += 1
@@ -215,16 +222,17 @@ class QueryService(Component):
 
         EVENTS keeps 30 days, the buckets keep everything: replaying the stream alone would build a
         replica without the older jobs, executions and nodes. So: note the stream's last sequence, read
-        every record of the three buckets, apply them as of that sequence, and follow the stream from
-        there. Records written meanwhile come again as events, and only newer revisions win.
+        every record of the buckets (archived executions too), apply them as of that sequence, and follow
+        the stream from there. Records written meanwhile come again as events, and only newer revisions win.
         """
         if info["first_seq"] <= 1:
             return  # the stream still holds every event since the first: replaying it is the rebuild
         mark = info["last_seq"]
         log.info("the events stream starts at %d: filling the view from the buckets as of %d",
                  info["first_seq"], mark)
-        for bucket, prefix in ((self.store.jobs, s.EVENTS_JOB), (self.store.executions, s.EVENTS_EXECUTION),
-                               (self.store.nodes, s.EVENTS_NODE)):
+        # The archive before the live executions: a record in both (a move cut short) is the live one.
+        for bucket, prefix in ((self.store.jobs, s.EVENTS_JOB), (self.store.archive, s.EVENTS_EXECUTION),
+                               (self.store.executions, s.EVENTS_EXECUTION), (self.store.nodes, s.EVENTS_NODE)):
             entries = await bucket.kv.scan()
             for start in range(0, len(entries), FILL_BATCH):
                 await self.view.apply([Event(f"{prefix}.{e.key}", e.value, False, mark)

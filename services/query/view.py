@@ -146,6 +146,11 @@ class Event:
         self.seq = seq
         self.at = at  # when the stream stored it; 0 = now
 
+    @classmethod
+    def position(cls, seq: int, at: float = 0.0) -> Event:
+        """A message that changes no row, only the view's position."""
+        return cls("", b"", False, seq, at)
+
 
 class SnapshotGone(Exception):
     """The versions a snapshot needs were pruned (it is older than the retention)."""

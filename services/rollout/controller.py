@@ -23,6 +23,7 @@ from shared.transport import Bus
 
 from . import decide as rules
 from .apply import Applier
+from .archive import Archiver
 from .jobstate import JobState
 from .model import Rollout
 from .waves import plan_waves
@@ -40,6 +41,7 @@ class Controller:
         self.settings = settings
         self.rollouts: Bucket[Rollout] = Bucket(bus, s.BUCKET_ROLLOUTS, Rollout)
         self.applier = Applier(bus, store, self.rollouts)
+        self.archiver = Archiver(store)
         self.policy = rules.Policy(restart_backoff_base=settings.restart_backoff_base,
                                    restart_backoff_max=settings.restart_backoff_max,
                                    stall_grace=settings.stall_grace)
@@ -166,8 +168,8 @@ class Controller:
             stable = job.stable_version
             if stable and stable != rollout.job_version:
                 hashes[stable] = (await self.version(namespace, job_id, stable)).spec_hash
-        if state is not None and rollout is not None:
-            state.prune(rollout.deployment_id)
+        if state is not None and rollout is not None and (gone := state.prune(rollout)):
+            self.archiver.add(rollout, gone)
         view = rules.View(job=job, rollout=rollout, spec=spec, executions=rules.relevant(executions, rollout),
                           now=utcnow(), policy=self.policy, spec_hashes=hashes, specs=specs)
         return view, record.revision if record is not None else 0

@@ -210,14 +210,25 @@ def decide(view: View) -> Step:
 # -- the rules -------------------------------------------------------------------------------------
 
 
+def history(execution: Execution, rollout: Rollout) -> bool:
+    """Whether an execution ended, is no longer meant to run and belongs to an earlier deployment than
+    the job's current one: nothing decides from it."""
+    return (execution.eval_id != rollout.deployment_id and execution.desired == "stopped"
+            and execution.observed in TERMINAL_STATES)
+
+
 def relevant(executions: list[Execution], rollout: Rollout | None) -> list[Execution]:
-    """The executions a decision can depend on: all but those that ended, are no longer meant to run and
-    belong to an earlier deployment (history: nothing decides from it, so a job updated many times costs
-    a pass what one update does)."""
+    """The executions a decision can depend on: all but history (so a job updated many times costs a
+    pass what one update does)."""
     if rollout is None:
         return executions
-    return [e for e in executions if e.eval_id == rollout.deployment_id or e.desired != "stopped"
-            or e.observed not in TERMINAL_STATES]
+    return [e for e in executions if not history(e, rollout)]
+
+
+def archivable(execution: Execution, rollout: Rollout) -> bool:
+    """History that may leave the executions bucket for the archive: all of it, except the executions of
+    the version a rollback undoes (the rollback's status tells their failures from them)."""
+    return history(execution, rollout) and execution.job_version != rollout.rollback_of
 
 
 def budget_exceeded(failed: int, targets: int, max_nodes: int, max_percent: float) -> bool:

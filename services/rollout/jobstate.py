@@ -12,8 +12,11 @@ job on 100,000 nodes keeps one spec, not 100,000.
 
 from __future__ import annotations
 
-from shared.models import TERMINAL_STATES, Execution, JobSpec
+from shared.models import Execution, JobSpec
 from shared.store import Store
+
+from .decide import archivable
+from .model import Rollout
 
 
 class JobState:
@@ -36,12 +39,13 @@ class JobState:
             execution.job_spec = None
         self.executions[execution.id] = execution
 
-    def prune(self, deployment_id: str) -> None:
-        """Drop what ended, is no longer meant to run and belongs to an earlier deployment: no decision
-        reads it (see decide.relevant), so memory and passes follow the job's present, not its history."""
-        for key in [k for k, e in self.executions.items() if e.eval_id != deployment_id
-                    and e.desired == "stopped" and e.observed in TERMINAL_STATES]:
-            del self.executions[key]
+    def prune(self, rollout: Rollout) -> list[Execution]:
+        """Drop the history that may be archived (`decide.archivable`: no decision reads it), so memory and
+        passes follow the job's present, not its history; returns it, for the archive."""
+        gone = [e for e in self.executions.values() if archivable(e, rollout)]
+        for execution in gone:
+            del self.executions[execution.id]
+        return gone
 
     def forget(self, execution_id: str) -> None:
         self.executions.pop(execution_id, None)

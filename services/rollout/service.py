@@ -82,6 +82,7 @@ class Partition:
 
     async def stop(self) -> None:
         await self.consumer.stop()
+        await self.controller.archiver.drain()
         self.jobs.clear()
         self.gauges.clear()
 
@@ -103,6 +104,10 @@ class Partition:
             namespace, job_id = s.event_job(d.subject)
             if d.subject.startswith(ROLLOUT_EVENT):
                 rollouts[(namespace, job_id)] = d
+            if s.archived(d.headers):  # history moved to the archive: nothing to decide
+                if (held := self.jobs.get((namespace, job_id))) is not None:
+                    held.forget(d.subject.rsplit(".", 1)[-1])
+                continue
             state = self.state(namespace, job_id)
             touched.setdefault((namespace, job_id), []).append(d)
             if trace := telemetry.trace_headers(d.headers):

@@ -370,16 +370,24 @@ class Bus:
         config = bucket_config(spec)
         try:
             await self.js.create_key_value(config)
+            created = True
         except nats.js.errors.BadRequestError:
-            try:
-                existing = (await self.js.stream_info(f"KV_{spec.name}")).config
-                if (existing.num_replicas or 1) < spec.replicas:
-                    existing.num_replicas = spec.replicas
-                    await self.js.update_stream(existing)
-            except Exception as exc:
-                raise map_error(exc, f"open bucket {spec.name}") from None
+            created = False
         except Exception as exc:
             raise map_error(exc, f"create bucket {spec.name}") from None
+        if created and not spec.msg_ttl:
+            return
+        try:
+            existing = (await self.js.stream_info(f"KV_{spec.name}")).config
+            changed = False
+            if (existing.num_replicas or 1) < spec.replicas:
+                existing.num_replicas, changed = spec.replicas, True
+            if spec.msg_ttl and not existing.allow_msg_ttl:  # may be turned on later, never off
+                existing.allow_msg_ttl, changed = True, True
+            if changed:
+                await self.js.update_stream(existing)
+        except Exception as exc:
+            raise map_error(exc, f"open bucket {spec.name}") from None
 
     async def reset_pull_consumer(self, stream: str, name: str, filter_subject: str, *, ack_wait: float = 5.0,
                                   inactive_threshold: float = 7 * 86_400.0,
@@ -480,7 +488,7 @@ class Bus:
 def _differs(wanted: Any, existing: Any) -> bool:
     """Whether an update would change anything (fields the server fills in are compared as ours)."""
     for name in ("subjects", "retention", "max_age", "max_bytes", "max_msgs", "max_msgs_per_subject",
-                 "duplicate_window", "num_replicas", "description"):
+                 "duplicate_window", "num_replicas", "description", "allow_msg_ttl"):
         if getattr(wanted, name, None) not in (None, getattr(existing, name, None)):
             return True
     mine = [(s.name, [(t.src, t.dest) for t in s.subject_transforms or []]) for s in wanted.sources or []]

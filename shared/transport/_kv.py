@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import nats.js.errors
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 KV_OPERATION = "KV-Operation"
 SCAN_BATCH = 1000
 MARKER_REASON = "Nats-Marker-Reason"
+MSG_TTL = "Nats-TTL"
 
 
 class Entry:
@@ -92,8 +94,15 @@ class Kv:
     async def put(self, key: str, value: bytes, *, headers: dict[str, str] | None = None) -> int:
         return await self._write(key, value, None, headers)
 
-    async def delete(self, key: str, *, last: int | None = None) -> None:
-        await self._write(key, b"", last, {KV_OPERATION: "DEL"})
+    async def delete(self, key: str, *, last: int | None = None, ttl: float = 0.0,
+                     headers: dict[str, str] | None = None) -> None:
+        """Mark the key deleted (Conflict if `last` is given and stale). With `ttl` (a bucket made with
+        `msg_ttl`), the marker itself is removed from the bucket that long after: the key then leaves no
+        trace there, while streams sourced from the bucket keep the marker and `headers` for their readers."""
+        marker = {**(headers or {}), KV_OPERATION: "DEL"}
+        if ttl:
+            marker[MSG_TTL] = f"{max(1, math.ceil(ttl))}s"
+        await self._write(key, b"", last, marker)
 
     async def _write(self, key: str, value: bytes, last: int | None, headers: dict[str, str] | None) -> int:
         ack = await self.bus.js_publish(

@@ -31,6 +31,7 @@ class StreamSpec:
     max_msgs_per_subject: int = -1
     max_msg_size: int = -1  # bytes of one message; -1: the server's max_payload
     replicas: int = 1
+    msg_ttl: bool = False  # honour a message's own Nats-TTL header (it is removed once that has passed)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class BucketSpec:
     ttl: float = 0.0  # seconds; 0 = forever
     description: str = ""
     replicas: int = 1
+    msg_ttl: bool = False  # a write may carry its own Nats-TTL (`Kv.delete(ttl=...)`: a marker that goes away)
 
 
 def stream_config(spec: StreamSpec) -> api.StreamConfig:
@@ -56,6 +58,7 @@ def stream_config(spec: StreamSpec) -> api.StreamConfig:
         max_msg_size=spec.max_msg_size,
         num_replicas=spec.replicas,
         duplicate_window=spec.duplicate_window,
+        allow_msg_ttl=spec.msg_ttl or None,
         sources=[
             api.StreamSource(
                 name=s.stream, subject_transforms=[api.SubjectTransform(src=s.src, dest=s.dest)]

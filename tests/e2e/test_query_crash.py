@@ -71,7 +71,7 @@ def test_kill_minus_nine_of_a_query_replica_loses_no_update(tmp_path) -> None:
         stop.set()
         await task
 
-        truth = {r.value.id: r.value.status.revision for r in await store.executions.scan(">")}
+        truth = {e.id: e.status.revision for e in await store.all_executions()}
 
         async def converged() -> bool:
             try:

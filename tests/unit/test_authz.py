@@ -96,7 +96,8 @@ def test_node_rules_pinned_and_not() -> None:
 
 def test_fleet_rules() -> None:
     assert permissions("fleet", "fleet", KEY) == Permissions(
-        publish_allow=["shoal.v1.nodes.register.>", "shoal.heartbeat.*", "shoal.report.*", "shoal.v1.fleets.open.*",
+        publish_allow=["shoal.v1.nodes.register.>", "shoal.heartbeat.*", "shoal.fleetbeat.*", "shoal.report.*",
+                       "shoal.v1.fleets.open.*",
                        "$JS.API.CONSUMER.MSG.NEXT.SHOAL_ASSIGNMENTS.*", "$JS.ACK.SHOAL_ASSIGNMENTS.*.>",
                        "shoal.output.*.>"],
         subscribe_allow=[f"_INBOX.{KEY}.>"],

@@ -1277,3 +1277,37 @@ def test_history_is_not_what_a_decision_reads() -> None:
     ]
     assert relevant([history, *kept], record) == kept
     assert relevant([history], None) == [history]
+
+
+def test_history_is_archived_except_the_version_a_rollback_undoes() -> None:
+    """What may leave the executions bucket: history, but not the failed version's executions while its
+    rollback is the job's rollout (the rollback's status tells their failures)."""
+    from services.rollout.decide import archivable
+
+    record = rollout(2)
+    assert archivable(old("n1", observed="completed", desired="stopped"), record)
+    assert archivable(old("n1", observed="stopped", desired="stopped"), record)
+    assert not archivable(old("n1", observed="completed", desired="running"), record)
+    assert not archivable(old("n1", observed="running", desired="stopped"), record)
+    assert not archivable(old("n1", observed="lost", desired="stopped"), record)  # its node may come back
+    assert not archivable(execution("n1", observed="failed", desired="stopped"), record)
+    undoing = rollout(2, version=1, rollback_of=2, deployment=ROLLBACK)
+    failed = execution("n1", version=2, observed="failed", desired="stopped")
+    assert not archivable(failed, undoing)
+    assert archivable(failed, with_record(undoing, rollback_of=3))
+    assert archivable(old("n2", observed="completed", desired="stopped"), undoing)
+
+
+def test_a_job_state_prunes_what_may_be_archived_and_keeps_the_rest() -> None:
+    from services.rollout.jobstate import JobState
+
+    state = JobState("default", JOB_ID)
+    gone = old("n1", observed="completed", desired="stopped")
+    undone = execution("n2", observed="failed", desired="stopped")
+    live = execution("n1")
+    for e in (gone, undone, live):
+        state.offer(e)
+    undoing = rollout(2, version=1, rollback_of=2, deployment=ROLLBACK)
+    assert state.prune(undoing) == [gone]
+    assert set(state.executions) == {undone.id, live.id}
+    assert state.prune(undoing) == []
