@@ -226,9 +226,11 @@ def relevant(executions: list[Execution], rollout: Rollout | None) -> list[Execu
 
 
 def archivable(execution: Execution, rollout: Rollout) -> bool:
-    """History that may leave the executions bucket for the archive: all of it, except the executions of
-    the version a rollback undoes (the rollback's status tells their failures from them)."""
-    return history(execution, rollout) and execution.job_version != rollout.rollback_of
+    """History that may leave the executions bucket for the archive: all of it once the rollout that made
+    it history has finished (no archive work competes with a wave), except the executions of the version
+    a rollback undoes (the rollback's status tells their failures from them)."""
+    return (rollout.state not in IN_PROGRESS and history(execution, rollout)
+            and execution.job_version != rollout.rollback_of)
 
 
 def budget_exceeded(failed: int, targets: int, max_nodes: int, max_percent: float) -> bool:

@@ -1284,14 +1284,18 @@ def test_history_is_archived_except_the_version_a_rollback_undoes() -> None:
     rollback is the job's rollout (the rollback's status tells their failures)."""
     from services.rollout.decide import archivable
 
-    record = rollout(2)
+    record = rollout(2, state="succeeded")
     assert archivable(old("n1", observed="completed", desired="stopped"), record)
+    for state in ("queued", "deploying", "paused", "awaiting_promotion"):  # not while a wave may be under way
+        assert not archivable(old("n1", observed="completed", desired="stopped"), with_record(record, state=state))
+    for state in ("failed", "stopped"):
+        assert archivable(old("n1", observed="completed", desired="stopped"), with_record(record, state=state))
     assert archivable(old("n1", observed="stopped", desired="stopped"), record)
     assert not archivable(old("n1", observed="completed", desired="running"), record)
     assert not archivable(old("n1", observed="running", desired="stopped"), record)
     assert not archivable(old("n1", observed="lost", desired="stopped"), record)  # its node may come back
     assert not archivable(execution("n1", observed="failed", desired="stopped"), record)
-    undoing = rollout(2, version=1, rollback_of=2, deployment=ROLLBACK)
+    undoing = rollout(2, version=1, rollback_of=2, deployment=ROLLBACK, state="succeeded")
     failed = execution("n1", version=2, observed="failed", desired="stopped")
     assert not archivable(failed, undoing)
     assert archivable(failed, with_record(undoing, rollback_of=3))
@@ -1307,7 +1311,8 @@ def test_a_job_state_prunes_what_may_be_archived_and_keeps_the_rest() -> None:
     live = execution("n1")
     for e in (gone, undone, live):
         state.offer(e)
-    undoing = rollout(2, version=1, rollback_of=2, deployment=ROLLBACK)
+    undoing = rollout(2, version=1, rollback_of=2, deployment=ROLLBACK, state="succeeded")
+    assert state.prune(with_record(undoing, state="deploying")) == []
     assert state.prune(undoing) == [gone]
     assert set(state.executions) == {undone.id, live.id}
     assert state.prune(undoing) == []

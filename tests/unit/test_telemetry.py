@@ -30,3 +30,18 @@ def test_context_travels_through_header_dicts(tmp_path) -> None:
 def test_no_trace_means_no_traceparent() -> None:
     assert telemetry.trace_id_of({}) is None
     assert telemetry.trace_id_of({"traceparent": "garbage"}) is None
+
+
+def test_a_span_nobody_exports_still_carries_the_trace_but_no_attributes(monkeypatch) -> None:
+    """With no exporter, a span costs no attributes, yet what it publishes stays in the sender's trace."""
+    provider = TracerProvider()
+    monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("t"))
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for exporting, attributes in ((True, True), (False, False)):
+        monkeypatch.setattr(telemetry, "_exporting", exporting)
+        with telemetry.span("process shoal.report.n1", headers={"traceparent": parent},
+                            subject="shoal.report.n1") as current:
+            sent = telemetry.inject({})
+        assert telemetry.trace_id_of(sent) == "0af7651916cd43dd8448eb211c80319c"
+        assert sent["traceparent"] != parent  # a child span of its own
+        assert bool(current.attributes) is attributes
