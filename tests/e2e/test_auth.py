@@ -9,6 +9,7 @@ connection) and drops it, so no service ever sees it. One test per action.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -20,8 +21,7 @@ from services.cli.stack import Stack
 from shared import subjects as s
 from shared.codec import to_json, to_msgpack
 from shared.errors import ShoalError
-from shared.models import Heartbeat, StateReport
-from shared.durations import utcnow
+from shared.models import FleetHeartbeat, Heartbeat, StateReport
 from shared.transport import Bus, Credentials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -244,14 +244,20 @@ def test_a_node_pulls_its_own_assignments_only(stack: Stack) -> None:
     run(scenario())
 
 
+# Bodies of the parametrized cases are built at collection: a fixed time keeps their ids the same in
+# every collecting process (pytest-xdist compares them).
+AT = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
 def report_for(node: str) -> bytes:
     return to_msgpack(StateReport(namespace="default", job_id="j", node_id=node, execution_id="e", state="failed",
-                                  at=utcnow()))
+                                  at=AT))
 
 
 @pytest.mark.parametrize(("subject", "body"), [
     (s.node_register("node-2", s.labels_digest({})), b"{}"),
-    (s.heartbeat("node-2"), to_msgpack(Heartbeat(node_id="node-2", at=utcnow()))),
+    (s.heartbeat("node-2"), to_msgpack(Heartbeat(node_id="node-2", at=AT))),
+    (s.fleet_heartbeat("fleet"), to_msgpack(FleetHeartbeat(fleet="fleet", node_ids=["node-2"], at=AT))),
     (s.report("node-2"), report_for("node-2")),
     (f"$KV.{s.BUCKET_EXECUTIONS}.default.j.node-1.e", b"x"),
     (f"$KV.{s.BUCKET_NODES}.node-1", b"x"),
@@ -423,7 +429,7 @@ def test_the_gateway_identity_serves_every_route(stack: Stack) -> None:
 
 @pytest.mark.parametrize(("subject", "body"), [
     (s.report("node-1"), report_for("node-1")),
-    (s.heartbeat("node-1"), to_msgpack(Heartbeat(node_id="node-1", at=utcnow()))),
+    (s.heartbeat("node-1"), to_msgpack(Heartbeat(node_id="node-1", at=AT))),
     (s.node_register("node-9", s.labels_digest({})), b"{}"),
     (f"$KV.{s.BUCKET_EXECUTIONS}.team-a.j.node-1.e", b"x"),
     (f"$KV.{s.BUCKET_NODES}.node-1", b"x"),
