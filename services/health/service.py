@@ -120,7 +120,10 @@ class HealthService(Component):
                 await self.windows.create(key, windows.new_window(execution))
             except Conflict:
                 pass
-        elif execution.observed in TERMINAL_STATES:
+        elif execution.observed in TERMINAL_STATES and (key in self.window_mirror.items
+                                                        or not self.window_mirror.ready.is_set()):
+            # Only an execution that had a window has one to drop: most that end never validated (an
+            # immediate job's, or one stopped before it started), and their end costs no write.
             await self.windows.kv.delete(key)
 
     # -- leader sweep ------------------------------------------------------------------------------

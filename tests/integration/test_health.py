@@ -156,3 +156,43 @@ async def test_a_validating_execution_lost_past_its_deadline_still_fails_by_it(c
     record = await health.store.executions.get(e.key)
     assert record is not None and record.value.observed == "failed"
     assert record.value.status.details["reason"] == "deadline"
+
+
+async def test_an_execution_ends_with_a_window_write_only_if_it_had_a_window(cluster) -> None:
+    """Ending drops the execution's health window; one that never validated has none, and its end writes
+    nothing to the health bucket (an immediate job's thousands of executions cost no write each)."""
+    from services.health import windows
+    from shared.codec import convert
+    from shared.durations import utcnow
+    from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState, StateReport
+
+    health = await cluster.start("health")
+    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
+                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "30s", "interval": "1s"}}}, JobSpec)
+    now = utcnow()
+
+    def running(id: str, observed: str) -> Execution:
+        return Execution(id=id, job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
+                         status=ExecutionStatus(created_at=now, updated_at=now, revision=1,
+                                                desired_state=DesiredState(state_type="running"),
+                                                observed_state=ObservedState(state_type=observed)), job_spec=spec)
+
+    gated, plain = running("e1", "validating"), running("e2", "running")
+    for e in (gated, plain):
+        await health.store.executions.create(e.key, e)
+    await health.windows.create(gated.key, windows.new_window(gated))
+    for _ in range(100):
+        if gated.key in health.window_mirror.items:
+            break
+        await asyncio.sleep(0.05)
+
+    async def writes() -> int:
+        return (await health.bus.stream_info(s.kv_stream(s.BUCKET_HEALTH)))["last_seq"]
+
+    before = await writes()
+    await health.apply_state(StateReport(namespace="default", job_id="j", node_id="n1", execution_id="e2",
+                                         state="stopped", message="stopped", at=utcnow()))
+    assert await writes() == before
+    await health.apply_state(StateReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
+                                         state="stopped", message="stopped", at=utcnow()))
+    assert await writes() == before + 1 and await health.windows.get(gated.key) is None
