@@ -32,16 +32,24 @@ def test_no_trace_means_no_traceparent() -> None:
     assert telemetry.trace_id_of({"traceparent": "garbage"}) is None
 
 
-def test_a_span_nobody_exports_still_carries_the_trace_but_no_attributes(monkeypatch) -> None:
-    """With no exporter, a span costs no attributes, yet what it publishes stays in the sender's trace."""
+def test_a_span_nobody_exports_still_carries_the_trace(monkeypatch) -> None:
+    """With no exporter, `span` makes no span inside a trace, yet what it publishes stays in the sender's
+    trace; where no trace is under way, one begins."""
     provider = TracerProvider()
     monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("t"))
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    for exporting, attributes in ((True, True), (False, False)):
+    for exporting in (True, False):
         monkeypatch.setattr(telemetry, "_exporting", exporting)
         with telemetry.span("process shoal.report.n1", headers={"traceparent": parent},
                             subject="shoal.report.n1") as current:
             sent = telemetry.inject({})
-        assert telemetry.trace_id_of(sent) == "0af7651916cd43dd8448eb211c80319c"
-        assert sent["traceparent"] != parent  # a child span of its own
-        assert bool(current.attributes) is attributes
+            with telemetry.span("inner") as inner:
+                again = telemetry.inject({})
+        assert telemetry.trace_id_of(sent) == telemetry.trace_id_of(again) == "0af7651916cd43dd8448eb211c80319c"
+        assert (sent["traceparent"] != parent) is exporting  # a child span of its own only when exported
+        assert bool(getattr(current, "attributes", None)) is exporting
+        assert (inner is current) is not exporting
+        assert not telemetry.inject({}).get("traceparent")  # nothing left attached
+        with telemetry.span("submit") as root:  # no trace yet: one begins, exported or not
+            assert root.get_span_context().is_valid
+            assert telemetry.trace_id_of(telemetry.inject({})) != "0af7651916cd43dd8448eb211c80319c"
