@@ -109,3 +109,29 @@ async def test_a_replica_rebuilt_from_the_buckets_lists_archived_executions(clus
     await cluster.start("query", db=str(tmp_path / "rebuilt.db"))
     listed = await wait_for(lambda: _all_versions(api, 4))
     assert sorted(e.job_version for e in listed) == [1, 1, 2, 2]
+
+
+async def test_a_cluster_made_before_archive_markers_gets_message_ttls_on_start(bus) -> None:
+    """The assignments stream of an older shoal has no message TTLs: starting this one turns them on (and
+    starting it again changes nothing). Buckets get them too (`BucketSpec.msg_ttl`; nats-py 2.16 already
+    makes every bucket with them, an older one did not)."""
+    import dataclasses
+
+    from shared import topology
+    from tests.conftest import wipe
+
+    await wipe(bus)
+    for bucket in topology.BUCKETS:
+        await bus.ensure_bucket(bucket)
+    for stream in topology.STREAMS:
+        await bus.ensure_stream(dataclasses.replace(stream, msg_ttl=False))
+
+    async def ttl_allowed() -> list[bool]:
+        return [bool((await bus.js.stream_info(name)).config.allow_msg_ttl)
+                for name in (s.kv_stream(s.BUCKET_EXECUTIONS), s.STREAM_ASSIGNMENTS)]
+
+    assert await ttl_allowed() == [True, False]
+    await topology.ensure(bus)
+    assert await ttl_allowed() == [True, True]
+    await topology.ensure(bus)
+    assert await ttl_allowed() == [True, True]
