@@ -22,16 +22,20 @@ pytestmark = pytest.mark.nats
 FAST_HEALTH = {"interval": "200ms", "success_threshold": 1, "failure_threshold": 1, "deadline": "3s"}
 
 
-async def fail_as_agent_restart(store: Store, job_id: str, node_id: str) -> None:
-    """What the health service writes when a restarted agent has no trace of an execution."""
+async def fail_as_agent_restart(store: Store, job_id: str, node_id: str, version: int | None = None) -> int:
+    """What the health service writes when a restarted agent has no trace of an execution (of `version`,
+    if given); returns how many it failed."""
+    failed = 0
     for record in await store.executions_of_job("default", job_id):
         e = record.value
-        if e.node_id == node_id and e.observed not in TERMINAL_STATES:
+        if e.node_id == node_id and e.observed not in TERMINAL_STATES and version in (None, e.job_version):
+            failed += 1
             def fail(x):
                 x.status.observed_state.state_type = "failed"
                 x.status.observed_state.message = "the agent restarted and the execution was lost with it"
                 x.status.details["reason"] = "agent-restart"
             await store.mutate_execution(e, fail)
+    return failed
 
 
 async def invariants(api, name: str, version: int, nodes: set[str]) -> list[str]:
@@ -84,7 +88,9 @@ async def test_an_agent_restart_during_a_rollout_spends_no_failure_budget(cluste
     v2 = await submit(api, job("steady", max_parallel=25, extra={"restart_policy": "on-failure"}, max_failed_nodes=0,
                                health_check={**FAST_HEALTH, "success_threshold": 5}, simulate={"duration": 600}))
     await until(wait_for, api, "steady", lambda st: st.job_version == 2 and st.current_wave >= 1)
-    await fail_as_agent_restart(store, v2.job_id, "sim-0001")  # the first wave's node, still validating
+    # The first wave's node, still validating version 2 (once its execution exists: the rollout record
+    # says wave 1 before the wave's executions are written).
+    await wait_for(lambda: fail_as_agent_restart(store, v2.job_id, "sim-0001", version=2))
     final = await until(wait_for, api, "steady", lambda st: st.job_version == 2 and st.state != "deploying",
                         timeout=30)
     assert final.state == "succeeded" and final.failed_nodes == [] and not final.rollback_of
