@@ -29,7 +29,7 @@ IN_FLIGHT = 64  # moves at once (each is three round trips)
 class Archiver:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.moved = 0  # executions moved by this replica (benchmarks and tests read it)
+        self.moved = 0  # executions moved by this replica
         self._tasks: set[asyncio.Task[None]] = set()
 
     def add(self, rollout: Rollout, executions: list[Execution]) -> None:
@@ -41,7 +41,10 @@ class Archiver:
     async def _move(self, rollout: Rollout, executions: list[Execution]) -> None:
         results = await gather_bounded(
             (self._one(e.key, rollout) for e in executions), limit=IN_FLIGHT)
-        self.moved += sum(1 for r in results if r is True)
+        moved = sum(1 for r in results if r is True)
+        self.moved += moved
+        if moved:
+            log.info("moved %d executions of %s/%s to the archive", moved, rollout.namespace, rollout.job_id)
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
             log.info("%d of %d executions of %s/%s not archived (the next load of the job moves them): %s",
@@ -57,6 +60,3 @@ class Archiver:
         """Wait for the moves under way (a clean stop)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def idle(self) -> bool:
-        return not self._tasks
