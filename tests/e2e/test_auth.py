@@ -74,6 +74,23 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def assert_refused(stack: Stack, kind: str, name: str, subject: str, body: bytes | None) -> None:
+    """The identity `kind`/`name` publishes `body` on `subject` (subscribes to it, with `body` None), and the
+    server refuses it."""
+    async def scenario() -> None:
+        bus = await connect(stack, kind, name)
+        try:
+            if body is None:
+                await bus.nc.subscribe(subject)
+            else:
+                await bus.nc.publish(subject, body)
+            assert await refused(bus, subject), bus.violations
+        finally:
+            await bus.close()
+
+    run(scenario())
+
+
 # -- anonymous ----------------------------------------------------------------------------------------
 
 
@@ -117,29 +134,13 @@ def test_a_tenant_submits_to_and_reads_its_own_namespace(stack: Stack) -> None:
                                      f"$JS.API.STREAM.INFO.{s.STREAM_EVENTS}",
                                      f"$JS.API.CONSUMER.CREATE.{s.STREAM_EVENTS}.spy.shoal.events.>"])
 def test_a_tenant_cannot_publish_outside_its_namespace(stack: Stack, subject: str) -> None:
-    async def scenario() -> None:
-        bus = await connect(stack, "tenant", "team-a")
-        try:
-            await bus.nc.publish(subject, b"{}")
-            assert await refused(bus, subject), bus.violations
-        finally:
-            await bus.close()
-
-    run(scenario())
+    assert_refused(stack, "tenant", "team-a", subject, b"{}")
 
 
 @pytest.mark.parametrize("subject", [f"{s.SUBMITTED_PREFIX}.team-b.>", "_INBOX.>", f"{s.EVENTS_PREFIX}.>",
                                      f"{s.ASSIGN_PREFIX}.>", s.heartbeat("*")])
 def test_a_tenant_cannot_listen_to_what_is_not_its_own(stack: Stack, subject: str) -> None:
-    async def scenario() -> None:
-        bus = await connect(stack, "tenant", "team-a")
-        try:
-            await bus.nc.subscribe(subject)
-            assert await refused(bus, subject), bus.violations
-        finally:
-            await bus.close()
-
-    run(scenario())
+    assert_refused(stack, "tenant", "team-a", subject, None)
 
 
 def test_a_tenant_does_not_receive_another_tenants_replies(stack: Stack) -> None:
@@ -268,29 +269,13 @@ def report_for(node: str) -> bytes:
     (s.submit("default"), b"{}"),
 ])
 def test_a_node_cannot_act_as_another_node_or_touch_state(stack: Stack, subject: str, body: bytes) -> None:
-    async def scenario() -> None:
-        bus = await connect(stack, "node", "node-1")
-        try:
-            await bus.nc.publish(subject, body)
-            assert await refused(bus, subject), bus.violations
-        finally:
-            await bus.close()
-
-    run(scenario())
+    assert_refused(stack, "node", "node-1", subject, body)
 
 
 @pytest.mark.parametrize("subject", ["_INBOX.>", f"{s.ASSIGN_PREFIX}.node-2.>", f"{s.REPORT_PREFIX}.>",
                                      s.heartbeat("*")])
 def test_a_node_cannot_listen_to_others(stack: Stack, subject: str) -> None:
-    async def scenario() -> None:
-        bus = await connect(stack, "node", "node-1")
-        try:
-            await bus.nc.subscribe(subject)
-            assert await refused(bus, subject), bus.violations
-        finally:
-            await bus.close()
-
-    run(scenario())
+    assert_refused(stack, "node", "node-1", subject, None)
 
 
 def test_a_node_that_claims_other_labels_is_refused_by_the_server(stack: Stack, tmp_path: Path) -> None:
@@ -440,15 +425,7 @@ def test_the_gateway_identity_serves_every_route(stack: Stack) -> None:
     (s.pull_next(s.assign_consumer("node-1")), b"{}"),
 ])
 def test_the_gateway_identity_cannot_report_or_write_a_bucket(stack: Stack, subject: str, body: bytes) -> None:
-    async def scenario() -> None:
-        bus = await connect(stack, "gateway", "gateway")
-        try:
-            await bus.nc.publish(subject, body)
-            assert await refused(bus, subject), bus.violations
-        finally:
-            await bus.close()
-
-    run(scenario())
+    assert_refused(stack, "gateway", "gateway", subject, body)
 
 
 def test_the_gateway_identity_reads_only_events_through_its_own_consumers(stack: Stack) -> None:
