@@ -74,15 +74,19 @@ class Bucket(Generic[T]):
         change: Callable[[T], bool | None],
         *,
         headers: dict[str, str] | None = None,
+        current: Record[T] | None = None,
     ) -> Record[T] | None:
         """Read, apply `change` in place, write back if it returned anything but False; retry on conflict.
 
         Returns the written record, the unchanged one if `change` declined, or None if the key is absent.
         Without `headers`, the write carries on the trace of the record it changes (one trace per job,
-        even for a write made outside any span, such as a reconcile of a batch of events).
+        even for a write made outside any span, such as a reconcile of a batch of events). With `current`
+        (a record of `key` the caller has just read, which `change` then alters in place) the first
+        attempt starts from it instead of a read: one round trip, not two, when nobody wrote meanwhile.
         """
         for _ in range(MAX_CAS_ATTEMPTS):
-            record = await self.get(key)
+            record = current if current is not None else await self.get(key)
+            current = None  # a conflict: read again
             if record is None:
                 return None
             if change(record.value) is False:
@@ -237,13 +241,15 @@ class Store:
         change: Callable[[Execution], bool | None],
         *,
         headers: dict[str, str] | None = None,
+        current: Record[Execution] | None = None,
     ) -> Record[Execution] | None:
-        """`mutate_execution` by key (one read, not two, when the caller has no record yet); None if absent."""
+        """`mutate_execution` by key (one read, not two, when the caller has no record yet; none with
+        `current`, a record just read, see `Bucket.mutate`); None if absent."""
 
-        def apply(current: Execution) -> bool:
-            if change(current) is False:
+        def apply(execution: Execution) -> bool:
+            if change(execution) is False:
                 return False
-            touch(current)
+            touch(execution)
             return True
 
-        return await self.executions.mutate(key, apply, headers=headers)
+        return await self.executions.mutate(key, apply, headers=headers, current=current)

@@ -7,6 +7,7 @@ the rules of what a state may become live in one place (`transitions`, `windows`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from shared import subjects as s
@@ -26,6 +27,7 @@ from .transitions import apply_report
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+WINDOW_ATTEMPTS = 20  # reads of a health window that other replicas keep changing, before the report is retried
 
 
 class HealthService(Component):
@@ -49,8 +51,8 @@ class HealthService(Component):
         reports = Consumer(
             self.bus,
             ConsumerSpec(stream=s.STREAM_REPORTS, durable=s.CONSUMER_HEALTH_REPORTS),
-            batch=64,
-            concurrency=16,
+            batch=256,
+            concurrency=64,
         )
         await reports.start_single(self.on_report)
         lease = Lease(self.bus, "health-sweep")
@@ -80,36 +82,36 @@ class HealthService(Component):
         await self._track_window(key, written.value)
 
     async def apply_health(self, report: HealthReport) -> None:
+        """Count one interval into the execution's window, then move the execution as the window says.
+
+        The execution and its window are read at once, and each is written back on the revision read
+        (three round trips in a row, not five). A window someone else changed meanwhile is read again;
+        an interval already counted is not counted twice (`record_interval`)."""
         key = s.execution_key(report.namespace, report.job_id, report.node_id, report.execution_id)
-        record = await self.store.executions.get(key)
-        if record is None or record.value.observed in TERMINAL_STATES:
-            return
-        execution = record.value
-        spec = execution.job_spec
-        check = spec.rollout.health_check if spec is not None else None
-        if check is None or not windows.health_gated(execution):
-            return
-        verdicts: list[str | None] = []
-
-        def count(window: windows.HealthWindow) -> bool:
-            verdicts.clear()
-            verdicts.append(windows.record_interval(window, report, check))
-            return verdicts[0] is not None
-
-        window_record = await self.windows.mutate(key, count)
-        if window_record is None:
-            window = windows.new_window(execution)
-            count(window)
+        for _ in range(WINDOW_ATTEMPTS):
+            record, window_record = await asyncio.gather(self.store.executions.get(key), self.windows.get(key))
+            if record is None or record.value.observed in TERMINAL_STATES:
+                return
+            execution = record.value
+            spec = execution.job_spec
+            check = spec.rollout.health_check if spec is not None else None
+            if check is None or not windows.health_gated(execution):
+                return
+            window = window_record.value if window_record is not None else windows.new_window(execution)
+            if windows.record_interval(window, report, check) is None:
+                return
             try:
-                await self.windows.create(key, window)
+                if window_record is None:
+                    await self.windows.create(key, window)
+                else:
+                    await self.windows.update(key, window, last=window_record.revision)
             except Conflict:
-                return await self.apply_health(report)
+                continue
+            break
         else:
-            window = window_record.value
-        if not verdicts or verdicts[0] is None:
-            return
+            raise Conflict(f"health window {key}: too many concurrent writers")
         now = utcnow()
-        written = await self.store.mutate_execution(execution, lambda e: windows.apply_window(e, window, now))
+        written = await self.store.change_execution(key, lambda e: windows.apply_window(e, window, now), current=record)
         if written is not None:
             await self._track_window(key, written.value)
 

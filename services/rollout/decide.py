@@ -143,15 +143,7 @@ def decide(view: View) -> Step:
     # 1. Executions for every node whose wave has started (not once the rollout failed, nor ever again
     #    once it timed out).
     if not (rollout.state == "failed" and not rollout.rollback_of) and not rollout.timed_out:
-        for index, node_id in enumerate(started):
-            if node_id in latest:
-                continue
-            previous = active_other(executions, node_id, rollout.job_version)
-            created = new_execution(derived_id(rollout.deployment_id, node_id), job, spec, rollout.job_version,
-                                    node_id, rollout.wave_number(index), rollout.deployment_id,
-                                    previous.id if previous else "", 0, now)
-            step.creates.append(Create(created, previous))
-            latest[node_id] = created
+        place(view, rollout, spec, started, latest, step)
 
     # 2. Failures against the budget (node trouble is not the version's failure), and stalls.
     newly_failed = [
@@ -199,8 +191,11 @@ def decide(view: View) -> Step:
     #    what has ended that it is no longer meant to run.
     step.stops += retire(executions, latest, set(rollout.targets), rollout, keep)
 
-    # 5. Waves.
+    # 5. Waves. The next wave's executions go in the same step as the record that starts it (the record
+    #    is written first: if that fails, none are created).
     if rollout.state == "deploying" and advance(rollout, spec, latest, now, step):
+        if rollout.state == "deploying":
+            place(view, rollout, spec, rollout.started_targets(), latest, step)
         return step
 
     step.job_state = job_state_of(job, rollout, spec, latest)
@@ -208,6 +203,27 @@ def decide(view: View) -> Step:
 
 
 # -- the rules -------------------------------------------------------------------------------------
+
+
+def place(view: View, rollout: Rollout, spec: JobSpec, started: list[str], latest: dict[str, Execution],
+          step: Step) -> None:
+    """An execution for every started target that has none of the rolled-out deployment, replacing what
+    else runs there (including a restart made earlier in this step). The job's executions are grouped by
+    node once, so a wave costs O(executions)."""
+    by_node: dict[str, list[Execution]] | None = None
+    for index, node_id in enumerate(started):
+        if node_id in latest:
+            continue
+        if by_node is None:
+            by_node = {}
+            for e in [*view.executions, *(c.execution for c in step.creates)]:
+                by_node.setdefault(e.node_id, []).append(e)
+        previous = active_other(by_node.get(node_id, []), node_id, rollout.job_version)
+        created = new_execution(derived_id(rollout.deployment_id, node_id), view.job, spec, rollout.job_version,
+                                node_id, rollout.wave_number(index), rollout.deployment_id,
+                                previous.id if previous else "", 0, view.now)
+        step.creates.append(Create(created, previous))
+        latest[node_id] = created
 
 
 def history(execution: Execution, rollout: Rollout) -> bool:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
 from shared import telemetry
 from shared.errors import Conflict, InvalidInput, NotFound, Unavailable
+from shared.store import Bucket, Record
 from shared.transport import ApiRequest, ApiService, Bus, Consumer, ConsumerSpec, Delivery, Kv, StreamSpec
 
 pytestmark = pytest.mark.nats
@@ -189,3 +191,35 @@ async def test_a_refused_connect_leaves_no_socket_open() -> None:
     finally:
         gc.enable()
         server.close()
+
+
+async def test_a_mutate_from_a_record_just_read_reads_only_after_a_conflict(bus: Bus) -> None:
+    class Counter(msgspec.Struct):
+        n: int
+
+    bucket = Bucket(bus, "shoal_config", Counter)
+    await bucket.create("c", Counter(n=1))
+    reads = 0
+    plain_get = bucket.get
+
+    async def counted_get(key: str) -> Record[Counter] | None:
+        nonlocal reads
+        reads += 1
+        return await plain_get(key)
+
+    bucket.get = counted_get  # type: ignore[method-assign]
+
+    def bump(c: Counter) -> bool:
+        c.n += 1
+        return True
+
+    current = await plain_get("c")
+    written = await bucket.mutate("c", bump, current=current)
+    assert written is not None and written.value.n == 2 and reads == 0  # one write, no read
+    # Someone else writes meanwhile: the stale record's write is refused, the key is read again and the
+    # change applies to what is there now.
+    stale = await plain_get("c")
+    await bucket.update("c", Counter(n=10), last=written.revision)
+    written = await bucket.mutate("c", bump, current=stale)
+    assert written is not None and written.value.n == 11 and reads == 1
+    assert (await plain_get("c")).value.n == 11  # type: ignore[union-attr]

@@ -720,6 +720,36 @@ def test_a_settled_wave_starts_the_next() -> None:
     assert stops(step) == {old("n1").id: ("replaced by version 2", execution("n1").id),
                            old("n2").id: ("replaced by version 2", execution("n2").id),
                            execution("n2").id: ("ended: completed", "")}
+    # the second wave's executions come with the record that starts it, in the rollout's order
+    assert [c.execution.node_id for c in step.creates] == ["n3", "n4"]
+    assert all(c.execution.rollout_wave == 2 and c.replaces is None for c in step.creates)
+    assert step.rollout_first
+
+
+def test_the_next_wave_replaces_what_runs_on_its_nodes() -> None:
+    record = rollout(4)
+    step = decide(view(job(), record, spec(), [execution("n1", stable=True), execution("n2", stable=True),
+                                               old("n3"), old("n4", desired="stopped"), old("n2")]))
+    assert step.rollout is not None and step.rollout.current_wave == 2
+    assert {n: c.replaces for n, c in made(step).items()} == {"n3": old("n3"), "n4": None}
+    assert made(step)["n3"].execution.status.previous_execution_id == old("n3").id
+
+
+def test_the_next_wave_replaces_a_restart_made_in_the_same_step() -> None:
+    # n4 has not been reached: its version 1 execution failed and is restarted by policy, then the wave
+    # that reaches n4 starts in the same step and replaces that restart (never the failed one).
+    failed = old("n4", observed="failed", finished=NOW - seconds(100))
+    step = decide(view(job(), rollout(4), spec(), [execution("n1", stable=True), execution("n2", stable=True),
+                                                   old("n3"), failed]))
+    restart, *wave = step.creates
+    assert restart.replaces is failed and restart.execution.job_version == 1
+    assert [(c.execution.node_id, c.replaces) for c in wave] == [("n3", old("n3")), ("n4", restart.execution)]
+
+
+def test_the_last_wave_settled_creates_nothing_more() -> None:
+    record = rollout(4, current_wave=2)
+    step = decide(view(job(), record, spec(), [execution(n, stable=True) for n in ("n1", "n2", "n3", "n4")]))
+    assert step.rollout is not None and step.rollout.state == "succeeded" and not step.creates
 
 
 def test_a_wave_waits_for_every_node_to_settle() -> None:
@@ -733,7 +763,8 @@ def test_a_failed_node_does_not_hold_its_wave_while_it_restarts() -> None:
     record = rollout(4, failed=["n2"])
     crashed = execution("n2", observed="failed", finished=NOW - seconds(100))
     step = decide(view(job(), record, spec(), [execution("n1", stable=True), crashed]))
-    assert [c.replaces for c in step.creates] == [crashed]
+    assert [c.replaces for c in step.creates] == [crashed, None, None]  # the restart, then wave 2's
+    assert [c.execution.node_id for c in step.creates] == ["n2", "n3", "n4"]
     assert step.rollout is not None and step.rollout.current_wave == 2
 
 
@@ -1316,3 +1347,29 @@ def test_a_job_state_prunes_what_may_be_archived_and_keeps_the_rest() -> None:
     assert state.prune(undoing) == [gone]
     assert set(state.executions) == {undone.id, live.id}
     assert state.prune(undoing) == []
+
+
+class CountedReads(list):  # type: ignore[type-arg]
+    """A list of executions that counts how often a pass reads it through."""
+
+    reads = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        CountedReads.reads += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("size", [8, 400])
+def test_starting_a_wave_reads_the_executions_a_bounded_number_of_times(size: int) -> None:
+    # A wave of N nodes replacing N old executions must cost O(executions), not O(N x executions): the
+    # executions are grouped by node once, not searched once per node.
+    names = nodes(size)
+    half = size // 2
+    record = rollout(names, waves=[half, size - half])
+    executions = CountedReads([*(execution(n, stable=True) for n in names[:half]), *(old(n) for n in names)])
+    the_view = view(job(), record, spec())
+    the_view.executions = executions
+    CountedReads.reads = 0
+    step = decide(the_view)
+    assert len(step.creates) == size - half and all(c.replaces is not None for c in step.creates)
+    assert CountedReads.reads <= 8
