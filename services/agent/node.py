@@ -46,6 +46,22 @@ class LocalRun:
         self.run: Run | None = None
         self.task: asyncio.Task[None] | None = None
         self.stop_requested = False
+        self.healthy_reported = 0  # consecutive healthy intervals reported (see interval_is_news)
+
+
+def interval_is_news(execution: Execution, verdict: str, healthy_reported: int, success_threshold: int) -> bool:
+    """Whether reporting an interval with this verdict can change anything at the health service.
+
+    Only reported intervals count there, in order, and a healthy one extends the healthy streak. A
+    validating or degraded execution moves once `success_threshold` consecutive healthy intervals are
+    counted, a stable running one needs only one healthy interval after trouble: once that many are
+    reported, more healthy ones are not news (while the health service catches up with them, they would
+    only add to its backlog). Anything but a healthy interval breaks the streak and is always news.
+    """
+    if verdict != "healthy":
+        return True
+    stable = execution.status.stable_at is not None and execution.observed == "running"
+    return healthy_reported < (1 if stable else success_threshold)
 
 
 class NodeAgent:
@@ -89,6 +105,9 @@ class NodeAgent:
             if execution.desired == "stopped" or observed in TERMINAL_STATES:
                 self._stop(local)
             elif observed == "lost":
+                # Back after being away: what was reported meanwhile may have found it lost, so the
+                # intervals it needs are reported again.
+                local.healthy_reported = 0
                 self._report(execution, "running", "node reconnected; still running")
             return
         if execution.desired == "stopped" or observed in TERMINAL_STATES:
@@ -255,9 +274,10 @@ class NodeAgent:
     async def _health_loop(self, local: LocalRun) -> None:
         """Every health interval, report work done and errors for health-gated executions.
 
-        A stable execution that stays healthy needs no news (only unhealthy streaks change it), so once
-        stable the agent reports an interval only if it, or the one before it, was not healthy, or the
-        execution is degraded: thousands of healthy nodes cost the health service nothing.
+        Only intervals that can change something are reported (`interval_is_news`): a validating
+        execution's first `success_threshold` healthy ones, then nothing while it stays healthy, and every
+        interval that is not healthy. Thousands of healthy nodes cost the health service nothing, and a
+        health service that falls behind is not sent one more report per execution every interval.
         """
         spec = local.execution.job_spec
         check = spec.rollout.health_check if spec is not None else None
@@ -265,17 +285,14 @@ class NodeAgent:
             return
         interval = check.interval / 1e9
         start = utcnow()
-        previous = "healthy"
         while True:
             await asyncio.sleep(interval)
             end = utcnow()
             total, errors = local.run.health_sample()
             verdict, _ = check.judge(total, errors)
             e = local.execution
-            quiet = (e.status.stable_at is not None and e.observed == "running"
-                     and verdict == "healthy" and previous == "healthy")
-            previous = verdict
-            if not quiet:
+            if interval_is_news(e, verdict, local.healthy_reported, check.success_threshold):
+                local.healthy_reported = local.healthy_reported + 1 if verdict == "healthy" else 0
                 self.reporter.send(HealthReport(namespace=e.namespace, job_id=e.job_id, node_id=e.node_id,
                                                 execution_id=e.id, interval_start=start, interval_end=end,
                                                 total=total, errors=errors, at=end))

@@ -121,7 +121,15 @@ class HealthService(Component):
             try:
                 await self.windows.create(key, windows.new_window(execution))
             except Conflict:
-                pass
+                # Intervals were counted before this execution was validating (its health report was
+                # applied before its state report): they may already be enough, and the agent sends no
+                # more healthy intervals than it takes.
+                record = await self.windows.get(key)
+                if record is not None:
+                    window, now = record.value, utcnow()
+                    written = await self.store.change_execution(key, lambda e: windows.apply_window(e, window, now))
+                    if written is not None and written.value.observed != "validating":
+                        await self._track_window(key, written.value)
         elif execution.observed in TERMINAL_STATES and (key in self.window_mirror.items
                                                         or not self.window_mirror.ready.is_set()):
             # Only an execution that had a window has one to drop: most that end never validated (an

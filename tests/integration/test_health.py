@@ -196,3 +196,33 @@ async def test_an_execution_ends_with_a_window_write_only_if_it_had_a_window(clu
     await health.apply_state(StateReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
                                          state="stopped", message="stopped", at=utcnow()))
     assert await writes() == before + 1 and await health.windows.get(gated.key) is None
+
+
+async def test_a_healthy_interval_applied_before_the_state_report_still_makes_it_stable(cluster) -> None:
+    """Replicas take reports in parallel, so an execution's first health report can be applied before the
+    state report that makes it validating. The agent sends no more healthy intervals than the threshold
+    (success_threshold: 1 here), so the interval already counted must settle it when it starts validating."""
+    from shared.codec import convert
+    from shared.durations import utcnow
+    from shared.models import (DesiredState, Execution, ExecutionStatus, HealthReport, JobSpec, ObservedState,
+                               StateReport)
+
+    health = await cluster.start("health")
+    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
+                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "30s", "interval": "1s",
+                                                                        "success_threshold": 1}}}, JobSpec)
+    now = utcnow()
+    e = Execution(id="e1", job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
+                  status=ExecutionStatus(created_at=now, updated_at=now, revision=1,
+                                         desired_state=DesiredState(state_type="running"),
+                                         observed_state=ObservedState(state_type="pending")),
+                  job_spec=spec)
+    await health.store.executions.create(e.key, e)
+    await health.apply_health(HealthReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
+                                           interval_start=now, interval_end=utcnow(), total=10, errors=0, at=utcnow()))
+    record = await health.store.executions.get(e.key)
+    assert record is not None and record.value.observed == "pending"  # counted, but not validating yet
+    await health.apply_state(StateReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
+                                         state="running", message="running", at=utcnow()))
+    record = await health.store.executions.get(e.key)
+    assert record is not None and record.value.observed == "running" and record.value.status.stable_at is not None

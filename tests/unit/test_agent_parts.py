@@ -18,7 +18,7 @@ import pytest
 from services.agent.executors import (OUTPUT_TAIL, Outcome, ProcessRun, SimulatedRun, recover_process, start_process,
                                       write_files)
 from services.agent.fleetstate import FleetJournal
-from services.agent.node import NodeAgent
+from services.agent.node import NodeAgent, interval_is_news
 from services.agent.runstate import (EXIT_FILE, OUTPUT_FILE, STATE_FILE, ExitStatus, RunState,
                                      finished_run_dirs_to_delete, is_running, process_start, read_struct,
                                      write_struct)
@@ -297,3 +297,35 @@ def test_a_job_does_not_inherit_the_agents_nats_identity(monkeypatch) -> None:
     env = job_environment()
     assert "SHOAL_NATS_NKEY" not in env and "SHOAL_NATS_PASSWORD" not in env
     assert env["SHOAL_NATS_URL"] == "nats://a:4222"
+
+
+# -- which health intervals are reported ---------------------------------------------------------------
+
+
+def _observed(state: str, stable: bool) -> Execution:
+    e = execution({"name": "x", "type": "pipeline", "config": {"simulate": {}}})
+    e.status.observed_state.state_type = state  # type: ignore[assignment]
+    e.status.stable_at = utcnow() if stable else None
+    return e
+
+
+@pytest.mark.parametrize(("state", "stable", "threshold", "reported", "news"), [
+    ("validating", False, 3, 0, True),
+    ("validating", False, 3, 2, True),
+    ("validating", False, 3, 3, False),  # three healthy ones make it stable: a fourth adds nothing
+    ("validating", False, 1, 1, False),
+    ("degraded", True, 2, 1, True),  # a degraded execution needs success_threshold healthy ones back
+    ("degraded", True, 2, 2, False),
+    ("running", True, 3, 0, True),  # stable: one healthy interval after trouble resets the streak
+    ("running", True, 3, 1, False),
+    ("running", False, 3, 1, True),  # running but not stable yet (the echo of its validation is behind)
+])
+def test_healthy_intervals_are_reported_until_they_can_change_nothing(state: str, stable: bool, threshold: int,
+                                                                      reported: int, news: bool) -> None:
+    assert interval_is_news(_observed(state, stable), "healthy", reported, threshold) is news
+
+
+@pytest.mark.parametrize("verdict", ["unhealthy", "no-data"])
+def test_an_interval_that_is_not_healthy_is_always_reported(verdict: str) -> None:
+    for state, stable in (("validating", False), ("running", True), ("degraded", True)):
+        assert interval_is_news(_observed(state, stable), verdict, 10, 1)
