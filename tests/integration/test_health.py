@@ -226,3 +226,43 @@ async def test_a_healthy_interval_applied_before_the_state_report_still_makes_it
                                          state="running", message="running", at=utcnow()))
     record = await health.store.executions.get(e.key)
     assert record is not None and record.value.observed == "running" and record.value.status.stable_at is not None
+
+
+async def test_a_health_service_that_falls_behind_is_sent_no_more_intervals_than_it_needs(cluster, wait_for,
+                                                                                         tmp_path) -> None:
+    """While the health service is away (or behind), an agent's validating execution reports its first
+    success_threshold healthy intervals and then nothing: reports do not pile up, one per execution per
+    interval, in front of a service that has to read them all. Back, the service makes it stable."""
+    from shared.codec import from_msgpack
+    from shared.models import HealthReport, Report
+
+    await cluster.start_services()
+    await cluster.start("agent", simulate=1, work_dir=str(tmp_path / "agent"))
+    api = await cluster.api()
+    await api.wait_ready(1)
+    health = next(c for c in cluster.components if c.name == "health")
+    watcher = next(c for c in cluster.components if c.name == "scheduler")
+    intervals: list[HealthReport] = []
+
+    async def heard(msg) -> None:
+        report = from_msgpack(msg.data, Report)  # type: ignore[arg-type]
+        if isinstance(report, HealthReport):
+            intervals.append(report)
+
+    await watcher.bus.subscribe(s.report("*"), heard, traced=False)
+    await cluster.stop(health)
+    check = {"interval": "200ms", "success_threshold": 2, "failure_threshold": 3, "deadline": "30s"}
+    assert (await api.submit({"name": "gated", "type": "pipeline", "config": {"simulate": {}},
+                              "rollout": {"strategy": "rolling", "max_parallel": 100, "health_check": check}})).accepted
+    await wait_for(lambda: _equals(_count(intervals), 2))
+    await asyncio.sleep(1.5)  # seven more intervals of 200 ms
+    assert len(intervals) == 2 and len({r.execution_id for r in intervals}) == 1
+
+    await cluster.start("health")
+    await wait_for(lambda: _all_are(api, "gated", "running", 1))
+    items = await api.all_executions("gated")
+    assert items[0].status.stable_at is not None and len(intervals) == 2
+
+
+async def _count(items: list) -> int:
+    return len(items)
