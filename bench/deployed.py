@@ -55,16 +55,17 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from common import BENCH_TIMINGS, Result, fmt, parse_args, print_table, say
+from common import BENCH_TIMINGS, Result, fmt, parse_args, percentile, print_table, say
 from procstat import CORES, ExitClock, Meter, Span, loadavg
 
 from services.cli.client import Client
 from services.cli.stack import NATS, SERVICES, Stack
 from shared import subjects as s
 from shared.api import ListNodesRequest
+from shared.codec import from_msgpack_or_none
 from shared.errors import ShoalError
-from shared.models import SubmissionOutcome
-from shared.transport import Bus, Kv
+from shared.models import Execution, SubmissionOutcome
+from shared.transport import Bus, Kv, OrderedReader
 
 JOB = "deployed"
 HISTORY_JOB = "deployed-history"
@@ -422,6 +423,57 @@ class Deployment:
 # --------------------------------------------------------------------------------------------------
 
 
+async def wave_timeline(bus: Bus, start_seq: int, job_id: str, version: int) -> tuple[float, str] | None:
+    """Where a rolling update's time goes, wave by wave, from the stream times of its events in
+    SHOAL_EVENTS (the server's clock): when the rollout record started each wave, when the wave's
+    executions were created, when they were first `validating` (their agent's start reported) and
+    `running` (their first healthy interval counted). Returns the median over the waves of the time from
+    a wave's start to its last `running` beyond the health interval, and the per-wave notes."""
+    end_seq = (await bus.stream_info(s.STREAM_EVENTS))["last_seq"]
+    reader = OrderedReader(bus, s.STREAM_EVENTS, start_seq=start_seq, batch=1024)
+    starts: dict[int, float] = {}
+    seen: dict[str, dict[str, float]] = {}  # execution id -> "created" / observed state -> first time
+    wave_of: dict[str, int] = {}
+    try:
+        while reader.last_seq < end_seq:
+            batch = await reader.next_batch(0.5)
+            if not batch:
+                break
+            for msg in batch:
+                if not msg.data:
+                    continue
+                if msg.subject.startswith(s.EVENTS_ROLLOUT + "."):
+                    rollout = msgspec.msgpack.decode(msg.data)
+                    if rollout.get("job_id") == job_id and rollout.get("job_version") == version:
+                        starts.setdefault(int(rollout.get("current_wave", 0)), msg.at)
+                elif msg.subject.startswith(s.EVENTS_EXECUTION + "."):
+                    execution = from_msgpack_or_none(msg.data, Execution, msg.subject)
+                    if execution is None or execution.job_id != job_id or execution.job_version != version:
+                        continue
+                    times = seen.setdefault(execution.id, {"created": msg.at})
+                    times.setdefault(execution.observed, msg.at)
+                    wave_of[execution.id] = execution.rollout_wave
+    finally:
+        await reader.close()
+    if not starts:
+        return None
+    overheads, notes = [], []
+    for wave, start in sorted(starts.items()):
+        ids = [i for i, w in wave_of.items() if w == wave]
+        created = [seen[i]["created"] - start for i in ids]
+        validating = [seen[i]["validating"] - start for i in ids if "validating" in seen[i]]
+        running = [seen[i]["running"] - start for i in ids if "running" in seen[i]]
+        if not ids or not running:
+            continue
+        overheads.append(max(running) - HEALTH_INTERVAL)
+        notes.append(f"wave {wave} ({len(ids)}): created {max(created):.2f} s after the record started it, "
+                     f"validating {percentile(validating, 50):.2f}/{max(validating, default=0):.2f} s "
+                     f"(p50/last), running {percentile(running, 50):.2f}/{max(running):.2f} s")
+    if not overheads:
+        return None
+    return percentile(overheads, 50), "; ".join(notes)
+
+
 async def durables(bus: Bus, stream: str, prefix: str = "") -> dict[str, int]:
     """Pending + ack pending of every durable consumer of `stream` whose name starts with `prefix`."""
     out: dict[str, int] = {}
@@ -724,6 +776,7 @@ class Run:
         say(f"{self.tag}: rolling update to version 2, 4 waves of 25%, health interval 1s")
         spec = {"name": JOB, "type": "pipeline", "description": "version 2", "config": {"simulate": {}},
                 "rollout": {"strategy": "rolling", "max_parallel": 25, "health_check": HEALTH}}
+        events_from = (await d.bus.stream_info(s.STREAM_EVENTS))["last_seq"] + 1
         before = d.meter.sample()
         t0 = time.perf_counter()
         outcome = await d.client.submit(spec, wait=60)
@@ -761,6 +814,10 @@ class Run:
                  f"{total / ideal:.1f}x; settled {waited:.1f} s before; {cpu_note(span)}")
         self.row("rolling update: measured / ideal", total / ideal, "x",
                  f"{total:.1f} s against {n_waves} x {HEALTH_INTERVAL:.0f} s")
+        waves_seen = await wave_timeline(d.bus, events_from, job, version)
+        if waves_seen:
+            self.row("rolling update: time beyond the health interval per wave", waves_seen[0], "s",
+                     f"median over the waves; {waves_seen[1]}")
         return True
 
     # -- 4 ------------------------------------------------------------------------------------------

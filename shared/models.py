@@ -388,6 +388,10 @@ class HealthReport(msgspec.Struct, kw_only=True, omit_defaults=True, tag="health
     total: int
     errors: int
     at: Timestamp
+    # Consecutive intervals with this one's verdict, this one included, as the agent counted them (0: not
+    # counted, an older agent). Reports can be applied out of order and an agent leaves out healthy ones
+    # that are not news, so the health service takes the agent's count rather than its own.
+    streak: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)] = 0
 
 
 Report = StateReport | HealthReport

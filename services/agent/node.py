@@ -285,17 +285,23 @@ class NodeAgent:
             return
         interval = check.interval / 1e9
         start = utcnow()
+        previous, streak = "", 0  # consecutive intervals with the same verdict, reported or not
         while True:
             await asyncio.sleep(interval)
             end = utcnow()
             total, errors = local.run.health_sample()
             verdict, _ = check.judge(total, errors)
+            if verdict == "no-data":
+                streak = 0  # counts toward nothing and breaks both streaks
+            else:
+                streak = streak + 1 if verdict == previous else 1
+            previous = verdict
             e = local.execution
             if interval_is_news(e, verdict, local.healthy_reported, check.success_threshold):
                 local.healthy_reported = local.healthy_reported + 1 if verdict == "healthy" else 0
                 self.reporter.send(HealthReport(namespace=e.namespace, job_id=e.job_id, node_id=e.node_id,
                                                 execution_id=e.id, interval_start=start, interval_end=end,
-                                                total=total, errors=errors, at=end))
+                                                total=total, errors=errors, at=end, streak=streak))
             start = end
 
     def _report(self, execution: Execution, state: ObservedStateType, message: str, exit_code: int | None = None,

@@ -8,6 +8,7 @@ the rules of what a state may become live in one place (`transitions`, `windows`
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 
 from shared import subjects as s
@@ -48,13 +49,13 @@ class HealthService(Component):
                                endpoints=[("nodes-register", s.node_register("*", "*"), registry.register),
                                           ("fleets-open", s.fleet_open("*"), registry.open_fleet)])
 
-        reports = Consumer(
+        self.reports = Consumer(
             self.bus,
             ConsumerSpec(stream=s.STREAM_REPORTS, durable=s.CONSUMER_HEALTH_REPORTS),
             batch=256,
             concurrency=64,
         )
-        await reports.start_single(self.on_report)
+        await self.reports.start_single(self.on_report)
         lease = Lease(self.bus, "health-sweep")
         self.spawn(lambda: run_as_leader(lease, self.settings.sweep_interval, self.sweep, self.stopping), "sweep")
 
@@ -144,12 +145,23 @@ class HealthService(Component):
 
     async def check_deadlines(self) -> None:
         """Fail validating executions past their deadline. The windows are followed in memory (every
-        replica watches the health bucket), so a sweep reads only the windows that are due."""
+        replica watches the health bucket), so a sweep reads only the windows that are due.
+
+        A deadline passes on the clock of the evidence: while reports wait to be applied (the service is
+        behind), a deadline falls due only up to when the oldest of them was sent, since it may be the
+        healthy interval that makes the execution stable in time. (A report that keeps failing goes to
+        the dead letters after its attempts, so it holds deadlines back for a bounded time.)"""
         if not self.window_mirror.ready.is_set():
             return
         now = utcnow()
         due = [(key, w) for key, w in list(self.window_mirror.items.items())
                if w.deadline_at is not None and w.deadline_at <= now]
+        if not due:
+            return
+        waiting = await self.bus.read_stream(s.STREAM_REPORTS, s.report("*"), 1, 1)
+        if waiting:
+            now = min(now, dt.datetime.fromtimestamp(waiting[0].at, dt.timezone.utc))
+            due = [(key, w) for key, w in due if w.deadline_at is not None and w.deadline_at <= now]
         for key, window in due:
             execution = await self.store.executions.get(key)
             if execution is not None and execution.value.observed == "lost":

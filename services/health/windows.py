@@ -46,7 +46,12 @@ def new_window(execution: Execution) -> HealthWindow:
 
 
 def record_interval(window: HealthWindow, report: HealthReport, check: HealthCheck) -> str | None:
-    """Count one interval into the streaks; None if it is a replay of an interval already counted."""
+    """Count one interval into the streaks; None if it is a replay of an interval already counted, or
+    older than one counted (applied out of order: the newer one's streak already tells of it).
+
+    The report's own `streak` (the agent's count of consecutive intervals with its verdict) wins over
+    counting here: reports can be applied out of order, and an agent does not report the healthy intervals
+    that are not news, so only it knows how long the streak is."""
     if window.last_interval_end is not None and report.interval_end <= window.last_interval_end:
         return None
     window.last_interval_end = report.interval_end
@@ -54,10 +59,10 @@ def record_interval(window: HealthWindow, report: HealthReport, check: HealthChe
     result, rate = check.judge(report.total, report.errors)
     window.last_error_rate = rate
     if result == "healthy":
-        window.healthy_streak += 1
+        window.healthy_streak = report.streak or window.healthy_streak + 1
         window.unhealthy_streak = 0
     elif result == "unhealthy":
-        window.unhealthy_streak += 1
+        window.unhealthy_streak = report.streak or window.unhealthy_streak + 1
         window.healthy_streak = 0
     else:
         window.healthy_streak = 0

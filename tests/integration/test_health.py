@@ -257,6 +257,7 @@ async def test_a_health_service_that_falls_behind_is_sent_no_more_intervals_than
     await wait_for(lambda: _equals(_count(intervals), 2))
     await asyncio.sleep(1.5)  # seven more intervals of 200 ms
     assert len(intervals) == 2 and len({r.execution_id for r in intervals}) == 1
+    assert [r.streak for r in intervals] == [1, 2]  # the agent's count, whatever order they are applied in
 
     await cluster.start("health")
     await wait_for(lambda: _all_are(api, "gated", "running", 1))
@@ -266,3 +267,61 @@ async def test_a_health_service_that_falls_behind_is_sent_no_more_intervals_than
 
 async def _count(items: list) -> int:
     return len(items)
+
+
+async def test_a_deadline_waits_for_the_reports_sent_before_it(cluster) -> None:
+    """A health service that is behind must not fail an execution by its deadline while the healthy
+    interval that came in time is still waiting to be applied; once nothing sent before the deadline is
+    waiting, the deadline holds."""
+    import datetime as dt
+
+    from services.health import windows
+    from shared.codec import convert, to_msgpack
+    from shared.durations import utcnow
+    from shared.models import DesiredState, Execution, ExecutionStatus, HealthReport, JobSpec, ObservedState
+    from shared.transport import Consumer, ConsumerSpec
+
+    health = await cluster.start("health")
+    await health.reports.stop()  # the service falls behind: reports wait in the stream
+    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
+                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "2s", "interval": "1s",
+                                                                        "success_threshold": 1}}}, JobSpec)
+
+    def validating(id: str) -> Execution:
+        created = utcnow() - dt.timedelta(seconds=1)  # its deadline is 1 s away
+        return Execution(id=id, job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
+                         status=ExecutionStatus(created_at=created, updated_at=created, revision=1,
+                                                desired_state=DesiredState(state_type="running"),
+                                                observed_state=ObservedState(state_type="validating")),
+                         job_spec=spec)
+
+    healthy, silent = validating("e1"), validating("e2")
+    for e in (healthy, silent):
+        await health.store.executions.create(e.key, e)
+        await health.windows.create(e.key, windows.new_window(e))
+    report = HealthReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
+                          interval_start=utcnow() - dt.timedelta(seconds=1), interval_end=utcnow(),
+                          total=10, errors=0, at=utcnow())
+    await health.bus.js_publish(s.report("n1"), to_msgpack(report))  # sent before the deadline
+    for _ in range(100):
+        if healthy.key in health.window_mirror.items and silent.key in health.window_mirror.items:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.2)  # both deadlines pass
+    await health.check_deadlines()
+
+    async def state(e: Execution) -> str:
+        record = await health.store.executions.get(e.key)
+        assert record is not None
+        return record.value.observed
+
+    assert await state(healthy) == "validating" and await state(silent) == "validating"
+    # The service catches up: the interval sent in time makes e1 stable; e2 had nothing and fails.
+    catching_up = Consumer(health.bus, ConsumerSpec(stream=s.STREAM_REPORTS, durable=s.CONSUMER_HEALTH_REPORTS))
+    await catching_up.start_single(health.on_report)
+    for _ in range(100):
+        if await state(healthy) == "running":
+            break
+        await asyncio.sleep(0.05)
+    await health.check_deadlines()
+    assert await state(healthy) == "running" and await state(silent) == "failed"

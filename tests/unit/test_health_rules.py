@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -742,3 +743,28 @@ def test_a_gated_execution_follows_the_documented_health_rules(samples, order, s
         elif stable_at is not None:
             assert e.status.stable_at == stable_at  # never moved once set, never failed once set
             assert state != "failed"
+
+
+def test_the_agents_streak_counts_when_its_reports_arrive_out_of_order() -> None:
+    # The agent reported three healthy intervals (its count: 1, 2, 3) and then, the threshold reached,
+    # nothing more. They are applied 1, 3, 2: the third says three in a row, the second is older than
+    # what was counted and changes nothing, and the execution becomes stable.
+    e = execution("validating", success_threshold=3)
+    w, check = new_window(e), check_of(e)
+    first, second, third = (msgspec.structs.replace(interval(i, 10, 0), streak=i + 1) for i in range(3))
+    assert record_interval(w, first, check) == "healthy" and streaks(w) == (1, 0, 1)
+    assert record_interval(w, third, check) == "healthy" and streaks(w) == (3, 0, 2)
+    assert record_interval(w, second, check) is None and streaks(w) == (3, 0, 2)
+    assert apply_window(e, w, NOW) and e.observed == "running"
+
+
+def test_the_agents_unhealthy_streak_wins_over_counting_here() -> None:
+    e = execution("validating", failure_threshold=2)
+    w, check = new_window(e), check_of(e)
+    assert record_interval(w, msgspec.structs.replace(interval(4, 10, 9), streak=2), check) == "unhealthy"
+    assert streaks(w) == (0, 2, 1)
+    assert apply_window(e, w, NOW) and e.observed == "failed"
+    # without a count (an older agent), the interval counts as one more
+    w = new_window(e)
+    w.unhealthy_streak = 1
+    assert record_interval(w, interval(4, 10, 9), check) == "unhealthy" and streaks(w) == (0, 2, 1)
