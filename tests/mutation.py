@@ -26,6 +26,7 @@ MODULES: dict[str, list[str]] = {
     "services/health/windows.py": ["tests/unit/test_health_rules.py"],
     "shared/waves.py": ["tests/unit/test_rollout_rules.py"],
     "services/rollout/decide.py": ["tests/unit/test_decide.py"],
+    "services/agent/intervals.py": ["tests/unit/test_agent_parts.py"],
 }
 
 CONFIG = """

@@ -29,6 +29,7 @@ from shared.models import TERMINAL_STATES, Execution, HealthReport, ObservedStat
 
 from .executors import Outcome, Run, leftover_output, recover_process, simulated, start_process, write_files
 from .fleetstate import FleetJournal
+from .intervals import interval_is_news, next_streak
 from .output import OutputShipper, output_summary
 from .reporter import Reporter
 from .runstate import finished_run_dirs_to_delete
@@ -48,20 +49,6 @@ class LocalRun:
         self.stop_requested = False
         self.healthy_reported = 0  # consecutive healthy intervals reported (see interval_is_news)
 
-
-def interval_is_news(execution: Execution, verdict: str, healthy_reported: int, success_threshold: int) -> bool:
-    """Whether reporting an interval with this verdict can change anything at the health service.
-
-    Only reported intervals count there, in order, and a healthy one extends the healthy streak. A
-    validating or degraded execution moves once `success_threshold` consecutive healthy intervals are
-    counted, a stable running one needs only one healthy interval after trouble: once that many are
-    reported, more healthy ones are not news (while the health service catches up with them, they would
-    only add to its backlog). Anything but a healthy interval breaks the streak and is always news.
-    """
-    if verdict != "healthy":
-        return True
-    stable = execution.status.stable_at is not None and execution.observed == "running"
-    return healthy_reported < (1 if stable else success_threshold)
 
 
 class NodeAgent:
@@ -291,11 +278,7 @@ class NodeAgent:
             end = utcnow()
             total, errors = local.run.health_sample()
             verdict, _ = check.judge(total, errors)
-            if verdict == "no-data":
-                streak = 0  # counts toward nothing and breaks both streaks
-            else:
-                streak = streak + 1 if verdict == previous else 1
-            previous = verdict
+            streak, previous = next_streak(previous, streak, verdict), verdict
             e = local.execution
             if interval_is_news(e, verdict, local.healthy_reported, check.success_threshold):
                 local.healthy_reported = local.healthy_reported + 1 if verdict == "healthy" else 0

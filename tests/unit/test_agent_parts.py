@@ -18,7 +18,8 @@ import pytest
 from services.agent.executors import (OUTPUT_TAIL, Outcome, ProcessRun, SimulatedRun, recover_process, start_process,
                                       write_files)
 from services.agent.fleetstate import FleetJournal
-from services.agent.node import NodeAgent, interval_is_news
+from services.agent.intervals import interval_is_news, next_streak
+from services.agent.node import NodeAgent
 from services.agent.runstate import (EXIT_FILE, OUTPUT_FILE, STATE_FILE, ExitStatus, RunState,
                                      finished_run_dirs_to_delete, is_running, process_start, read_struct,
                                      write_struct)
@@ -329,3 +330,12 @@ def test_healthy_intervals_are_reported_until_they_can_change_nothing(state: str
 def test_an_interval_that_is_not_healthy_is_always_reported(verdict: str) -> None:
     for state, stable in (("validating", False), ("running", True), ("degraded", True)):
         assert interval_is_news(_observed(state, stable), verdict, 10, 1)
+
+
+def test_a_streak_counts_consecutive_verdicts_and_no_data_breaks_it() -> None:
+    previous, streak, seen = "", 0, []
+    for verdict in ["healthy", "healthy", "unhealthy", "unhealthy", "unhealthy", "no-data", "no-data", "healthy",
+                    "unhealthy", "healthy"]:
+        streak, previous = next_streak(previous, streak, verdict), verdict
+        seen.append(streak)
+    assert seen == [1, 2, 1, 2, 3, 0, 0, 1, 1, 1]
