@@ -61,8 +61,8 @@ def main() -> int:
     checked = [r for r in rows if "faults" in r]
     held = sum(1 for r in checked if not any(r["problems"].values()))
     total_faults = sum(len(r["faults"]) for r in checked)
-    print(f"| rounds | faults injected | rounds with every guarantee held | faults survived | minutes |")
-    print(f"| ---: | ---: | ---: | ---: | ---: |")
+    print("| rounds | faults injected | rounds with every guarantee held | faults survived | minutes |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     survived = sum(len(r["faults"]) for r in checked if not any(r["problems"].values()))
     print(f"| {len(rows)} | {total_faults} | {held} of {len(rows)} | {survived} of {total_faults} | "
           f"{(time.monotonic() - began) / 60:.1f} |")
