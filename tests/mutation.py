@@ -27,6 +27,7 @@ MODULES: dict[str, list[str]] = {
     "shared/waves.py": ["tests/unit/test_rollout_rules.py"],
     "services/rollout/decide.py": ["tests/unit/test_decide.py"],
     "services/agent/intervals.py": ["tests/unit/test_agent_parts.py"],
+    "services/health/deadlines.py": ["tests/unit/test_deadlines.py"],
 }
 
 CONFIG = """

@@ -19,9 +19,10 @@ from shared.lease import Lease, run_as_leader
 from shared.models import TERMINAL_STATES, Execution, HealthReport, Report, StateReport
 from shared.runtime import Component
 from shared.store import Bucket, Mirror, Store
-from shared.transport import ApiService, Consumer, ConsumerSpec, Delivery
+from shared.transport import ApiService, Consumer, ConsumerSpec, Delivery, Entry
 
 from . import windows
+from .deadlines import Deadlines
 from .nodes import Liveness, NodeRegistry
 from .transitions import apply_report
 
@@ -37,7 +38,7 @@ class HealthService(Component):
     async def start(self) -> None:
         self.store = Store(self.bus)
         self.windows: Bucket[windows.HealthWindow] = Bucket(self.bus, s.BUCKET_HEALTH, windows.HealthWindow)
-        self.window_mirror = Mirror(self.windows)
+        self.window_mirror = WindowMirror(self.windows)
         self.spawn(lambda: self.window_mirror.run(self.stopping), "watch-windows")
         registry = NodeRegistry(self.bus, self.store, self.settings.heartbeat_interval)
         self.liveness = Liveness(self.bus, self.store, self.settings.node_timeout, self.settings.lost_grace)
@@ -145,7 +146,8 @@ class HealthService(Component):
 
     async def check_deadlines(self) -> None:
         """Fail validating executions past their deadline. The windows are followed in memory (every
-        replica watches the health bucket), so a sweep reads only the windows that are due.
+        replica watches the health bucket), their deadlines in time order, so a sweep reads only the
+        windows that are due.
 
         A deadline passes on the clock of the evidence: while reports wait to be applied (the service is
         behind), a deadline falls due only up to when the oldest of them was sent, since it may be the
@@ -154,8 +156,8 @@ class HealthService(Component):
         if not self.window_mirror.ready.is_set():
             return
         now = utcnow()
-        due = [(key, w) for key, w in list(self.window_mirror.items.items())
-               if w.deadline_at is not None and w.deadline_at <= now]
+        windows_held = self.window_mirror.items
+        due = [(key, windows_held[key]) for key in self.window_mirror.deadlines.due(now) if key in windows_held]
         if not due:
             return
         waiting = await self.bus.read_stream(s.STREAM_REPORTS, s.report("*"), 1, 1)
@@ -184,3 +186,18 @@ class HealthService(Component):
             if written is not None:
                 await self._track_window(key, written.value)
 
+
+
+class WindowMirror(Mirror[windows.HealthWindow]):
+    """The health bucket in memory, with the windows' deadlines in time order (`Deadlines`)."""
+
+    def __init__(self, bucket: Bucket[windows.HealthWindow]) -> None:
+        super().__init__(bucket)
+        self.deadlines = Deadlines()
+
+    async def applied(self, entry: Entry | None, loading: bool) -> None:
+        if entry is None:  # loaded (again): windows deleted while away are gone from the items
+            self.deadlines.reset({key: w.deadline_at for key, w in self.items.items()})
+        elif not loading:
+            held = self.items.get(entry.key)
+            self.deadlines.set(entry.key, held.deadline_at if held is not None else None)
