@@ -28,6 +28,7 @@ MODULES: dict[str, list[str]] = {
     "services/rollout/decide.py": ["tests/unit/test_decide.py"],
     "services/agent/intervals.py": ["tests/unit/test_agent_parts.py"],
     "services/health/deadlines.py": ["tests/unit/test_deadlines.py"],
+    "shared/plan.py": ["tests/unit/test_cli_parts.py"],
 }
 
 CONFIG = """
@@ -35,6 +36,7 @@ CONFIG = """
 source_paths = ["services", "shared"]
 only_mutate = ["{module}"]
 pytest_add_cli_args_test_selection = [{tests}]
+also_copy = ["README.md", "examples"]
 """
 
 
