@@ -8,10 +8,13 @@ dictionary replaying the same history held after that event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,6 +44,17 @@ def subject(exec_id: str) -> str:
     return f"{s.EVENTS_EXECUTION}.default.job.n.{exec_id}"
 
 
+@contextlib.asynccontextmanager
+async def opened(path: str, **options: Any) -> AsyncIterator[View]:
+    """A view opened on `path`, closed however the test ends."""
+    view = View(path, **options)
+    await view.open()
+    try:
+        yield view
+    finally:
+        await view.close()
+
+
 # One step of history: (which id, what happens). "put" writes the next revision, "stale" redelivers an
 # older one (must change nothing), "delete" removes the key.
 steps = st.lists(st.tuples(st.integers(0, len(IDS) - 1), st.sampled_from(["put", "put", "stale", "delete"])),
@@ -48,9 +62,7 @@ steps = st.lists(st.tuples(st.integers(0, len(IDS) - 1), st.sampled_from(["put",
 
 
 async def replay(path: str, history: list[tuple[int, str]], cuts: list[int]) -> None:
-    view = View(path)
-    await view.open()
-    try:
+    async with opened(path) as view:
         model: dict[str, int] = {}  # id -> revision currently stored
         revisions: dict[str, int] = {}  # id -> highest revision ever written
         states: dict[int, dict[str, int]] = {0: {}}
@@ -92,8 +104,6 @@ async def replay(path: str, history: list[tuple[int, str]], cuts: list[int]) -> 
             assert [tuple(r) for r in await view.rows(sql, params)] == got, f"as of {seq}, past={past}"
         # The current rows are the last snapshot, and never hold two versions of one id.
         assert sorted(await view.rows("SELECT id, revision FROM executions", ())) == sorted(model.items())
-    finally:
-        await view.close()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -107,9 +117,7 @@ def test_every_kept_snapshot_reads_exactly_the_rows_of_its_moment(tmp_path: Path
 
 
 async def test_snapshots_older_than_the_retention_are_gone_and_newer_ones_kept(tmp_path: Path) -> None:
-    view = View(str(tmp_path / "v.db"), retention=0.2)
-    await view.open()
-    try:
+    async with opened(str(tmp_path / "v.db"), retention=0.2) as view:
         await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 1, "running")), False, 1)])
         await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 2, "running")), False, 2)])
         assert await view.snapshot(1) == 1
@@ -121,14 +129,10 @@ async def test_snapshots_older_than_the_retention_are_gone_and_newer_ones_kept(t
         assert await view.snapshot(2) == 2
         past = await view.rows("SELECT count(*) FROM executions_past", ())
         assert past[0][0] == 0  # the version only snapshot 1 needed is pruned
-    finally:
-        await view.close()
 
 
 async def test_a_snapshot_ahead_of_this_view_waits_for_it_then_gives_up(tmp_path: Path) -> None:
-    view = View(str(tmp_path / "v.db"))
-    await view.open()
-    try:
+    async with opened(str(tmp_path / "v.db")) as view:
         waiting = asyncio.create_task(view.snapshot(5, wait=5))
         await asyncio.sleep(0.05)
         assert not waiting.done()
@@ -141,8 +145,6 @@ async def test_a_snapshot_ahead_of_this_view_waits_for_it_then_gives_up(tmp_path
         with pytest.raises(TimeoutError):
             await view.snapshot(view.last_seq + MAX_WAIT_LAG + 1, wait=30)
         assert time.monotonic() - started < 1
-    finally:
-        await view.close()
 
 
 async def test_while_a_batch_is_written_reads_as_of_before_it_keep_their_past_half(tmp_path: Path,
@@ -188,9 +190,7 @@ async def test_a_read_too_long_for_the_loop_thread_is_done_on_the_reader_thread(
                                                                                  monkeypatch) -> None:
     import services.query.view as view_module
 
-    view = View(str(tmp_path / "v.db"))
-    await view.open()
-    try:
+    async with opened(str(tmp_path / "v.db")) as view:
         await view.apply([Event(subject(f"x{i:04d}"), to_msgpack(execution(f"x{i:04d}", 1, "running")), False, i + 1)
                           for i in range(300)])
         short = await view.rows("SELECT id FROM executions WHERE id = ?", ("x0005",))
@@ -205,14 +205,10 @@ async def test_a_read_too_long_for_the_loop_thread_is_done_on_the_reader_thread(
         assert (view.inline_reads, view.thread_reads) == (2, 2)  # asked for the thread: no try inline first
         # The writer checkpoints its WAL in larger steps than SQLite's default of 1,000 pages.
         assert view.writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES > 1000
-    finally:
-        await view.close()
 
 
 async def test_a_loop_of_short_reads_still_lets_other_tasks_run(tmp_path: Path) -> None:
-    view = View(str(tmp_path / "v.db"))
-    await view.open()
-    try:
+    async with opened(str(tmp_path / "v.db")) as view:
         await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], 1, "running")), False, 1)])
         writer = asyncio.create_task(view.apply([Event(subject(IDS[1]), to_msgpack(execution(IDS[1], 1, "running")),
                                                        False, 2)]))
@@ -222,8 +218,6 @@ async def test_a_loop_of_short_reads_still_lets_other_tasks_run(tmp_path: Path) 
             reads += 1
         assert writer.done() and view.inline_reads == reads
         await writer
-    finally:
-        await view.close()
 
 
 async def test_a_view_file_of_an_older_schema_is_rebuilt(tmp_path: Path) -> None:
@@ -233,13 +227,9 @@ async def test_a_view_file_of_an_older_schema_is_rebuilt(tmp_path: Path) -> None
                        "INSERT INTO meta VALUES ('view_id', 'oldview'), ('last_seq', '77');"
                        "CREATE TABLE executions (id TEXT PRIMARY KEY, body BLOB);")
     conn.close()
-    view = View(str(path))
-    await view.open()
-    try:
+    async with opened(str(path)) as view:
         assert view.last_seq == 0 and view.view_id != "oldview"  # a new durable replays the stream
         assert await view.rows("SELECT value FROM meta WHERE key = 'schema'", ()) == [(SCHEMA_VERSION,)]
-    finally:
-        await view.close()
     reopened = View(str(path))
     await reopened.open()
     try:
@@ -249,9 +239,7 @@ async def test_a_view_file_of_an_older_schema_is_rebuilt(tmp_path: Path) -> None
 
 
 async def test_a_view_rebuilt_from_an_old_stream_keeps_only_what_is_recent_by_stream_time(tmp_path: Path) -> None:
-    view = View(str(tmp_path / "v.db"), retention=60, prune_every=0)
-    await view.open()
-    try:
+    async with opened(str(tmp_path / "v.db"), retention=60, prune_every=0) as view:
         long_ago = time.time() - 3600
         for r in range(1, 6):  # replayed one batch at a time, as a rebuild might
             await view.apply([Event(subject(IDS[0]), to_msgpack(execution(IDS[0], r, "running")), False, r,
@@ -262,5 +250,3 @@ async def test_a_view_rebuilt_from_an_old_stream_keeps_only_what_is_recent_by_st
         assert await view.snapshot(5) == 5  # replaced just now: kept for the retention
         sql, params = as_of("executions", "revision", ["1"], [], "revision", 5, 10)
         assert await view.rows(sql, params) == [(5,)]
-    finally:
-        await view.close()
