@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+from typing import Any
 
 import pytest
 
 from shared import subjects as s
 from shared.api import ListNodesRequest
-from shared.codec import to_json
+from shared.codec import convert, to_json
 from shared.errors import InvalidInput
+from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState, ObservedStateType
 
 pytestmark = pytest.mark.nats
+
+
+def gated(id: str, observed: ObservedStateType, created: dt.datetime, **check: Any) -> Execution:
+    """An execution of job "j" on node n1 in a rolling rollout with a health check (deadline 30 s and
+    interval 1 s unless `check` says otherwise), created at `created`."""
+    health_check = {"deadline": "30s", "interval": "1s", **check}
+    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
+                    "rollout": {"strategy": "rolling", "health_check": health_check}}, JobSpec)
+    return Execution(id=id, job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
+                     status=ExecutionStatus(created_at=created, updated_at=created, revision=1,
+                                            desired_state=DesiredState(state_type="running"),
+                                            observed_state=ObservedState(state_type=observed)),
+                     job_spec=spec)
 
 
 async def test_registration_validates_input_and_keeps_serving(cluster) -> None:
@@ -124,23 +140,13 @@ async def test_agent_restart_reports_lost_runs_and_restart_policy_replaces_them(
 
 
 async def test_a_validating_execution_lost_past_its_deadline_still_fails_by_it(cluster) -> None:
-    import datetime as dt
-
     from services.health import windows
     from services.health.transitions import mark_lost
-    from shared.codec import convert
     from shared.durations import utcnow
-    from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState, StateReport
+    from shared.models import StateReport
 
     health = await cluster.start("health")
-    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
-                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "30s", "interval": "1s"}}}, JobSpec)
-    created = utcnow() - dt.timedelta(seconds=60)  # its 30 s deadline passes while the node is away
-    e = Execution(id="e1", job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
-                  status=ExecutionStatus(created_at=created, updated_at=created, revision=1,
-                                         desired_state=DesiredState(state_type="running"),
-                                         observed_state=ObservedState(state_type="validating")),
-                  job_spec=spec)
+    e = gated("e1", "validating", utcnow() - dt.timedelta(seconds=60))  # its 30 s deadline passes while away
     await health.store.executions.create(e.key, e)
     await health.windows.create(e.key, windows.new_window(e))
     await health.store.mutate_execution(e, lambda x: mark_lost(x, utcnow(), "n1"))
@@ -162,27 +168,17 @@ async def test_an_execution_ends_with_a_window_write_only_if_it_had_a_window(clu
     """Ending drops the execution's health window; one that never validated has none, and its end writes
     nothing to the health bucket (an immediate job's thousands of executions cost no write each)."""
     from services.health import windows
-    from shared.codec import convert
     from shared.durations import utcnow
-    from shared.models import DesiredState, Execution, ExecutionStatus, JobSpec, ObservedState, StateReport
+    from shared.models import StateReport
 
     health = await cluster.start("health")
-    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
-                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "30s", "interval": "1s"}}}, JobSpec)
     now = utcnow()
-
-    def running(id: str, observed: str) -> Execution:
-        return Execution(id=id, job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
-                         status=ExecutionStatus(created_at=now, updated_at=now, revision=1,
-                                                desired_state=DesiredState(state_type="running"),
-                                                observed_state=ObservedState(state_type=observed)), job_spec=spec)
-
-    gated, plain = running("e1", "validating"), running("e2", "running")
-    for e in (gated, plain):
+    validating, plain = gated("e1", "validating", now), gated("e2", "running", now)
+    for e in (validating, plain):
         await health.store.executions.create(e.key, e)
-    await health.windows.create(gated.key, windows.new_window(gated))
+    await health.windows.create(validating.key, windows.new_window(validating))
     for _ in range(100):
-        if gated.key in health.window_mirror.items:
+        if validating.key in health.window_mirror.items:
             break
         await asyncio.sleep(0.05)
 
@@ -195,28 +191,19 @@ async def test_an_execution_ends_with_a_window_write_only_if_it_had_a_window(clu
     assert await writes() == before
     await health.apply_state(StateReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
                                          state="stopped", message="stopped", at=utcnow()))
-    assert await writes() == before + 1 and await health.windows.get(gated.key) is None
+    assert await writes() == before + 1 and await health.windows.get(validating.key) is None
 
 
 async def test_a_healthy_interval_applied_before_the_state_report_still_makes_it_stable(cluster) -> None:
     """Replicas take reports in parallel, so an execution's first health report can be applied before the
     state report that makes it validating. The agent sends no more healthy intervals than the threshold
     (success_threshold: 1 here), so the interval already counted must settle it when it starts validating."""
-    from shared.codec import convert
     from shared.durations import utcnow
-    from shared.models import (DesiredState, Execution, ExecutionStatus, HealthReport, JobSpec, ObservedState,
-                               StateReport)
+    from shared.models import HealthReport, StateReport
 
     health = await cluster.start("health")
-    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
-                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "30s", "interval": "1s",
-                                                                        "success_threshold": 1}}}, JobSpec)
     now = utcnow()
-    e = Execution(id="e1", job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
-                  status=ExecutionStatus(created_at=now, updated_at=now, revision=1,
-                                         desired_state=DesiredState(state_type="running"),
-                                         observed_state=ObservedState(state_type="pending")),
-                  job_spec=spec)
+    e = gated("e1", "pending", now, success_threshold=1)
     await health.store.executions.create(e.key, e)
     await health.apply_health(HealthReport(namespace="default", job_id="j", node_id="n1", execution_id="e1",
                                            interval_start=now, interval_end=utcnow(), total=10, errors=0, at=utcnow()))
@@ -273,29 +260,16 @@ async def test_a_deadline_waits_for_the_reports_sent_before_it(cluster) -> None:
     """A health service that is behind must not fail an execution by its deadline while the healthy
     interval that came in time is still waiting to be applied; once nothing sent before the deadline is
     waiting, the deadline holds."""
-    import datetime as dt
-
     from services.health import windows
-    from shared.codec import convert, to_msgpack
+    from shared.codec import to_msgpack
     from shared.durations import utcnow
-    from shared.models import DesiredState, Execution, ExecutionStatus, HealthReport, JobSpec, ObservedState
+    from shared.models import HealthReport
     from shared.transport import Consumer, ConsumerSpec
 
     health = await cluster.start("health")
     await health.reports.stop()  # the service falls behind: reports wait in the stream
-    spec = convert({"name": "x", "type": "pipeline", "config": {"simulate": {}},
-                    "rollout": {"strategy": "rolling", "health_check": {"deadline": "2s", "interval": "1s",
-                                                                        "success_threshold": 1}}}, JobSpec)
-
-    def validating(id: str) -> Execution:
-        created = utcnow() - dt.timedelta(seconds=1)  # its deadline is 1 s away
-        return Execution(id=id, job_id="j", job_type="pipeline", job_version=1, namespace="default", node_id="n1",
-                         status=ExecutionStatus(created_at=created, updated_at=created, revision=1,
-                                                desired_state=DesiredState(state_type="running"),
-                                                observed_state=ObservedState(state_type="validating")),
-                         job_spec=spec)
-
-    healthy, silent = validating("e1"), validating("e2")
+    created = utcnow() - dt.timedelta(seconds=1)  # the deadlines are 1 s away
+    healthy, silent = (gated(id, "validating", created, deadline="2s", success_threshold=1) for id in ("e1", "e2"))
     for e in (healthy, silent):
         await health.store.executions.create(e.key, e)
         await health.windows.create(e.key, windows.new_window(e))
