@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 
 from shared import subjects as s
 from shared.durations import utcnow
@@ -125,23 +126,28 @@ class Controller:
 
     # -- reconcile ---------------------------------------------------------------------------------
 
-    async def reconcile(self, namespace: str, job_id: str, state: JobState | None = None) -> None:
+    async def reconcile(self, namespace: str, job_id: str, state: JobState | None = None) -> float:
         """Passes until the job is where its rollout wants it. With `state` (the partition owner's memory of
-        the job) a pass reads two records, not every execution of the job."""
+        the job) a pass reads two records, not every execution of the job. Returns the CPU seconds spent
+        deciding (the part of a pass that grows with the job's executions)."""
+        deciding = 0.0
         for _ in range(MAX_PASSES):
             loaded = await self.view(namespace, job_id, state)
             if loaded is None:
-                return
+                return deciding
             view, revision = loaded
             self.passes += 1
+            started = time.thread_time()  # CPU, not wall time: a busy machine must not lengthen the wait
             step = rules.decide(view)
+            deciding += time.thread_time() - started
             if step.empty:
-                return
+                return deciding
             applied = await self.applier.apply(view.job, revision, step, state.offer if state is not None else None)
             if applied and not step.again:
-                return
+                return deciding
         log.info("reconcile of %s/%s did not settle in %d passes; the next trigger continues",
                  namespace, job_id, MAX_PASSES)
+        return deciding
 
     async def view(self, namespace: str, job_id: str, state: JobState | None = None) -> tuple[rules.View, int] | None:
         """What a pass decides from, and the revision of the rollout record it read (0: none)."""

@@ -154,3 +154,19 @@ async def test_a_burst_of_joins_is_one_add_nodes_plan_per_job(cluster, wait_for,
     await wait_for(lambda: _running(api, "daemon", 205), timeout=60)
     assert sorted(n for plan in plans for n in plan.node_ids) == [f"late-{i:03d}" for i in range(1, 201)]
     assert len(plans) <= 2, [len(plan.node_ids) for plan in plans]
+
+
+@pytest.mark.nats
+async def test_a_partition_waits_three_times_what_deciding_took_before_its_next_batch(cluster, wait_for) -> None:
+    """The rollout service's partitions pace themselves: after each batch they wait 3x what its passes
+    spent deciding (capped), so a large job's events are decided in fewer, larger passes."""
+    await cluster.start_services()
+    await cluster.start("agent", simulate=60)
+    api = await cluster.api()
+    await api.wait_ready(60)
+    assert (await api.submit({"name": "paced", "type": "pipeline", "config": SIM})).accepted
+    await wait_for(lambda: _running(api, "paced", 60), timeout=30)
+    rollout = next(c for c in cluster.components if c.name == "rollout")
+    decided = sum(p.decided for p in rollout.partitions.values())
+    paced = sum(p.paced for p in rollout.partitions.values())
+    assert decided > 0 and paced == pytest.approx(3 * decided)  # far below the cap: no wait was cut short
