@@ -225,9 +225,14 @@ EVENTS_ROLLOUT = f"{EVENTS_PREFIX}.rollout"
 PARTITIONS = 16
 
 
-def partition_events(partition: int) -> list[str]:
-    """The filter subjects of one partition's events."""
-    return [f"{kind}.{partition}.>" for kind in (EVENTS_EXECUTION, EVENTS_JOB, EVENTS_ROLLOUT)]
+def partition_filter(partition: int) -> str:
+    """The one filter subject of a partition's events: its executions, jobs and rollouts
+    (`shoal.events.<kind>.<partition>.>`). Node events (`shoal.events.node.<node id>`, a node id has no
+    dot) are too short to match. One subject, not one per kind: nats-server finds the next message of a
+    consumer with several filter subjects by intersecting them with every subject of a message block,
+    which cost it half its CPU in a 10,000-node rolling update (each execution event has a subject of its
+    own); a single wildcard filter is matched message by message."""
+    return f"{EVENTS_PREFIX}.*.{partition}.>"
 
 
 def event_job(subject: str) -> tuple[str, str]:

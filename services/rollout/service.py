@@ -90,7 +90,7 @@ class Partition:
         self.jobs: OrderedDict[tuple[str, str], JobState] = OrderedDict()
         self.jobs_kept = jobs_kept
         self.consumer = Consumer(bus, ConsumerSpec(stream=s.STREAM_EVENTS, durable=s.consumer_rollout_partition(k),
-                                                   filter_subjects=tuple(s.partition_events(k)),
+                                                   filter_subject=s.partition_filter(k),
                                                    max_ack_pending=8192), batch=EVENTS_BATCH)
         self.gauges = metrics.RolloutGauges()  # metrics: what this partition's rollouts add to the gauges
         self.decided = 0.0  # seconds its passes spent deciding

@@ -19,6 +19,7 @@ from shared import subjects as s
 from shared.codec import from_msgpack_or_none
 from shared.models import Plan
 from shared.store import Store
+from shared.transport import Consumer, ConsumerSpec
 
 SIM = {"simulate": {}}
 
@@ -170,3 +171,25 @@ async def test_a_partition_waits_three_times_what_deciding_took_before_its_next_
     decided = sum(p.decided for p in rollout.partitions.values())
     paced = sum(p.paced for p in rollout.partitions.values())
     assert decided > 0 and paced == pytest.approx(3 * decided)  # far below the cap: no wait was cut short
+
+
+@pytest.mark.nats
+async def test_a_partition_consumer_made_with_three_filters_takes_the_one_filter_and_its_events(cluster, wait_for,
+                                                                                                bus) -> None:
+    """An older release made each partition's durable with one filter subject per kind of event; the rollout
+    service now updates it in place to the one wildcard filter, and the partition still gets every event of
+    its jobs (the job below runs)."""
+    older = [f"{kind}.{k}.>" for k in range(s.PARTITIONS) for kind in (s.EVENTS_EXECUTION, s.EVENTS_JOB,
+                                                                         s.EVENTS_ROLLOUT)]
+    for k in range(s.PARTITIONS):
+        await Consumer(bus, ConsumerSpec(stream=s.STREAM_EVENTS, durable=s.consumer_rollout_partition(k),
+                                         filter_subjects=tuple(older[3 * k:3 * k + 3])))._bind()
+    await cluster.start_services()
+    await cluster.start("agent", simulate=5)
+    api = await cluster.api()
+    await api.wait_ready(5)
+    assert (await api.submit({"name": "after-upgrade", "type": "pipeline", "config": SIM})).accepted
+    await wait_for(lambda: _running(api, "after-upgrade", 5), timeout=30)
+    for k in range(s.PARTITIONS):
+        info = await bus.js.consumer_info(s.STREAM_EVENTS, s.consumer_rollout_partition(k))
+        assert info.config.filter_subject == s.partition_filter(k) and not info.config.filter_subjects

@@ -84,3 +84,27 @@ def test_wave_of_a_target(index: int, wave: int) -> None:
 def test_a_partition_waits_before_its_next_batch_three_times_what_deciding_took(deciding: float,
                                                                                 wait: float) -> None:
     assert pause_after(deciding) == pytest.approx(wait)
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, `>` one or more at the end."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or token not in ("*", tokens[i]):
+            return False
+    return len(wanted) == len(tokens)
+
+
+def test_a_partition_filter_is_one_subject_for_its_executions_jobs_and_rollouts() -> None:
+    from shared import subjects as s
+
+    mine = s.partition_filter(3)
+    assert _matches(mine, f"{s.EVENTS_EXECUTION}.3.default.job-1.node-1.exec-1")
+    assert _matches(mine, f"{s.EVENTS_JOB}.3.default.job-1")
+    assert _matches(mine, f"{s.EVENTS_ROLLOUT}.3.default.job-1")
+    assert not _matches(mine, f"{s.EVENTS_EXECUTION}.13.default.job-1.node-1.exec-1")  # another partition
+    assert not _matches(mine, f"{s.EVENTS_JOB}.4.default.job-1")
+    assert not _matches(mine, f"{s.EVENTS_NODE}.3")  # a node named "3": node ids have no dot
+    assert not _matches(mine, f"{s.EVENTS_NODE}.node-1")
