@@ -58,6 +58,16 @@ async def _running(api, name: str, count: int) -> bool:
     return len(items) == count and all(e.observed == "running" for e in items)
 
 
+async def _one_job_running(cluster, wait_for, name: str, nodes: int) -> None:
+    """The services, a simulated fleet of `nodes`, and job `name` running on all of them."""
+    await cluster.start_services()
+    await cluster.start("agent", simulate=nodes)
+    api = await cluster.api()
+    await api.wait_ready(nodes)
+    assert (await api.submit({"name": name, "type": "pipeline", "config": SIM})).accepted
+    await wait_for(lambda: _running(api, name, nodes), timeout=30)
+
+
 @pytest.mark.nats
 async def test_a_fleet_slower_to_register_than_the_node_timeout_keeps_every_node_connected(
         cluster, monkeypatch) -> None:
@@ -161,12 +171,7 @@ async def test_a_burst_of_joins_is_one_add_nodes_plan_per_job(cluster, wait_for,
 async def test_a_partition_waits_three_times_what_deciding_took_before_its_next_batch(cluster, wait_for) -> None:
     """The rollout service's partitions pace themselves: after each batch they wait 3x what its passes
     spent deciding (capped), so a large job's events are decided in fewer, larger passes."""
-    await cluster.start_services()
-    await cluster.start("agent", simulate=60)
-    api = await cluster.api()
-    await api.wait_ready(60)
-    assert (await api.submit({"name": "paced", "type": "pipeline", "config": SIM})).accepted
-    await wait_for(lambda: _running(api, "paced", 60), timeout=30)
+    await _one_job_running(cluster, wait_for, "paced", 60)
     rollout = next(c for c in cluster.components if c.name == "rollout")
     decided = sum(p.decided for p in rollout.partitions.values())
     paced = sum(p.paced for p in rollout.partitions.values())
@@ -184,12 +189,7 @@ async def test_a_partition_consumer_made_with_three_filters_takes_the_one_filter
     for k in range(s.PARTITIONS):
         await Consumer(bus, ConsumerSpec(stream=s.STREAM_EVENTS, durable=s.consumer_rollout_partition(k),
                                          filter_subjects=tuple(older[3 * k:3 * k + 3])))._bind()
-    await cluster.start_services()
-    await cluster.start("agent", simulate=5)
-    api = await cluster.api()
-    await api.wait_ready(5)
-    assert (await api.submit({"name": "after-upgrade", "type": "pipeline", "config": SIM})).accepted
-    await wait_for(lambda: _running(api, "after-upgrade", 5), timeout=30)
+    await _one_job_running(cluster, wait_for, "after-upgrade", 5)
     for k in range(s.PARTITIONS):
         info = await bus.js.consumer_info(s.STREAM_EVENTS, s.consumer_rollout_partition(k))
         assert info.config.filter_subject == s.partition_filter(k) and not info.config.filter_subjects
