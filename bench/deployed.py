@@ -62,9 +62,8 @@ from services.cli.client import Client
 from services.cli.stack import NATS, SERVICES, Stack
 from shared import subjects as s
 from shared.api import ListNodesRequest
-from shared.codec import from_msgpack_or_none
 from shared.errors import ShoalError
-from shared.models import Execution, SubmissionOutcome
+from shared.models import SubmissionOutcome
 from shared.transport import Bus, Kv, OrderedReader
 
 JOB = "deployed"
@@ -419,7 +418,7 @@ class Deployment:
 
 
 # --------------------------------------------------------------------------------------------------
-# Server-side state: consumer backlogs
+# Where a rolling update's time goes, read from the events stream
 # --------------------------------------------------------------------------------------------------
 
 
@@ -443,16 +442,17 @@ async def wave_timeline(bus: Bus, start_seq: int, job_id: str, version: int) -> 
                 if not msg.data:
                     continue
                 if msg.subject.startswith(s.EVENTS_ROLLOUT + "."):
-                    rollout = msgspec.msgpack.decode(msg.data)
-                    if rollout.get("job_id") == job_id and rollout.get("job_version") == version:
-                        starts.setdefault(int(rollout.get("current_wave", 0)), msg.at)
+                    rollout = Rollouts.decoder.decode(msg.data)
+                    if rollout.job_id == job_id and rollout.job_version == version:
+                        starts.setdefault(rollout.current_wave, msg.at)
                 elif msg.subject.startswith(s.EVENTS_EXECUTION + "."):
-                    execution = from_msgpack_or_none(msg.data, Execution, msg.subject)
-                    if execution is None or execution.job_id != job_id or execution.job_version != version:
+                    execution = Executions.decoder.decode(msg.data)
+                    if execution.job_id != job_id or execution.job_version != version:
                         continue
-                    times = seen.setdefault(execution.id, {"created": msg.at})
-                    times.setdefault(execution.observed, msg.at)
-                    wave_of[execution.id] = execution.rollout_wave
+                    execution_id = msg.subject.rsplit(".", 1)[-1]  # ...<node>.<execution id>
+                    times = seen.setdefault(execution_id, {"created": msg.at})
+                    times.setdefault(execution.status.observed_state.state_type, msg.at)
+                    wave_of[execution_id] = execution.rollout_wave
     finally:
         await reader.close()
     if not starts:
@@ -472,6 +472,11 @@ async def wave_timeline(bus: Bus, start_seq: int, job_id: str, version: int) -> 
     if not overheads:
         return None
     return percentile(overheads, 50), "; ".join(notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Server-side state: consumer backlogs
+# --------------------------------------------------------------------------------------------------
 
 
 async def durables(bus: Bus, stream: str, prefix: str = "") -> dict[str, int]:

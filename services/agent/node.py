@@ -50,7 +50,6 @@ class LocalRun:
         self.healthy_reported = 0  # consecutive healthy intervals reported (see interval_is_news)
 
 
-
 class NodeAgent:
     def __init__(self, node_id: str, reporter: Reporter, *, work_dir: Path, simulate: bool = False,
                  stop_grace: float = 10.0, fleet: FleetJournal | None = None,

@@ -187,7 +187,6 @@ class HealthService(Component):
                 await self._track_window(key, written.value)
 
 
-
 class WindowMirror(Mirror[windows.HealthWindow]):
     """The health bucket in memory, with the windows' deadlines in time order (`Deadlines`)."""
 
