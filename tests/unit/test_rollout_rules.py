@@ -79,8 +79,8 @@ def test_wave_of_a_target(index: int, wave: int) -> None:
 # -- pacing a partition ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("deciding", "wait"), [(0.0, 0.0), (-1.0, 0.0), (0.002, 0.006), (0.1, 0.3), (0.25, 0.75),
-                                                (1 / 3, 1.0), (2.0, 1.0)])
+@pytest.mark.parametrize(("deciding", "wait"), [(0.0, 0.0), (-1.0, 0.0), (0.002, 0.0), (0.0049, 0.0), (0.005, 0.015),
+                                                (0.1, 0.3), (0.25, 0.75), (1 / 3, 1.0), (2.0, 1.0)])
 def test_a_partition_waits_before_its_next_batch_three_times_what_deciding_took(deciding: float,
                                                                                 wait: float) -> None:
     assert pause_after(deciding) == pytest.approx(wait)
