@@ -33,8 +33,10 @@ first one once the stack is up, `scheduler-2` as it is started) is moved into it
 `/sys/fs/cgroup/cpu/shoal-bench-<pid>` with cpu.cfs_quota_us = CORES x cpu.cfs_period_us (100 ms), and the
 cgroup is removed when the process stops and at the end. Choose CORES small enough that one scheduler is
 held at its quota (its CPU over a phase about CORES: "budget used" near 1, the quota running out in most
-periods), and far enough below the machine's idle capacity that two such budgets fit on it. Every phase
-prints the budget each scheduler used and how often its quota ran out. It needs a writable cgroup v1 cpu
+periods), and far enough below the machine's idle capacity that two such budgets fit on it. A quota is a
+ceiling, not a guarantee: when other work saturates the machine a scheduler gets less, which shows as its
+budget used below 100%. Every phase prints the budget each scheduler used and how often its quota ran out
+(on 2 cores, 0.2 held one and two schedulers at their quotas in most phases). It needs a writable cgroup v1 cpu
 hierarchy (root): without one the benchmark says why and exits with an error.
 
 `--profile DIR` runs every scheduler process under cProfile (SHOAL_SCHEDULER_PROFILE) and leaves one
@@ -344,14 +346,16 @@ async def main() -> None:
             best, best_one = max(p["rate"] for p in phases), max(p["rate"] for p in figures[1])
             rows.append(Result(f"submissions, {count} schedulers / 1: throughput, best phases", best / best_one, "x",
                                f"{fmt(best)} against {fmt(best_one)} submissions/s: the phase of each that other work "
-                               f"on the machine disturbed least (phases in the order {args.schedulers} on one stack)" + budget))
+                               f"on the machine disturbed least (phases in the order {args.schedulers} on one stack)"
+                               + budget))
             rows.append(Result(f"submissions, {count} schedulers / 1: throughput, mean", f["rate"] / one["rate"], "x",
                                f"mean {fmt(f['rate'])} ({each}) against mean {fmt(one['rate'])} ({ones}) "
                                f"submissions/s; scheduler cores {f['cores']:.2f} against {one['cores']:.2f}; other "
                                f"processes on the machine {f['other']:.2f} against {one['other']:.2f} cores"
-                               + (f"; budget used {100 * f['budget_used']:.0f}% against {100 * one['budget_used']:.0f}%, "
-                                  f"quota ran out in {100 * f['throttled']:.0f}% against {100 * one['throttled']:.0f}% "
-                                  "of periods" if args.replica_cpu > 0 else "") + budget))
+                               + (f"; budget used {100 * f['budget_used']:.0f}% against "
+                                  f"{100 * one['budget_used']:.0f}%, quota ran out in {100 * f['throttled']:.0f}% "
+                                  f"against {100 * one['throttled']:.0f}% of periods" if args.replica_cpu > 0 else "")
+                               + budget))
             rows.append(Result(f"submissions, {count} schedulers / 1: scheduler CPU per submission",
                                f["sched_ms"] / one["sched_ms"], "x",
                                f"mean {f['sched_ms']:.2f} ({listed(phases, 'sched_ms')}) against "

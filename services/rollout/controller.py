@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 
 from shared import subjects as s
 from shared.durations import utcnow
@@ -126,28 +125,24 @@ class Controller:
 
     # -- reconcile ---------------------------------------------------------------------------------
 
-    async def reconcile(self, namespace: str, job_id: str, state: JobState | None = None) -> float:
+    async def reconcile(self, namespace: str, job_id: str, state: JobState | None = None) -> None:
         """Passes until the job is where its rollout wants it. With `state` (the partition owner's memory of
-        the job) a pass reads two records, not every execution of the job. Returns the CPU seconds spent
-        deciding (the part of a pass that grows with the job's executions)."""
-        deciding = 0.0
+        the job, and its per-node index) a pass reads two records and what changed, not every execution of
+        the job."""
         for _ in range(MAX_PASSES):
             loaded = await self.view(namespace, job_id, state)
             if loaded is None:
-                return deciding
+                return
             view, revision = loaded
             self.passes += 1
-            started = time.thread_time()  # CPU, not wall time: a busy machine must not lengthen the wait
             step = rules.decide(view)
-            deciding += time.thread_time() - started
             if step.empty:
-                return deciding
+                return
             applied = await self.applier.apply(view.job, revision, step, state.offer if state is not None else None)
             if applied and not step.again:
-                return deciding
+                return
         log.info("reconcile of %s/%s did not settle in %d passes; the next trigger continues",
                  namespace, job_id, MAX_PASSES)
-        return deciding
 
     async def view(self, namespace: str, job_id: str, state: JobState | None = None) -> tuple[rules.View, int] | None:
         """What a pass decides from, and the revision of the rollout record it read (0: none)."""
@@ -162,7 +157,7 @@ class Controller:
         else:
             if not state.loaded:
                 await state.load(self.store)
-            executions, specs = list(state.executions.values()), state.specs
+            executions, specs = [], state.specs
         rollout = record.value if record is not None else None
         spec = None
         hashes: dict[int, str] = {}
@@ -174,10 +169,16 @@ class Controller:
             stable = job.stable_version
             if stable and stable != rollout.job_version:
                 hashes[stable] = (await self.version(namespace, job_id, stable)).spec_hash
-        if state is not None and rollout is not None and (gone := state.prune(rollout)):
-            self.archiver.add(rollout, gone)
+        nodes = None
+        if state is not None:
+            if rollout is not None and (gone := state.prune(rollout)):
+                self.archiver.add(rollout, gone)
+            if rollout is not None and spec is not None:
+                nodes = state.nodes(rollout, spec)  # a pass reads what changed, not every execution
+            else:
+                executions = list(state.executions.values())
         view = rules.View(job=job, rollout=rollout, spec=spec, executions=rules.relevant(executions, rollout),
-                          now=utcnow(), policy=self.policy, spec_hashes=hashes, specs=specs)
+                          now=utcnow(), policy=self.policy, spec_hashes=hashes, specs=specs, nodes=nodes)
         return view, record.revision if record is not None else 0
 
     async def version(self, namespace: str, job_id: str, version: int) -> JobVersion:

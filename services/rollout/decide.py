@@ -1,10 +1,15 @@
 """What one reconcile pass of a job's rollout decides, as a pure function: no bus, no clock, no I/O.
 
-`decide(view)` looks at a job, its rollout record, the spec it rolls out and every execution of the
-job, and returns one `Step`: the executions to create (and the ones they replace), the ones to stop,
+`decide(view)` looks at a job, its rollout record, the spec it rolls out and the job's executions, and
+returns one `Step`: the executions to create (and the ones they replace), the ones to stop,
 the new rollout record, the job's state, the timers to set and the version to mark stable. It is the
 rule book of docs/ROLLOUTS.md in one place, unit-tested without a server (tests/unit/test_decide.py);
 `apply.py` carries a step out with compare-and-set writes, and the controller keeps the triggers.
+
+A pass reads the executions through a `nodes.NodeIndex`: each node's facts under the record (its newest
+execution of the rollout, and what the rules say of it), the nodes that have work, and counters for the
+rules that count. The owner of a job keeps the index as events arrive, so a pass costs what changed, not
+the number of executions; without one, `decide` builds it from `view.executions`.
 
 A step that changes the rollout record ends the pass: the record is written first (compare-and-set
 on the revision `decide` saw), and if that fails nothing after it is applied and the next pass decides
@@ -15,7 +20,10 @@ what caused them, and a repeated step changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+from collections import ChainMap
+from collections.abc import Container, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -37,10 +45,14 @@ from shared.models import (
 
 from .model import IN_PROGRESS, Rollout
 
+if TYPE_CHECKING:
+    from .nodes import NodeIndex
+
 HEALTH_VERDICTS = frozenset({"unhealthy", "deadline"})
 # Failures that say something about the node, not about the version: they are restarted by the restart
 # policy and never spend the failure budget (an operator restarting agents must not roll back a release).
 NODE_TROUBLE = frozenset({"agent-restart", "agent-shutdown"})
+TROUBLE = frozenset({"degraded", "lost", "failed"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,12 @@ class View:
     spec_hashes: dict[int, str] = field(default_factory=dict)
     # the spec of every version the executions run (an execution's own copy may be left out)
     specs: dict[int, JobSpec] = field(default_factory=dict)
+    # the executions per node under `rollout`, kept by the job's owner (None: built from `executions`)
+    nodes: NodeIndex | None = None
+
+    def live(self) -> Iterable[Execution]:
+        """The executions meant to run (what stopping everything stops)."""
+        return self.nodes.live_executions() if self.nodes is not None else self.executions
 
 
 @dataclass(frozen=True)
@@ -108,17 +126,57 @@ class Step:
                 and not self.mark_stable and not self.timers)
 
 
+class Tally:
+    """The job's current executions (the newest of the rollout on each target), as its state counts them."""
+
+    __slots__ = ("current", "ended", "unsuccessful", "troubled")
+
+    def __init__(self, current: int = 0, ended: int = 0, unsuccessful: int = 0, troubled: int = 0) -> None:
+        self.current = current  # targets with an execution of the rollout
+        self.ended = ended  # of those, ended and not to be restarted
+        self.unsuccessful = unsuccessful  # of those, not completed
+        self.troubled = troubled  # of those, degraded, lost or failed
+
+    def add(self, other: Tally, sign: int = 1) -> None:
+        self.current += sign * other.current
+        self.ended += sign * other.ended
+        self.unsuccessful += sign * other.unsuccessful
+        self.troubled += sign * other.troubled
+
+    def copy(self) -> Tally:
+        return Tally(self.current, self.ended, self.unsuccessful, self.troubled)
+
+    def astuple(self) -> tuple[int, int, int, int]:
+        return (self.current, self.ended, self.unsuccessful, self.troubled)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tally) and self.astuple() == other.astuple()
+
+    def __hash__(self) -> int:
+        return hash(self.astuple())
+
+    def __repr__(self) -> str:
+        return f"Tally{self.astuple()}"
+
+
 # -- the pass --------------------------------------------------------------------------------------
 
 
 def decide(view: View) -> Step:
-    job, record, executions, now = view.job, view.rollout, view.executions, view.now
+    step = _decide(view)
+    if step.rollout is not None and view.rollout is not None and step.rollout.targets is view.rollout.targets:
+        step.rollout = _copy(step.rollout)  # the new record shares nothing with the view
+    return step
+
+
+def _decide(view: View) -> Step:
+    job, record, now = view.job, view.rollout, view.now
     step = Step()
     if record is not None and record.state == "stopped" and record.source_version < job.version \
             and job.state.state_type != "stopped":
         return step  # a stopped rollout of an earlier version: the new version's own plan comes next
     if job.state.state_type == "stopped" or (record is not None and record.state == "stopped"):
-        step.stops = stop_all(executions, "job stopped")
+        step.stops = stop_all(view.live(), "job stopped")
         if record is not None and record.state != "stopped":
             step.rollout = stopped(record, now)
             step.rollout_first = False
@@ -126,37 +184,39 @@ def decide(view: View) -> Step:
         return step
     if record is None or view.spec is None:
         return step
-    rollout, spec = _copy(record), view.spec
+    # A pass changes its own copy of the record (sharing the lists, which it never changes in place:
+    # `decide` copies them for the new record it returns; a pass that changes nothing copies nothing).
+    rollout, spec = msgspec.structs.replace(record), view.spec
+    nodes = view.nodes
+    if nodes is None:
+        from .nodes import NodeIndex  # (it reads the rules of this module)
+
+        nodes = NodeIndex(record, spec, view.specs, view.executions)
 
     if timed_out(job, rollout, spec, now, step):
-        step.stops = stop_all(executions, rollout.message)
+        step.stops = stop_all(nodes.live_executions(), rollout.message)
         step.job_state = JobStateChange("failed", rollout.message, None, force=True)
         return step
     if rollout.state == "queued":
         step.job_state = JobStateChange("queued", "waiting for eligible nodes", rollout.source_version)
         return step
 
-    latest = latest_by_node(executions, rollout)
-    started = rollout.started_targets()
+    # The pass's own changes to each node's newest execution (creates) go in front of the index's.
+    latest: ChainMap[str, Execution] = ChainMap({}, nodes.latest)
     in_rollout = rollout.state in IN_PROGRESS
 
     # 1. Executions for every node whose wave has started (not once the rollout failed, nor ever again
     #    once it timed out).
     if not (rollout.state == "failed" and not rollout.rollback_of) and not rollout.timed_out:
-        place(view, rollout, spec, started, latest, step)
+        place(view, nodes, rollout, spec, nodes.unplaced_started(rollout), latest, step)
 
     # 2. Failures against the budget (node trouble is not the version's failure), and stalls.
-    newly_failed = [
-        n for n in started
-        if n not in rollout.failed_nodes and latest.get(n) is not None
-        and latest[n].observed == "failed" and latest[n].status.stable_at is None
-        and details(latest[n]).reason not in NODE_TROUBLE
-    ]
+    newly_failed = [n for n in nodes.in_order(nodes.failing) if nodes.facts[n].started and n not in nodes.failed]
     if in_rollout and newly_failed:
         count_failures(view, rollout, newly_failed, step)
         return step
     if rollout.state == "deploying":
-        stalled = stalled_executions(rollout, spec, started, latest, now, view.policy, step)
+        stalled = stalled_executions(rollout, spec, nodes, step, now, view.policy)
         if stalled:
             reason = "stalled: still {} {:g}s after it was created (health deadline + grace)"
             limit = _stall_limit(spec, view.policy).total_seconds()
@@ -170,7 +230,7 @@ def decide(view: View) -> Step:
     # 3. Restarts by policy: the rolled-out version where its wave has started, and whatever still runs
     #    on the targets it has not reached yet (they must not be left bare meanwhile).
     keep: set[str] = set()  # ended executions the policy will still restart (they stay desired running)
-    for node_id in started:
+    for node_id in nodes.in_order(nodes.restartable):
         execution = latest.get(node_id)
         if execution is None or not restartable(execution, spec, rollout):
             continue
@@ -179,8 +239,8 @@ def decide(view: View) -> Step:
             successor = restart(job, rollout, spec, execution, now, view.policy, step)
             if successor is not None:
                 latest[node_id] = successor
-    unreached = set(rollout.targets) - set(started)
-    for execution in current_elsewhere(executions, unreached, rollout.job_version):
+    for node_id in nodes.in_order(nodes.elsewhere):
+        execution = nodes.elsewhere[node_id]
         own = view.specs.get(execution.job_version) or execution.job_spec
         if own is not None and restartable(execution, own, rollout):
             keep.add(execution.id)
@@ -188,39 +248,48 @@ def decide(view: View) -> Step:
                 restart(job, rollout, own, execution, now, view.policy, step)
 
     # 4. Stop what is superseded (older versions once the new one is stable, non-targets), and say of
-    #    what has ended that it is no longer meant to run.
-    step.stops += retire(executions, latest, set(rollout.targets), rollout, keep)
+    #    what has ended that it is no longer meant to run: on the nodes the index says so of, and on those
+    #    this pass changed.
+    touched = {c.execution.node_id for c in step.creates}
+    changed = latest.maps[0]  # node -> its newest execution of the rollout, made by this pass
+    retiring = nodes.in_order(nodes.retiring | touched)
+    step.stops += retire([e for n in retiring for e in nodes.relevant(n)], latest, nodes.position, rollout, keep)
 
     # 5. Waves. The next wave's executions go in the same step as the record that starts it (the record
     #    is written first: if that fails, none are created).
-    if rollout.state == "deploying" and advance(rollout, spec, latest, now, step):
-        if rollout.state == "deploying":
-            place(view, rollout, spec, rollout.started_targets(), latest, step)
-        return step
+    if rollout.state == "deploying":
+        waiting = nodes.waiting() + sum(nodes.blocks(n, e) - nodes.facts[n].blocks
+                                        for n, e in changed.items() if nodes.facts[n].started)
+        if advance(rollout, spec, waiting == 0, now, step):
+            if rollout.state == "deploying":
+                place(view, nodes, rollout, spec, nodes.unplaced_started(rollout), latest, step)
+            return step
 
-    step.job_state = job_state_of(job, rollout, spec, latest)
+    tally = nodes.tally.copy()
+    for node_id, execution in changed.items():
+        if node_id in nodes.position:
+            tally.add(nodes.facts[node_id].tally, -1)
+            tally.add(tally_of(execution, spec, rollout))
+    step.job_state = job_state_from(job, rollout, tally)
     return step
 
 
 # -- the rules -------------------------------------------------------------------------------------
 
 
-def place(view: View, rollout: Rollout, spec: JobSpec, started: list[str], latest: dict[str, Execution],
-          step: Step) -> None:
-    """An execution for every started target that has none of the rolled-out deployment, replacing what
-    else runs there (including a restart made earlier in this step). The job's executions are grouped by
-    node once, so a wave costs O(executions)."""
-    by_node: dict[str, list[Execution]] | None = None
-    for index, node_id in enumerate(started):
+def place(view: View, nodes: NodeIndex, rollout: Rollout, spec: JobSpec, candidates: list[str],
+          latest: MutableMapping[str, Execution], step: Step) -> None:
+    """An execution for every started target among `candidates` that has none of the rolled-out
+    deployment, replacing what else runs there (including a restart made earlier in this step)."""
+    made: dict[str, list[Execution]] = {}
+    for c in step.creates:
+        made.setdefault(c.execution.node_id, []).append(c.execution)
+    for node_id in candidates:
         if node_id in latest:
             continue
-        if by_node is None:
-            by_node = {}
-            for e in [*view.executions, *(c.execution for c in step.creates)]:
-                by_node.setdefault(e.node_id, []).append(e)
-        previous = active_other(by_node.get(node_id, []), node_id, rollout.job_version)
+        previous = active_other([*nodes.relevant(node_id), *made.get(node_id, ())], node_id, rollout.job_version)
         created = new_execution(derived_id(rollout.deployment_id, node_id), view.job, spec, rollout.job_version,
-                                node_id, rollout.wave_number(index), rollout.deployment_id,
+                                node_id, rollout.wave_number(nodes.position[node_id]), rollout.deployment_id,
                                 previous.id if previous else "", 0, view.now)
         step.creates.append(Create(created, previous))
         latest[node_id] = created
@@ -335,7 +404,7 @@ def fail(view: View, rollout: Rollout, reason: str, step: Step) -> None:
         message = f"{reason}; this was already a rollback, so it stops here"
     elif stable == 0 or stable == rollout.job_version:
         message = f"{reason}; no earlier stable version, version {rollout.job_version} stopped"
-        step.stops += stop_all([e for e in view.executions if e.job_version == rollout.job_version], message)
+        step.stops += stop_all([e for e in view.live() if e.job_version == rollout.job_version], message)
     elif view.spec_hashes.get(stable) == view.spec_hashes.get(rollout.job_version):
         message = f"{reason}; version {stable} has the same spec, so there is nothing to roll back to"
     else:
@@ -387,19 +456,19 @@ def _stall_limit(spec: JobSpec, policy: Policy) -> dt.timedelta:
     return dt.timedelta(microseconds=check.deadline // 1000, seconds=policy.stall_grace)
 
 
-def stalled_executions(rollout: Rollout, spec: JobSpec, started: list[str], latest: dict[str, Execution],
-                       now: dt.datetime, policy: Policy, step: Step) -> list[Execution]:
+def stalled_executions(rollout: Rollout, spec: JobSpec, nodes: NodeIndex, step: Step, now: dt.datetime,
+                       policy: Policy) -> list[Execution]:
     """Executions of a gated wave that never settle (pending, starting or unjudged) long past their health
-    deadline; otherwise a timer for when the next one could stall."""
+    deadline (those the index holds, and those this step creates); otherwise a timer for when the next one
+    could stall."""
     if not rollout.gated or spec.rollout.health_check is None:
         return []
     limit = _stall_limit(spec, policy)
-    stalled: list[Execution] = []
-    soonest: dt.datetime | None = None
-    for node_id in started:
-        execution = latest.get(node_id)
-        if (execution is None or node_id in rollout.failed_nodes or settled(execution)
-                or execution.observed == "lost" or execution.desired != "running"):
+    stalled, next_created = nodes.may_stall(now - limit)
+    soonest = next_created + limit if next_created is not None else None
+    for create in step.creates:  # placed in this pass (on targets without one, so not in the index's)
+        execution = create.execution
+        if execution.node_id in nodes.failed:
             continue
         due = execution.status.created_at + limit
         if now >= due:
@@ -408,10 +477,15 @@ def stalled_executions(rollout: Rollout, spec: JobSpec, started: list[str], late
             soonest = due
     if not stalled and soonest is not None:
         step.timers.append((soonest, "stall-check"))
-    return stalled
+    return [stalled[i] for i in _by_position(stalled, nodes)]
 
 
-def retire(executions: list[Execution], latest: dict[str, Execution], targets: set[str], rollout: Rollout,
+def _by_position(executions: list[Execution], nodes: NodeIndex) -> list[int]:
+    far = len(nodes.position)
+    return sorted(range(len(executions)), key=lambda i: nodes.position.get(executions[i].node_id, far))
+
+
+def retire(executions: list[Execution], latest: Mapping[str, Execution], targets: Container[str], rollout: Rollout,
            keep: set[str]) -> list[Stop]:
     stops: list[Stop] = []
     for execution in executions:
@@ -440,11 +514,10 @@ def retire(executions: list[Execution], latest: dict[str, Execution], targets: s
     return stops
 
 
-def advance(rollout: Rollout, spec: JobSpec, latest: dict[str, Execution], now: dt.datetime, step: Step) -> bool:
-    """Start the next wave, await promotion, or finish; True if the record changes."""
-    started = rollout.started_targets()
-    if not all((settled(latest.get(n)) and not awaits_restart(latest[n], spec, rollout)) or n in rollout.failed_nodes
-               for n in started):
+def advance(rollout: Rollout, spec: JobSpec, ready: bool, now: dt.datetime, step: Step) -> bool:
+    """Start the next wave, await promotion, or finish once every started target is `ready` (settled and
+    not awaiting a restart, or failed); True if the record changes."""
+    if not ready:
         return False
     rollout.updated_at = now
     if rollout.gated and rollout.current_wave < len(rollout.wave_sizes):
@@ -464,8 +537,23 @@ def advance(rollout: Rollout, spec: JobSpec, latest: dict[str, Execution], now: 
     return True
 
 
-def job_state_of(job: Job, rollout: Rollout, spec: JobSpec, latest: dict[str, Execution]) -> JobStateChange:
-    """The job's state as its rollout and its current executions say."""
+def tally_of(execution: Execution, spec: JobSpec, rollout: Rollout) -> Tally:
+    """One current execution's part of the job's state."""
+    ended = execution.observed in TERMINAL_STATES and not needs_restart(execution, spec, rollout)
+    return Tally(1, int(ended), int(execution.observed != "completed"), int(execution.observed in TROUBLE))
+
+
+def job_state_of(job: Job, rollout: Rollout, spec: JobSpec, latest: Mapping[str, Execution]) -> JobStateChange:
+    """The job's state as its rollout and its current executions (`latest`, per node) say."""
+    tally = Tally()
+    for node_id in rollout.targets:
+        if node_id in latest:
+            tally.add(tally_of(latest[node_id], spec, rollout))
+    return job_state_from(job, rollout, tally)
+
+
+def job_state_from(job: Job, rollout: Rollout, tally: Tally) -> JobStateChange:
+    """The job's state as its rollout and the count of its current executions say."""
     state = rollout.state
     source = rollout.source_version
     if rollout.timed_out:
@@ -481,18 +569,15 @@ def job_state_of(job: Job, rollout: Rollout, spec: JobSpec, latest: dict[str, Ex
     if state == "deploying":
         waves = f" (wave {rollout.current_wave} of {len(rollout.wave_sizes)})" if rollout.gated else ""
         return JobStateChange("deploying", f"deploying version {rollout.job_version}{waves}", source)
-    current = [latest[n] for n in rollout.targets if n in latest]
-    if job.type in ONE_SHOT_JOB_TYPES and current and all(
-            e.observed in TERMINAL_STATES and not needs_restart(e, spec, rollout) for e in current):
-        failed = [e for e in current if e.observed != "completed"]
-        if failed:
-            return JobStateChange("failed", f"{len(failed)} of {len(current)} executions failed", source)
-        return JobStateChange("completed", f"completed on {len(current)} nodes", source)
-    troubled = [e for e in current if e.observed in ("degraded", "lost", "failed")]
-    if troubled:
-        return JobStateChange("degraded", f"{len(troubled)} of {len(current)} executions degraded, lost or failed",
+    current = tally.current
+    if job.type in ONE_SHOT_JOB_TYPES and current and tally.ended == current:
+        if tally.unsuccessful:
+            return JobStateChange("failed", f"{tally.unsuccessful} of {current} executions failed", source)
+        return JobStateChange("completed", f"completed on {current} nodes", source)
+    if tally.troubled:
+        return JobStateChange("degraded", f"{tally.troubled} of {current} executions degraded, lost or failed",
                               source)
-    return JobStateChange("running", f"version {rollout.job_version} on {len(current)} nodes", source)
+    return JobStateChange("running", f"version {rollout.job_version} on {current} nodes", source)
 
 
 def job_state_change(job: Job, change: JobStateChange, now: dt.datetime) -> bool:
@@ -519,7 +604,7 @@ def mark_stable(job: Job, version: int, now: dt.datetime) -> bool:
     return True
 
 
-def stop_all(executions: list[Execution], reason: str) -> list[Stop]:
+def stop_all(executions: Iterable[Execution], reason: str) -> list[Stop]:
     return [Stop(e, reason) for e in executions if e.desired != "stopped"]
 
 

@@ -8,6 +8,11 @@ loses nothing. This is what makes a reconcile pass cost what changed, not a scan
 
 Executions are kept without their copy of the job spec (the state holds one spec per version), so a
 job on 100,000 nodes keeps one spec, not 100,000.
+
+Beside them it keeps the job's `NodeIndex` under its rollout record (`nodes`): each execution that arrives
+refreshes its node there, so a pass of `decide` reads what changed and the counts, not every execution.
+Pruning, too, looks only at the executions that arrived since the last pass, unless the record changed
+what may be archived.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from shared.models import Execution, JobSpec
 from shared.store import Store
 
 from .decide import archivable
-from .model import Rollout
+from .model import IN_PROGRESS, Rollout
+from .nodes import NodeIndex
 
 
 class JobState:
-    __slots__ = ("namespace", "job_id", "executions", "specs", "loaded")
+    __slots__ = ("namespace", "job_id", "executions", "specs", "loaded", "index", "recent", "pruned_under")
 
     def __init__(self, namespace: str, job_id: str) -> None:
         self.namespace = namespace
@@ -28,6 +34,9 @@ class JobState:
         self.executions: dict[str, Execution] = {}
         self.specs: dict[int, JobSpec] = {}
         self.loaded = False
+        self.index: NodeIndex | None = None
+        self.recent: set[str] = set()  # executions that arrived since the last prune
+        self.pruned_under: tuple[object, ...] = ()  # what of the record the last full prune was made under
 
     def offer(self, execution: Execution) -> None:
         """Keep `execution` unless a newer revision of it is already here."""
@@ -38,17 +47,40 @@ class JobState:
             self.specs.setdefault(execution.job_version, execution.job_spec)
             execution.job_spec = None
         self.executions[execution.id] = execution
+        self.recent.add(execution.id)
+        if self.index is not None:
+            self.index.put(execution)
+
+    def nodes(self, rollout: Rollout, spec: JobSpec) -> NodeIndex:
+        """The index under `rollout`: the one kept, moved on to this record, or built again if the record
+        changed more than its waves, targets and failed nodes (`NodeIndex.follow`)."""
+        if self.index is None or not self.index.follow(rollout):
+            self.index = NodeIndex(rollout, spec, self.specs, self.executions.values())
+        return self.index
 
     def prune(self, rollout: Rollout) -> list[Execution]:
         """Drop the history that may be archived (`decide.archivable`: no decision reads it), so memory and
-        passes follow the job's present, not its history; returns it, for the archive."""
-        gone = [e for e in self.executions.values() if archivable(e, rollout)]
+        passes follow the job's present, not its history; returns it, for the archive. What may be archived
+        depends on the record's deployment, state and rollback: under the same ones as last time, only the
+        executions that arrived since are looked at."""
+        under = (rollout.deployment_id, rollout.state, rollout.rollback_of)
+        if under != self.pruned_under:
+            self.pruned_under = under
+            candidates: list[Execution] = list(self.executions.values())
+        else:
+            candidates = [self.executions[i] for i in self.recent if i in self.executions]
+        self.recent.clear()
+        if rollout.state in IN_PROGRESS:
+            return []  # nothing is archived while a rollout is in progress
+        gone = [e for e in candidates if archivable(e, rollout)]
         for execution in gone:
-            del self.executions[execution.id]
+            self.forget(execution.id)
         return gone
 
     def forget(self, execution_id: str) -> None:
-        self.executions.pop(execution_id, None)
+        execution = self.executions.pop(execution_id, None)
+        if execution is not None and self.index is not None:
+            self.index.remove(execution)
 
     async def load(self, store: Store) -> None:
         for record in await store.executions_of_job(self.namespace, self.job_id):

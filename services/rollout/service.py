@@ -9,7 +9,6 @@ reconciles the job (`Partition`, `Controller.reconcile`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -39,27 +38,8 @@ VERSION = "0.1.0"
 LEGACY_EVENTS_CONSUMER = "rollout-events"
 FAILURES_SHOWN = 10  # failed nodes a rollout status describes one by one (all are listed by id)
 ROLLOUT_EVENT = s.EVENTS_ROLLOUT + "."
-# Events of a partition taken at once: each touched job is reconciled once per batch, and a pass looks at
-# the job's current executions, so a backlog of a large job drains in few passes, not one per 512 events.
+# Events of a partition taken at once: each touched job is reconciled once per batch.
 EVENTS_BATCH = 2048
-# A partition spends at most about this share of its time deciding: after a batch whose passes took d
-# seconds of CPU to decide, it waits d * (1 / DECIDING_SHARE - 1) (at most PACE_MAX_WAIT) before it fetches
-# the next batch, so the events of that time are decided in one pass (unless the batch was full: then
-# more are waiting already). Batches that took less than PACE_MIN_DECIDING to decide do not wait: a pass of
-# a 1,000-node job decides in about 2 ms, and waits of a few ms after every batch added 0.1 s to its
-# placement. One of a 100,000-node job decides in about 250 ms: there, without the wait, the partition
-# would decide again after every few hundred events and spend all its time doing so.
-DECIDING_SHARE = 0.25
-PACE_MIN_DECIDING = 0.005
-PACE_MAX_WAIT = 1.0
-
-
-def pause_after(deciding: float) -> float:
-    """Seconds to wait before the next batch after deciding took `deciding` seconds (`DECIDING_SHARE`);
-    none below `PACE_MIN_DECIDING`."""
-    if deciding < PACE_MIN_DECIDING:
-        return 0.0
-    return min(PACE_MAX_WAIT, deciding * (1 / DECIDING_SHARE - 1))
 
 
 def first_failures(executions: Sequence[Execution], version: int) -> dict[str, Execution]:
@@ -98,8 +78,6 @@ class Partition:
                                                    filter_subject=s.partition_filter(k),
                                                    max_ack_pending=8192), batch=EVENTS_BATCH)
         self.gauges = metrics.RolloutGauges()  # metrics: what this partition's rollouts add to the gauges
-        self.decided = 0.0  # seconds its passes spent deciding
-        self.paced = 0.0  # seconds waited between batches for it (`pace`)
 
     async def start(self) -> None:
         await self.consumer.start_batch(self.on_events)
@@ -143,31 +121,16 @@ class Partition:
                     state.offer(execution)
         await self._observe(rollouts)
         failures: dict[Delivery, Exception] = {}
-        deciding = 0.0
         for (namespace, job_id), events in touched.items():
             try:
                 with telemetry.span("reconcile", headers=traces.get((namespace, job_id)),
                                     attributes={"shoal.namespace": namespace, "shoal.job_id": job_id}):
-                    deciding += await self.controller.reconcile(namespace, job_id, self.state(namespace, job_id))
+                    await self.controller.reconcile(namespace, job_id, self.state(namespace, job_id))
             except Exception as exc:
                 log.warning("reconcile of %s/%s failed: %s", namespace, job_id, exc)
                 self.jobs.pop((namespace, job_id), None)  # load it afresh next time
                 failures.update((d, exc) for d in events)
-        self.decided += deciding
-        if len(deliveries) < EVENTS_BATCH:  # a full batch: more are waiting already, no reason to wait
-            await self.pace(deciding)
         return failures
-
-    async def pace(self, deciding: float) -> None:
-        """Wait before the next batch in proportion to what deciding this one cost (`DECIDING_SHARE`): the
-        events meanwhile stay in the stream and come as one larger batch, so the cost of deciding per event
-        does not grow with the size of the job. The batch is decided before the wait and acked after it: a
-        replica that dies meanwhile has it redelivered to the next owner, and deciding it again changes
-        nothing."""
-        wait = pause_after(deciding)
-        if wait > 0:
-            self.paced += wait
-            await asyncio.sleep(wait)
 
     async def _observe(self, latest: dict[tuple[str, str], Delivery]) -> None:
         """metrics: each rollout's wave, and its failed nodes against its budget, from its latest record

@@ -168,17 +168,6 @@ async def test_a_burst_of_joins_is_one_add_nodes_plan_per_job(cluster, wait_for,
 
 
 @pytest.mark.nats
-async def test_a_partition_waits_three_times_what_deciding_took_before_its_next_batch(cluster, wait_for) -> None:
-    """The rollout service's partitions pace themselves: after each batch they wait 3x what its passes
-    spent deciding (capped), so a large job's events are decided in fewer, larger passes."""
-    await _one_job_running(cluster, wait_for, "paced", 60)
-    rollout = next(c for c in cluster.components if c.name == "rollout")
-    decided = sum(p.decided for p in rollout.partitions.values())
-    paced = sum(p.paced for p in rollout.partitions.values())
-    assert decided > 0 and paced == pytest.approx(3 * decided)  # far below the cap: no wait was cut short
-
-
-@pytest.mark.nats
 async def test_a_partition_consumer_made_with_three_filters_takes_the_one_filter_and_its_events(cluster, wait_for,
                                                                                                 bus) -> None:
     """An older release made each partition's durable with one filter subject per kind of event; the rollout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from services.rollout.decide import budget_exceeded
-from services.rollout.service import pause_after
 from services.rollout.waves import canary_size, percent_of, plan_waves, wave_of, wave_size
 from shared.models import Canary, RolloutSpec
 
@@ -73,17 +72,6 @@ def test_small_counts_and_edges() -> None:
 def test_wave_of_a_target(index: int, wave: int) -> None:
     assert wave_of(index, [2, 3, 1]) == wave  # past the last wave: the last (nodes appended late join it)
     assert wave_of(0, []) == 0
-
-
-
-# -- pacing a partition ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("deciding", "wait"), [(0.0, 0.0), (-1.0, 0.0), (0.002, 0.0), (0.0049, 0.0), (0.005, 0.015),
-                                                (0.1, 0.3), (0.25, 0.75), (1 / 3, 1.0), (2.0, 1.0)])
-def test_a_partition_waits_before_its_next_batch_three_times_what_deciding_took(deciding: float,
-                                                                                wait: float) -> None:
-    assert pause_after(deciding) == pytest.approx(wait)
 
 
 def _matches(pattern: str, subject: str) -> bool:
