@@ -25,7 +25,7 @@ MODULES: dict[str, list[str]] = {
     "services/health/transitions.py": ["tests/unit/test_health_rules.py"],
     "services/health/windows.py": ["tests/unit/test_health_rules.py"],
     "shared/waves.py": ["tests/unit/test_rollout_rules.py"],
-    "services/rollout/decide.py": ["tests/unit/test_decide.py", "tests/unit/test_nodes.py"],
+    "services/rollout/decide.py": ["tests/unit/test_decide.py"],
     "services/rollout/nodes.py": ["tests/unit/test_nodes.py", "tests/unit/test_decide.py"],
     "services/agent/intervals.py": ["tests/unit/test_agent_parts.py"],
     "services/health/deadlines.py": ["tests/unit/test_deadlines.py"],

@@ -19,6 +19,7 @@ the other, the index is the same (tests/unit/test_nodes.py).
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import heapq
 from collections import Counter
@@ -41,6 +42,25 @@ from .decide import (
 from .model import Rollout
 
 NO_TALLY = Tally()
+
+
+def _flip(into: set[str], node: str, present: bool) -> None:
+    if present:
+        into.add(node)
+    else:
+        into.discard(node)
+
+
+def _edges(rollout: Rollout) -> list[int] | None:
+    """Where each wave but the last ends (positions), for gated rollouts with waves; None for the others
+    (whose targets are all of wave 0)."""
+    if not rollout.gated or not rollout.wave_sizes:
+        return None
+    edges, edge = [], 0
+    for size in rollout.wave_sizes[:-1]:
+        edge += size
+        edges.append(edge)
+    return edges
 
 
 class Facts:
@@ -66,6 +86,9 @@ class Facts:
         return tuple(getattr(self, name) for name in self.__slots__)
 
 
+NO_FACTS = Facts()
+
+
 def started_count(rollout: Rollout) -> int:
     """How many targets (from the first) have their wave started."""
     if not rollout.gated:
@@ -88,6 +111,9 @@ class NodeIndex:
         self.position: dict[str, int] = {node: i for i, node in enumerate(rollout.targets)}
         self.failed: set[str] = set(rollout.failed_nodes)
         self.started = started_count(rollout)
+        self.edges = _edges(rollout)
+        # Only a gated rollout with a health check stalls (`decide.stalled_executions`).
+        self.stalls_kept = rollout.gated and spec.rollout.health_check is not None
         self.by_node: dict[str, dict[str, Execution]] = {}
         self.facts: dict[str, Facts] = {}
         self.latest: dict[str, Execution] = {}
@@ -101,7 +127,7 @@ class NodeIndex:
         self.tally = Tally()
         self.stalls: list[tuple[dt.datetime, int, str, str]] = []  # (created_at, position, node, execution id)
         for execution in executions:
-            self.by_node.setdefault(execution.node_id, {})[execution.id] = execution
+            self._hold(execution)
         for node in {*self.by_node, *rollout.targets}:
             self.refresh(node)
 
@@ -109,8 +135,14 @@ class NodeIndex:
 
     def put(self, execution: Execution) -> None:
         """An execution, new or changed: its node's facts again."""
-        self.by_node.setdefault(execution.node_id, {})[execution.id] = execution
+        self._hold(execution)
         self.refresh(execution.node_id)
+
+    def _hold(self, execution: Execution) -> None:
+        held = self.by_node.get(execution.node_id)
+        if held is None:
+            held = self.by_node[execution.node_id] = {}
+        held[execution.id] = execution
 
     def remove(self, execution: Execution) -> None:
         held = self.by_node.get(execution.node_id)
@@ -135,6 +167,7 @@ class NodeIndex:
         before = self.started
         self.rollout = rollout
         self.started = started_count(rollout)
+        self.edges = _edges(rollout)
         changed: list[str] = rollout.targets[min(before, self.started): max(before, self.started)]
         for i in range(old_targets, new_targets):
             self.position[rollout.targets[i]] = i
@@ -146,49 +179,48 @@ class NodeIndex:
         return True
 
     def refresh(self, node: str) -> None:
-        old = self.facts.get(node)
+        """Derive the node's facts again and move what changed in the sets and counters."""
+        old = self.facts.get(node, NO_FACTS)
         new = self.derive(node)
-        if old is not None:
-            self._count(node, old, -1)
         if new.latest is None and new.wave < 0 and not new.live and not new.retiring:
             self.facts.pop(node, None)
         else:
             self.facts[node] = new
-        self._count(node, new, 1)
-        if new.stall is not None and (old is None or old.stall != new.stall or old.latest is not new.latest):
-            assert new.latest is not None
-            heapq.heappush(self.stalls, (new.stall, self.position[node], node, new.latest.id))
-
-    def _count(self, node: str, facts: Facts, sign: int) -> None:
-        def mark(flag: bool, into: set[str]) -> None:
-            if flag:
-                if sign > 0:
-                    into.add(node)
-                else:
-                    into.discard(node)
-
-        if facts.latest is not None:
-            if sign > 0:
-                self.latest[node] = facts.latest
-            else:
-                self.latest.pop(node, None)
-        elif facts.wave >= 0:
-            if sign > 0:
-                self.unplaced.setdefault(facts.wave, set()).add(node)
-            else:
-                self.unplaced[facts.wave].discard(node)
-        mark(facts.failing, self.failing)
-        mark(facts.restartable, self.restartable)
-        mark(facts.retiring, self.retiring)
-        mark(facts.live, self.live)
-        if facts.elsewhere is not None:
-            if sign > 0:
-                self.elsewhere[node] = facts.elsewhere
+        if old.latest is not new.latest:
+            if new.latest is not None:
+                self.latest[node] = new.latest
+            elif old.latest is not None:
+                del self.latest[node]
+        was_unplaced, is_unplaced = old.latest is None and old.wave >= 0, new.latest is None and new.wave >= 0
+        if was_unplaced != is_unplaced or old.wave != new.wave:
+            if was_unplaced:
+                self.unplaced[old.wave].discard(node)
+            if is_unplaced:
+                self.unplaced.setdefault(new.wave, set()).add(node)
+        if old.failing != new.failing:
+            _flip(self.failing, node, new.failing)
+        if old.restartable != new.restartable:
+            _flip(self.restartable, node, new.restartable)
+        if old.retiring != new.retiring:
+            _flip(self.retiring, node, new.retiring)
+        if old.live != new.live:
+            _flip(self.live, node, new.live)
+        if old.elsewhere is not new.elsewhere:
+            if new.elsewhere is not None:
+                self.elsewhere[node] = new.elsewhere
             else:
                 self.elsewhere.pop(node, None)
-        if facts.blocks:
-            self.blocking[facts.wave] += sign
-        self.tally.add(facts.tally, sign)
+        if old.blocks != new.blocks or old.wave != new.wave:
+            if old.blocks:
+                self.blocking[old.wave] -= 1
+            if new.blocks:
+                self.blocking[new.wave] += 1
+        if old.tally is not new.tally:
+            self.tally.add(old.tally, -1)
+            self.tally.add(new.tally)
+        if new.stall is not None and (old.stall != new.stall or old.latest is not new.latest):
+            assert new.latest is not None
+            heapq.heappush(self.stalls, (new.stall, self.position[node], node, new.latest.id))
 
     # -- the rules of one node --------------------------------------------------------------------
 
@@ -205,7 +237,7 @@ class NodeIndex:
         target = position is not None
         failed = node in self.failed
         if position is not None:
-            facts.wave = rollout.wave_number(position)
+            facts.wave = 0 if self.edges is None else bisect.bisect_right(self.edges, position) + 1  # `wave_number`
             facts.started = position < self.started
         if latest is not None:
             facts.failing = (latest.observed == "failed" and latest.status.stable_at is None
@@ -213,8 +245,8 @@ class NodeIndex:
             facts.restartable = facts.started and restartable(latest, spec, rollout)
             if target:
                 facts.tally = tally_of(latest, spec, rollout)
-            if (facts.started and not failed and not settled(latest) and latest.observed != "lost"
-                    and latest.desired == "running"):
+            if (self.stalls_kept and facts.started and not failed and not settled(latest)
+                    and latest.observed != "lost" and latest.desired == "running"):
                 facts.stall = latest.status.created_at
         facts.blocks = self.blocks(node, latest)
         if target and not facts.started:
@@ -227,7 +259,10 @@ class NodeIndex:
             keep.add(facts.elsewhere.id)
         facts.retiring = bool(retire(executions, {node: latest} if latest is not None else {},
                                      {node} if target else set(), rollout, keep))
-        facts.live = any(e.desired != "stopped" for e in executions)
+        for execution in executions:
+            if execution.desired != "stopped":
+                facts.live = True
+                break
         return facts
 
     def blocks(self, node: str, latest: Execution | None) -> bool:
