@@ -171,7 +171,7 @@ class Controller:
                 hashes[stable] = (await self.version(namespace, job_id, stable)).spec_hash
         nodes = None
         if state is not None:
-            if rollout is not None and (gone := state.prune(rollout)):
+            if (gone := state.prune(rollout)) and rollout is not None:
                 self.archiver.add(rollout, gone)
             if rollout is not None and spec is not None:
                 nodes = state.nodes(rollout, spec)  # a pass reads what changed, not every execution

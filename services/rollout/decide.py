@@ -152,9 +152,6 @@ class Tally:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tally) and self.astuple() == other.astuple()
 
-    def __hash__(self) -> int:
-        return hash(self.astuple())
-
     def __repr__(self) -> str:
         return f"Tally{self.astuple()}"
 
@@ -211,7 +208,7 @@ def _decide(view: View) -> Step:
         place(view, nodes, rollout, spec, nodes.unplaced_started(rollout), latest, step)
 
     # 2. Failures against the budget (node trouble is not the version's failure), and stalls.
-    newly_failed = [n for n in nodes.in_order(nodes.failing) if nodes.facts[n].started and n not in nodes.failed]
+    newly_failed = nodes.in_order(n for n in nodes.failing if nodes.facts[n].started and n not in nodes.failed)
     if in_rollout and newly_failed:
         count_failures(view, rollout, newly_failed, step)
         return step
@@ -477,12 +474,7 @@ def stalled_executions(rollout: Rollout, spec: JobSpec, nodes: NodeIndex, step: 
             soonest = due
     if not stalled and soonest is not None:
         step.timers.append((soonest, "stall-check"))
-    return [stalled[i] for i in _by_position(stalled, nodes)]
-
-
-def _by_position(executions: list[Execution], nodes: NodeIndex) -> list[int]:
-    far = len(nodes.position)
-    return sorted(range(len(executions)), key=lambda i: nodes.position.get(executions[i].node_id, far))
+    return sorted(stalled, key=lambda e: nodes.position[e.node_id])  # (started targets only)
 
 
 def retire(executions: list[Execution], latest: Mapping[str, Execution], targets: Container[str], rollout: Rollout,

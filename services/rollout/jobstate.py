@@ -11,7 +11,7 @@ job on 100,000 nodes keeps one spec, not 100,000.
 
 Beside them it keeps the job's `NodeIndex` under its rollout record (`nodes`): each execution that arrives
 refreshes its node there, so a pass of `decide` reads what changed and the counts, not every execution.
-Pruning, too, looks only at the executions that arrived since the last pass, unless the record changed
+Pruning, too, looks only at the executions that arrived since the last prune, unless the record changed
 what may be archived.
 """
 
@@ -58,20 +58,22 @@ class JobState:
             self.index = NodeIndex(rollout, spec, self.specs, self.executions.values())
         return self.index
 
-    def prune(self, rollout: Rollout) -> list[Execution]:
+    def prune(self, rollout: Rollout | None) -> list[Execution]:
         """Drop the history that may be archived (`decide.archivable`: no decision reads it), so memory and
         passes follow the job's present, not its history; returns it, for the archive. What may be archived
         depends on the record's deployment, state and rollback: under the same ones as last time, only the
-        executions that arrived since are looked at."""
+        executions that arrived since are looked at. Without a record, or while the rollout is in progress,
+        nothing is archived."""
+        recent, self.recent = self.recent, set()
+        if rollout is None or rollout.state in IN_PROGRESS:
+            self.pruned_under = ()
+            return []
         under = (rollout.deployment_id, rollout.state, rollout.rollback_of)
         if under != self.pruned_under:
             self.pruned_under = under
             candidates: list[Execution] = list(self.executions.values())
         else:
-            candidates = [self.executions[i] for i in self.recent if i in self.executions]
-        self.recent.clear()
-        if rollout.state in IN_PROGRESS:
-            return []  # nothing is archived while a rollout is in progress
+            candidates = [self.executions[i] for i in recent if i in self.executions]
         gone = [e for e in candidates if archivable(e, rollout)]
         for execution in gone:
             self.forget(execution.id)

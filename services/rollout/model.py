@@ -49,12 +49,12 @@ class Rollout(msgspec.Struct, kw_only=True, omit_defaults=True):
     def gated(self) -> bool:
         return self.strategy in ("rolling", "canary")
 
-    def started_targets(self) -> list[str]:
-        """Targets whose wave has started (all of them for immediate rollouts and rollbacks)."""
+    def started_count(self) -> int:
+        """How many targets, from the first, have their wave started (all of them for immediate rollouts
+        and rollbacks)."""
         if not self.gated:
-            return list(self.targets)
-        count = sum(self.wave_sizes[: self.current_wave])
-        return self.targets[:count]
+            return len(self.targets)
+        return sum(self.wave_sizes[: self.current_wave])
 
     def wave_number(self, index: int) -> int:
         """The wave of the target at position `index` (0 for immediate rollouts and rollbacks)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import heapq
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 
 from shared.models import Execution, JobSpec, details
@@ -76,24 +75,14 @@ class Facts:
         self.failing = False  # its latest failed the version (not node trouble, never stable)
         self.restartable = False  # started, and the policy replaces its latest (`restartable`)
         self.elsewhere: Execution | None = None  # not reached yet: what runs there, which the policy replaces
-        self.blocks = False  # a target its wave waits for (unsettled, or awaiting a restart; not failed)
+        self.blocks = False  # a started target its wave waits for (unsettled, or awaiting a restart; not failed)
         self.retiring = False  # `retire` stops something on it
         self.live = False  # has an execution meant to run
         self.tally = NO_TALLY  # its part of the job's state
         self.stall: dt.datetime | None = None  # created_at of its latest, if that may stall
 
-    def astuple(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
 
 NO_FACTS = Facts()
-
-
-def started_count(rollout: Rollout) -> int:
-    """How many targets (from the first) have their wave started."""
-    if not rollout.gated:
-        return len(rollout.targets)
-    return sum(rollout.wave_sizes[: rollout.current_wave])
 
 
 def basis(rollout: Rollout) -> tuple[object, ...]:
@@ -110,7 +99,7 @@ class NodeIndex:
         self.specs = specs  # the spec of every version seen (read when a node is refreshed)
         self.position: dict[str, int] = {node: i for i, node in enumerate(rollout.targets)}
         self.failed: set[str] = set(rollout.failed_nodes)
-        self.started = started_count(rollout)
+        self.started = rollout.started_count()
         self.edges = _edges(rollout)
         # Only a gated rollout with a health check stalls (`decide.stalled_executions`).
         self.stalls_kept = rollout.gated and spec.rollout.health_check is not None
@@ -123,9 +112,10 @@ class NodeIndex:
         self.elsewhere: dict[str, Execution] = {}
         self.retiring: set[str] = set()
         self.live: set[str] = set()
-        self.blocking: Counter[int] = Counter()  # per wave, the targets it waits for
+        self.blocking = 0  # started targets their wave waits for
         self.tally = Tally()
         self.stalls: list[tuple[dt.datetime, int, str, str]] = []  # (created_at, position, node, execution id)
+        self.stalling = 0  # nodes whose facts say they may stall (the heap holds at least these)
         for execution in executions:
             self._hold(execution)
         for node in {*self.by_node, *rollout.targets}:
@@ -153,7 +143,10 @@ class NodeIndex:
 
     def follow(self, rollout: Rollout) -> bool:
         """Move on to a newer record of the same rollout, refreshing only the nodes it changed (a wave that
-        started, targets appended, failed nodes added). False if it changed more: build the index again."""
+        started, targets appended, failed nodes added). False if it changed more (another basis, fewer
+        targets or failed nodes, other waves): build the index again. Targets are taken as appended when
+        the last one held is still in its place (a rollout's targets only ever grow at the end:
+        `controller.add_nodes`)."""
         held = self.rollout
         if basis(rollout) != basis(held):
             return False
@@ -166,7 +159,7 @@ class NodeIndex:
             return False
         before = self.started
         self.rollout = rollout
-        self.started = started_count(rollout)
+        self.started = rollout.started_count()
         self.edges = _edges(rollout)
         changed: list[str] = rollout.targets[min(before, self.started): max(before, self.started)]
         for i in range(old_targets, new_targets):
@@ -210,17 +203,30 @@ class NodeIndex:
                 self.elsewhere[node] = new.elsewhere
             else:
                 self.elsewhere.pop(node, None)
-        if old.blocks != new.blocks or old.wave != new.wave:
-            if old.blocks:
-                self.blocking[old.wave] -= 1
-            if new.blocks:
-                self.blocking[new.wave] += 1
-        if old.tally is not new.tally:
+        if old.blocks != new.blocks:
+            self.blocking += 1 if new.blocks else -1
+        if old.tally != new.tally:
             self.tally.add(old.tally, -1)
             self.tally.add(new.tally)
-        if new.stall is not None and (old.stall != new.stall or old.latest is not new.latest):
-            assert new.latest is not None
+        self._track_stall(node, old, new)
+
+    def _track_stall(self, node: str, old: Facts, new: Facts) -> None:
+        """Push the node's execution on the stall heap when it becomes one that may stall (a new revision
+        of the same execution keeps its entry); entries of executions that changed since are dropped as
+        `may_stall` meets them, and all at once when they outnumber the live ones."""
+        self.stalling += (new.stall is not None) - (old.stall is not None)
+        if new.stall is not None and new.latest is not None and (
+                old.stall != new.stall or old.latest is None or old.latest.id != new.latest.id):
             heapq.heappush(self.stalls, (new.stall, self.position[node], node, new.latest.id))
+        if len(self.stalls) > 2 * self.stalling + 64:
+            self.stalls = [entry for entry in self.stalls if self._current(entry)]
+            heapq.heapify(self.stalls)
+
+    def _current(self, entry: tuple[dt.datetime, int, str, str]) -> bool:
+        created, _, node, execution_id = entry
+        facts = self.facts.get(node)
+        return (facts is not None and facts.stall == created and facts.latest is not None
+                and facts.latest.id == execution_id)
 
     # -- the rules of one node --------------------------------------------------------------------
 
@@ -248,7 +254,7 @@ class NodeIndex:
             if (self.stalls_kept and facts.started and not failed and not settled(latest)
                     and latest.observed != "lost" and latest.desired == "running"):
                 facts.stall = latest.status.created_at
-        facts.blocks = self.blocks(node, latest)
+        facts.blocks = facts.started and self.blocks(node, latest)
         if target and not facts.started:
             for other in current_elsewhere(executions, {node}, rollout.job_version):
                 own = self.specs.get(other.job_version) or other.job_spec
@@ -282,17 +288,14 @@ class NodeIndex:
     def unplaced_started(self, rollout: Rollout) -> list[str]:
         """Targets whose wave has started in `rollout` (this record, or the pass's copy of it that started
         the next wave) without an execution of the rollout, in rollout order."""
-        started = started_count(rollout)
+        started = rollout.started_count()
         waves = [w for w in self.unplaced if w <= rollout.current_wave] if rollout.gated else [0]
         found = [n for w in waves for n in self.unplaced.get(w, ()) if self.position[n] < started]
         return self.in_order(found)
 
     def waiting(self) -> int:
         """Started targets their wave waits for."""
-        rollout = self.rollout
-        if not rollout.gated:
-            return self.blocking[0]
-        return sum(count for wave, count in self.blocking.items() if wave <= rollout.current_wave)
+        return self.blocking
 
     def may_stall(self, before: dt.datetime) -> tuple[list[Execution], dt.datetime | None]:
         """The executions that may stall created at or before `before` (in rollout order), and the creation
@@ -303,17 +306,17 @@ class NodeIndex:
         soonest: dt.datetime | None = None
         while heap:
             entry = heap[0]
-            created, _, node, execution_id = entry
-            facts = self.facts.get(node)
-            if facts is None or facts.stall is None or facts.latest is None or facts.latest.id != execution_id \
-                    or facts.stall != created:
+            if not self._current(entry):
                 heapq.heappop(heap)  # stale: the node changed since
                 continue
+            created, _, node, _ = entry
             if created > before:
                 soonest = created
                 break
             taken.append(heapq.heappop(heap))
-            found[node] = facts.latest
+            latest = self.facts[node].latest
+            assert latest is not None  # (`_current`)
+            found[node] = latest
         for entry in taken:
             heapq.heappush(heap, entry)
         return [found[n] for n in self.in_order(found)], soonest
@@ -323,6 +326,3 @@ class NodeIndex:
             for execution in self.relevant(node):
                 if execution.desired != "stopped":
                     yield execution
-
-    def relevant_all(self) -> list[Execution]:
-        return [e for node in self.by_node for e in self.relevant(node)]

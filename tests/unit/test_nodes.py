@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from services.rollout.decide import Step, decide
 from services.rollout.model import Rollout
-from services.rollout.nodes import Facts, NodeIndex, basis, started_count
+from services.rollout.nodes import Facts, NodeIndex, basis
 from shared.models import DesiredState, Execution, ObservedState
 from tests.builders import NOW, execution, job, nodes, old, plain, rollout, seconds, spec, view
 from tests.unit.test_decide import RULES, views
@@ -38,7 +38,7 @@ def summary(index: NodeIndex) -> Any:
         "unplaced": {w: sorted(s) for w, s in index.unplaced.items() if s},
         "sets": (sorted(index.failing), sorted(index.restartable), sorted(index.retiring), sorted(index.live)),
         "elsewhere": {n: ident(e) for n, e in index.elsewhere.items()},
-        "blocking": {w: c for w, c in index.blocking.items() if c},
+        "blocking": index.blocking,
         "tally": index.tally.astuple(),
         "stalls": [e.id for e in index.may_stall(NOW + dt.timedelta(days=1))[0]],
         "position": index.position, "failed": index.failed, "started": index.started,
@@ -158,9 +158,9 @@ def test_a_record_that_moved_on_is_followed(change: dict[str, Any]) -> None:
 
 
 def test_started_targets_count_by_waves_for_gated_rollouts_and_all_for_the_others() -> None:
-    assert started_count(rollout(6, waves=[1, 2, 3], current_wave=2)) == 3
-    assert started_count(rollout(6, waves=[1, 2, 3], current_wave=0)) == 0
-    assert started_count(rollout(6, strategy="immediate", waves=[6], current_wave=0)) == 6
+    assert rollout(6, waves=[1, 2, 3], current_wave=2).started_count() == 3
+    assert rollout(6, waves=[1, 2, 3], current_wave=0).started_count() == 0
+    assert rollout(6, strategy="immediate", waves=[6], current_wave=0).started_count() == 6
 
 
 def test_the_stall_heap_skips_what_changed_and_keeps_what_it_did_not_take() -> None:
@@ -211,3 +211,30 @@ def test_the_owner_keeps_its_index_as_executions_arrive_and_prunes_only_what_arr
     state.executions["sneaked"] = old("n3", desired="stopped", observed="stopped", id="sneaked")
     assert state.prune(done) == []  # not arrived through offer: not looked at under the same record
     assert [e.id for e in state.prune(msgspec.structs.replace(done, rollback_of=3))] == ["sneaked"]
+
+
+def test_the_stall_heap_holds_one_entry_per_execution_however_often_it_changes() -> None:
+    record = rollout(4, waves=[4], current_wave=1)
+    kept = NodeIndex(record, spec(), {}, [])
+    first = execution("n1", observed="pending", created=NOW - seconds(100))
+    for revision in range(2, 1000):
+        kept.put(msgspec.structs.replace(first, status=msgspec.structs.replace(first.status, revision=revision)))
+    assert len(kept.stalls) == 1 and kept.stalling == 1
+    for attempt in range(500):  # another execution on the node each time (restarts): old entries go stale
+        kept.put(execution("n1", observed="pending", id=f"attempt-{attempt}", created=NOW - seconds(50) + seconds(attempt)))
+    assert kept.stalling == 1 and len(kept.stalls) <= 2 * 1 + 64
+    assert [e.id for e in kept.may_stall(NOW + dt.timedelta(days=1))[0]] == ["attempt-499"]
+
+
+def test_a_gated_record_without_waves_has_nothing_started_and_finishes() -> None:
+    record = rollout(2, waves=[], current_wave=0)
+    step = decide(view(job(), record, spec(), [old("n1"), old("n2")]))
+    assert not step.creates and step.rollout is not None and step.rollout.state == "succeeded"
+
+
+def test_a_job_without_a_record_keeps_no_list_of_what_arrived() -> None:
+    from services.rollout.jobstate import JobState
+
+    state = JobState("default", "job-svc")
+    state.offer(old("n1"))
+    assert state.recent and state.prune(None) == [] and not state.recent
