@@ -6,7 +6,7 @@ holds, under one rollout record, each node's facts: its newest execution of the 
 (`decide.latest_by_node`), whether that failed the version, whether the restart policy replaces it, what
 runs there of another version while the rollout has not reached it, whether anything on it is to be
 stopped (`decide.retire`), whether its wave waits for it; and from them what a pass asks: the nodes with
-work (sets), the nodes each started wave waits for (counters per wave), the counts of the job's state,
+work (sets), how many started targets their wave waits for, the counts of the job's state,
 and the executions that may stall (a heap by creation time). A pass of `decide` reads those and the
 nodes it changes itself, never every execution.
 
