@@ -46,6 +46,7 @@ class Controller:
                                    restart_backoff_max=settings.restart_backoff_max,
                                    stall_grace=settings.stall_grace)
         self.passes = 0  # reconcile passes run by this replica (benchmarks read it)
+        self.record_reads = 0  # rollout records read by its passes
         self._versions: dict[tuple[str, str, int], JobVersion] = {}
 
     # -- plans -------------------------------------------------------------------------------------
@@ -139,6 +140,8 @@ class Controller:
             if step.empty:
                 return
             applied = await self.applier.apply(view.job, revision, step, state.offer if state is not None else None)
+            if state is not None and (step.rollout is not None or not applied):
+                state.record = None  # written (or changed by someone else): read it again
             if applied and not step.again:
                 return
         log.info("reconcile of %s/%s did not settle in %d passes; the next trigger continues",
@@ -150,7 +153,12 @@ class Controller:
         if job_record is None:
             return None
         job = job_record.value
-        record = await self.rollouts.get(s.rollout_key(namespace, job_id))
+        record = state.record if state is not None else None
+        if record is None:
+            record = await self.rollouts.get(s.rollout_key(namespace, job_id))
+            self.record_reads += 1
+            if state is not None:
+                state.record = record
         if state is None:
             executions = [r.value for r in await self.store.executions_of_job(namespace, job_id)]
             specs = {e.job_version: e.job_spec for e in executions if e.job_spec is not None}

@@ -13,12 +13,16 @@ Beside them it keeps the job's `NodeIndex` under its rollout record (`nodes`): e
 refreshes its node there, so a pass of `decide` reads what changed and the counts, not every execution.
 Pruning, too, looks only at the executions that arrived since the last prune, unless the record changed
 what may be archived.
+
+It keeps the job's rollout record as last read (`record`) until a rollout event of the job arrives or a
+pass writes the record (either may have changed it): a pass that follows execution events reads the
+record, whose target list grows with the job, only when it may have changed.
 """
 
 from __future__ import annotations
 
 from shared.models import Execution, JobSpec
-from shared.store import Store
+from shared.store import Record, Store
 
 from .decide import archivable
 from .model import IN_PROGRESS, Rollout
@@ -26,7 +30,7 @@ from .nodes import NodeIndex
 
 
 class JobState:
-    __slots__ = ("namespace", "job_id", "executions", "specs", "loaded", "index", "recent", "pruned_under")
+    __slots__ = ("namespace", "job_id", "executions", "specs", "loaded", "index", "recent", "pruned_under", "record")
 
     def __init__(self, namespace: str, job_id: str) -> None:
         self.namespace = namespace
@@ -37,6 +41,7 @@ class JobState:
         self.index: NodeIndex | None = None
         self.recent: set[str] = set()  # executions that arrived since the last prune
         self.pruned_under: tuple[object, ...] = ()  # what of the record the last full prune was made under
+        self.record: Record[Rollout] | None = None  # the rollout record as last read (None: read it again)
 
     def offer(self, execution: Execution) -> None:
         """Keep `execution` unless a newer revision of it is already here."""

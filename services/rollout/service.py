@@ -111,6 +111,8 @@ class Partition:
                     held.forget(d.subject.rsplit(".", 1)[-1])
                 continue
             state = self.state(namespace, job_id)
+            if d.subject.startswith(ROLLOUT_EVENT):
+                state.record = None  # it changed: the next pass reads it
             touched.setdefault((namespace, job_id), []).append(d)
             if trace := telemetry.trace_headers(d.headers):
                 traces[(namespace, job_id)] = trace  # the job's trace: what its reconcile writes carries on

@@ -168,6 +168,32 @@ async def test_a_burst_of_joins_is_one_add_nodes_plan_per_job(cluster, wait_for,
 
 
 @pytest.mark.nats
+async def test_the_owner_reads_the_rollout_record_again_only_once_it_may_have_changed(cluster, wait_for) -> None:
+    """The owner of a job keeps its rollout record between passes (its target list grows with the job): passes
+    read it again only after a rollout event of the job (here a wake-up bumps the record) or their own write."""
+    await _one_job_running(cluster, wait_for, "kept-record", 20)
+    service = next(c for c in cluster.components if c.name == "rollout")
+    job = (await (await cluster.api()).get_job("kept-record"))[1]
+    key = (job.namespace, job.id)
+    state = next(p.jobs[key] for p in service.partitions.values() if key in p.jobs)
+    controller = service.controller
+    await controller.reconcile(job.namespace, job.id, state)
+    before = controller.record_reads
+    for _ in range(3):
+        await controller.reconcile(job.namespace, job.id, state)
+    assert controller.record_reads == before and state.record is not None
+    await controller.wake(job.namespace, job.id)  # another replica may have done this: it is an event
+    await wait_for(lambda: _forgotten(state), timeout=10)
+    await controller.reconcile(job.namespace, job.id, state)
+    assert controller.record_reads >= before + 1 and state.record is not None
+    assert state.record.value.wakes == 1
+
+
+async def _forgotten(state) -> bool:
+    return state.record is None or state.record.value.wakes == 1
+
+
+@pytest.mark.nats
 async def test_a_partition_consumer_made_with_three_filters_takes_the_one_filter_and_its_events(cluster, wait_for,
                                                                                                 bus) -> None:
     """An older release made each partition's durable with one filter subject per kind of event; the rollout
