@@ -267,9 +267,11 @@ async def _check_rollout(client: Client, report: Report, chaos: Chaos) -> None:
         pass
     _, st = await client.rollout(s.ROLLOUT_STATUS, JOB)
     if (st.job_version, st.state, st.rollback_of, st.failed_nodes) != (2, "succeeded", 0, []):
+        why = "; ".join(f"{f.node_id}: {f.state} {f.reason or ''} {f.message} at {f.at}".replace("  ", " ")
+                        for f in st.failures[:5])
         report.problems["rollout"].append(
             f"version {st.job_version} rollout is {st.state} (rollback of {st.rollback_of}, failed nodes "
-            f"{st.failed_nodes[:5]}): {st.message}")
+            f"{st.failed_nodes[:5]}): {st.message}" + (f" [why: {why}]" if why else ""))
 
 
 async def _placement(client: Client, chaos: Chaos) -> list[str]:
