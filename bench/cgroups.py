@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from procstat import children_by_parent, descendants
+
 CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 100_000
 PREFIX = "shoal-bench-"
@@ -40,26 +42,6 @@ def _pids_in(group: Path) -> list[int]:
         return [int(line) for line in (group / "cgroup.procs").read_text().split()]
     except OSError:
         return []
-
-
-def _descendants(pid: int) -> list[int]:
-    """Live descendants of a process, from /proc/<pid>/task/*/children (nothing if it is gone)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out.extend(children)
-            todo.extend(children)
-    return out
 
 
 def unusable(root: Path = CPU_ROOT) -> str | None:
@@ -142,7 +124,7 @@ class CpuBudget:
         try:
             _write(path / "cpu.cfs_period_us", str(period_us))
             _write(path / "cpu.cfs_quota_us", str(max(1000, round(cores * period_us))))  # the kernel's least: 1 ms
-            for member in (pid, *_descendants(pid)):
+            for member in (pid, *descendants(pid, children_by_parent())):
                 _write(path / "cgroup.procs", str(member))
         except CgroupError:
             budget.remove()
