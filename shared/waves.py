@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 from shared.models import RolloutSpec
 
 DEFAULT_MAX_PARALLEL = 10
@@ -55,12 +57,23 @@ def plan_waves(rollout: RolloutSpec, total: int) -> list[int]:
     return sizes
 
 
-def wave_of(index: int, sizes: list[int]) -> int:
-    """1-indexed wave of the target at position `index`."""
-    edge = 0
-    for number, size in enumerate(sizes, start=1):
+def wave_edges(sizes: list[int]) -> list[int]:
+    """The position after the end of each wave but the last (the last wave takes every position past them:
+    targets appended late join it)."""
+    edges, edge = [], 0
+    for size in sizes[:-1]:
         edge += size
-        if index < edge:
-            return number
-    return len(sizes)
+        edges.append(edge)
+    return edges
+
+
+def wave_at(index: int, edges: list[int]) -> int:
+    """1-indexed wave of the target at position `index`, given the waves' `wave_edges` (found by bisection:
+    a rollout of many small waves asks this for every target)."""
+    return bisect.bisect_right(edges, index) + 1
+
+
+def wave_of(index: int, sizes: list[int]) -> int:
+    """1-indexed wave of the target at position `index` (0 without waves)."""
+    return wave_at(index, wave_edges(sizes)) if sizes else 0
 

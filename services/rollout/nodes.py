@@ -19,7 +19,6 @@ the other, the index is the same (tests/unit/test_nodes.py).
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import heapq
 from collections.abc import Iterable, Iterator, Mapping
@@ -39,6 +38,7 @@ from .decide import (
     tally_of,
 )
 from .model import Rollout
+from .waves import wave_at, wave_edges
 
 NO_TALLY = Tally()
 
@@ -51,15 +51,11 @@ def _flip(into: set[str], node: str, present: bool) -> None:
 
 
 def _edges(rollout: Rollout) -> list[int] | None:
-    """Where each wave but the last ends (positions), for gated rollouts with waves; None for the others
-    (whose targets are all of wave 0)."""
+    """The waves' `wave_edges` for gated rollouts with waves; None for the others (whose targets are all of
+    wave 0: `Rollout.wave_number`)."""
     if not rollout.gated or not rollout.wave_sizes:
         return None
-    edges, edge = [], 0
-    for size in rollout.wave_sizes[:-1]:
-        edge += size
-        edges.append(edge)
-    return edges
+    return wave_edges(rollout.wave_sizes)
 
 
 class Facts:
@@ -243,7 +239,7 @@ class NodeIndex:
         target = position is not None
         failed = node in self.failed
         if position is not None:
-            facts.wave = 0 if self.edges is None else bisect.bisect_right(self.edges, position) + 1  # `wave_number`
+            facts.wave = 0 if self.edges is None else wave_at(position, self.edges)  # `Rollout.wave_number`
             facts.started = position < self.started
         if latest is not None:
             facts.failing = (latest.observed == "failed" and latest.status.stable_at is None

@@ -6,9 +6,11 @@ from shared.waves import (
     canary_size,
     percent_of,
     plan_waves,
+    wave_at,
+    wave_edges,
     wave_of,
     wave_size,
 )
 
-__all__ = ["DEFAULT_CANARY_PERCENT", "DEFAULT_MAX_PARALLEL", "canary_size", "percent_of", "plan_waves", "wave_of",
-           "wave_size"]
+__all__ = ["DEFAULT_CANARY_PERCENT", "DEFAULT_MAX_PARALLEL", "canary_size", "percent_of", "plan_waves", "wave_at",
+           "wave_edges", "wave_of", "wave_size"]
