@@ -88,7 +88,9 @@ class HealthService(Component):
 
         The execution and its window are read at once, and each is written back on the revision read
         (three round trips in a row, not five). A window someone else changed meanwhile is read again;
-        an interval already counted is not counted twice (`record_interval`)."""
+        an interval already counted is not counted twice (`record_interval`), but the window it is in is
+        still applied: whoever counted it may have died before moving the execution, and the agent sends
+        no more healthy intervals than it takes (a window with nothing to apply writes nothing)."""
         key = s.execution_key(report.namespace, report.job_id, report.node_id, report.execution_id)
         for _ in range(WINDOW_ATTEMPTS):
             record, window_record = await asyncio.gather(self.store.executions.get(key), self.windows.get(key))
@@ -101,7 +103,7 @@ class HealthService(Component):
                 return
             window = window_record.value if window_record is not None else windows.new_window(execution)
             if windows.record_interval(window, report, check) is None:
-                return
+                break  # counted already (a replay, or older than one counted): apply the window as it is
             try:
                 if window_record is None:
                     await self.windows.create(key, window)
@@ -113,8 +115,15 @@ class HealthService(Component):
         else:
             raise Conflict(f"health window {key}: too many concurrent writers")
         now = utcnow()
-        written = await self.store.change_execution(key, lambda e: windows.apply_window(e, window, now), current=record)
-        if written is not None:
+        moved = False
+
+        def apply(e: Execution) -> bool:
+            nonlocal moved
+            moved = windows.apply_window(e, window, now)
+            return moved
+
+        written = await self.store.change_execution(key, apply, current=record)
+        if written is not None and moved:  # (the window is there: only an end has something to track)
             await self._track_window(key, written.value)
 
     async def _track_window(self, key: str, execution: Execution) -> None:

@@ -32,7 +32,9 @@ ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-WRONG_LAST_SEQUENCE = 10071
+# A stale expected sequence: 10071 from a single server; 10164 from a replicated stream's leader (which
+# refuses it before proposing, e.g. while a write of the same subject is in flight). Both are a lost CAS.
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 # The server closes a connection that sends a protocol line longer than its max_control_line (4 KB by
 # default) and nats-py does not reconnect after a server -ERR; so no subject may come near that.
 MAX_SUBJECT = 1024
@@ -136,7 +138,7 @@ def map_error(exc: BaseException, what: str) -> ShoalError:
     """Translate a client-library failure into our error type."""
     if isinstance(exc, ShoalError):
         return exc
-    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == WRONG_LAST_SEQUENCE:
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code in WRONG_LAST_SEQUENCE:
         return Conflict(f"{what}: changed concurrently")
     if isinstance(exc, (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)):
         return Unavailable(f"{what}: nothing answers (is the service or JetStream running?)")

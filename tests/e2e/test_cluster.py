@@ -49,6 +49,60 @@ def test_every_replica_of_every_service_answers(round_: Report) -> None:
     assert round_.problems["services"] == []
 
 
+def test_a_lost_compare_and_set_on_a_replicated_bucket_is_a_conflict(tmp_path) -> None:
+    """A replicated stream refuses a stale expected sequence with another error code than a single
+    server does (10164, not 10071). Either must be a Conflict, the one error every compare-and-set loop
+    retries: concurrent read-modify-writes of one key must all land, each loser reading again."""
+    import asyncio
+
+    from services.health.windows import HealthWindow
+    from shared import subjects as s
+    from shared import topology
+    from shared.errors import Conflict
+    from shared.natsserver import NatsCluster
+    from shared.store import Bucket
+    from shared.transport import Bus
+
+    cluster = NatsCluster(tmp_path / "nats").start()
+
+    async def scenario() -> tuple[set[str], int]:
+        bus = await Bus.connect(cluster.url, name="test", wait=10)
+        try:
+            for _ in range(60):  # the cluster elects its JetStream leader first
+                try:
+                    await topology.ensure(bus, replicas=3)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.5)
+            windows = Bucket(bus, s.BUCKET_HEALTH, HealthWindow)
+            revision = await windows.create("k", HealthWindow(execution_id="e"))
+            errors: set[str] = set()
+
+            async def stale_write(i: int) -> None:  # all on the same revision: one wins
+                try:
+                    await windows.update("k", HealthWindow(execution_id="e", intervals=i), last=revision)
+                except Exception as exc:
+                    errors.add(type(exc).__name__)
+
+            await asyncio.gather(*(stale_write(i) for i in range(8)))
+
+            def count(w: HealthWindow) -> bool:
+                w.intervals += 1
+                return True
+
+            before = (await windows.require("k", "window")).value.intervals
+            await asyncio.gather(*(windows.mutate("k", count) for _ in range(8)))
+            return errors, (await windows.require("k", "window")).value.intervals - before
+        finally:
+            await bus.close()
+
+    try:
+        errors, counted = asyncio.run(scenario())
+    finally:
+        cluster.stop()
+    assert errors == {Conflict.__name__} and counted == 8
+
+
 def test_ensure_never_lowers_the_replicas_an_operator_raised(tmp_path) -> None:
     import asyncio
 

@@ -215,6 +215,34 @@ async def test_a_healthy_interval_applied_before_the_state_report_still_makes_it
     assert record is not None and record.value.observed == "running" and record.value.status.stable_at is not None
 
 
+async def test_an_interval_counted_by_a_replica_that_died_before_applying_it_is_applied_on_redelivery(
+        cluster) -> None:
+    """A report is applied in two writes: its interval into the window, then the window's verdict onto the
+    execution. A replica that dies (or loses its connection) between them leaves the interval counted and
+    the execution not moved; the agent sends no more healthy intervals than the threshold, so the
+    redelivered report must apply the window it finds, not drop itself as a replay."""
+    from services.health import windows
+    from shared.durations import utcnow
+    from shared.models import HealthReport
+
+    health = await cluster.start("health")
+    now = utcnow()
+    e = gated("e1", "validating", now, success_threshold=2)
+    await health.store.executions.create(e.key, e)
+    report = HealthReport(namespace="default", job_id="j", node_id="n1", execution_id="e1", interval_start=now,
+                          interval_end=utcnow(), total=10, errors=0, at=utcnow(), streak=2)
+    window = windows.new_window(e)
+    window.healthy_streak, window.intervals, window.last_interval_end = 2, 2, report.interval_end
+    await health.windows.create(e.key, window)  # the first write of the replica that died
+    await health.apply_health(report)  # the report again, redelivered to any replica
+    record = await health.store.executions.get(e.key)
+    assert record is not None and record.value.observed == "running" and record.value.status.stable_at is not None
+    revision = record.revision
+    await health.apply_health(report)  # once more: nothing left to change, nothing written
+    record = await health.store.executions.get(e.key)
+    assert record is not None and record.revision == revision
+
+
 async def test_a_health_service_that_falls_behind_is_sent_no_more_intervals_than_it_needs(cluster, wait_for,
                                                                                          tmp_path) -> None:
     """While the health service is away (or behind), an agent's validating execution reports its first
