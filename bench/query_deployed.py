@@ -472,8 +472,11 @@ def _upsert(table: str) -> str:
 
 async def plain_consumer(args: argparse.Namespace) -> None:
     """Read EVENTS from the start through `args.through` with a plain pull consumer, decode each event and
-    upsert it into SQLite; write the count, wall and CPU seconds (from the consumer's creation) as JSON."""
+    upsert it into SQLite; write the count, wall and CPU seconds (from the consumer's creation) as JSON.
+    It fetches as every reader of shoal's does (`Pull`), so the comparison is of what each does with an event."""
     from nats.js import api
+
+    from shared.transport import Pull
 
     db = sqlite3.connect(args.db, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
@@ -492,10 +495,10 @@ async def plain_consumer(args: argparse.Namespace) -> None:
     config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
                                 mem_storage=True, num_replicas=1, inactive_threshold=30.0)
     info = await bus.js.add_consumer(s.STREAM_EVENTS, config=config)
-    sub = await bus.js.pull_subscribe_bind(consumer=info.name, stream=s.STREAM_EVENTS)
+    pull = Pull(bus, s.STREAM_EVENTS, info.name)
     seen = last = batches = 0
     while last < args.through:
-        msgs = await sub.fetch(512, timeout=5)
+        msgs = await pull.fetch(512, 5.0)
         batches += 1
         rows: dict[str, list[tuple[Any, ...]]] = {"executions": [], "jobs": [], "nodes": []}
         for msg in msgs:

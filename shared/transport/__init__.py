@@ -15,6 +15,7 @@ from ._consumer import (
     retry_delay,
 )
 from ._kv import Entry, Kv, Watch, is_delete
+from ._pull import Pull
 from ._reader import OrderedReader, PullReader, StreamMessage, read_batches
 from ._service import ApiRequest, ApiService, error_reply
 from ._topology import BucketSpec, Source, StreamSpec
@@ -41,6 +42,7 @@ __all__ = [
     "Kv",
     "Message",
     "OrderedReader",
+    "Pull",
     "PullReader",
     "PubAck",
     "Source",

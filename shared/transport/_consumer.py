@@ -33,6 +33,7 @@ from .. import metrics, telemetry
 from ..errors import Poison, ShoalError
 from ..subjects import dead_letter
 from ._bus import MSG_ID_HEADER, Bus, Message, header_value, map_error, message_size
+from ._pull import Pull
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -159,7 +160,7 @@ class Consumer:
         self.concurrency = concurrency
         self.on_dead = on_dead
         self.dead_letters = 0
-        self._sub = None
+        self._pull: Pull | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._lag: metrics.Lag | None = None
@@ -214,17 +215,19 @@ class Consumer:
             # Create, or update an existing durable to this config (an older release may have made it with
             # another ack wait); then read from it.
             await self.bus.js.add_consumer(spec.stream, config=config)
-            self._sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+            if self._pull is None:
+                self._pull = Pull(self.bus, spec.stream, spec.durable)
+            await self._pull.open()
         except Exception as exc:
             raise map_error(exc, f"consumer {spec.stream}/{spec.durable}") from None
 
     async def _fetch(self) -> list[Msg]:
-        assert self._sub is not None
+        assert self._pull is not None
         try:
-            msgs = await self._sub.fetch(self.batch, timeout=FETCH_WAIT)
-        except (asyncio.TimeoutError, nats.errors.TimeoutError):
-            await self._check_lag()
-            return []
+            msgs = await self._pull.fetch(self.batch, FETCH_WAIT)
+            if not msgs:
+                await self._check_lag()
+                return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
             self._stopping.set()
             return []
@@ -384,12 +387,9 @@ class Consumer:
                 self._task.cancel()
             except asyncio.CancelledError:
                 pass
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass
-            self._sub = None
+        if self._pull is not None:
+            await self._pull.close()
+            self._pull = None
         if self._lag is not None:
             metrics.INSTRUMENTS.release_lag(self.spec.stream, self.spec.durable)
             self._lag = None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -26,6 +25,7 @@ from nats.js import api
 from .. import metrics
 from ..errors import NotFound, ShoalError, Unavailable
 from ._bus import Bus, map_error
+from ._pull import Pull
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class OrderedReader:
         self.batch = batch
         self.last_seq = (start_seq - 1) if start_seq else 0  # stream sequence of the last message handed out
         self._last_per_subject = last_per_subject and not start_seq
-        self._sub: Any = None
+        self._sub: Pull | None = None
         self._consumer = ""
         self._cseq = 0  # consumer sequence of the last message handed out
         self._generation = -1
@@ -104,7 +104,8 @@ class OrderedReader:
         generation = self.bus.generation
         try:
             info = await self.bus.js.add_consumer(self.stream, config=config)
-            self._sub = await self.bus.js.pull_subscribe_bind(consumer=info.name, stream=self.stream)
+            self._sub = Pull(self.bus, self.stream, info.name)
+            await self._sub.open()
         except Exception as exc:
             raise map_error(exc, f"read {self.stream}") from None
         self._consumer = info.name
@@ -122,13 +123,14 @@ class OrderedReader:
         try:
             if self._sub is None or self._generation != self.bus.generation:
                 await self._create()
-            msgs = await self._sub.fetch(self.batch, timeout=wait)
-        except (asyncio.TimeoutError, nats.errors.TimeoutError):
-            await self._check_idle()
-            self._ok()
-            if self._lag is not None:
-                self._lag.pending = 0  # no acks, no limit: nothing came because nothing is left
-            return []
+            assert self._sub is not None
+            msgs = await self._sub.fetch(self.batch, wait)
+            if not msgs:
+                await self._check_idle()
+                self._ok()
+                if self._lag is not None:
+                    self._lag.pending = 0  # no acks, no limit: nothing came because nothing is left
+                return []
         except ShoalError:
             self.failing = True
             raise
@@ -184,10 +186,7 @@ class OrderedReader:
         sub, self._sub = self._sub, None
         if sub is None:
             return
-        try:
-            await sub.unsubscribe()
-        except Exception:
-            pass
+        await sub.close()
         if self._consumer and self.bus.connected:
             try:
                 await asyncio.wait_for(self.bus.js.delete_consumer(self.stream, self._consumer), 2)
@@ -215,15 +214,13 @@ class PullReader:
         self.stream = stream
         self.consumer = consumer
         self.batch = batch
-        self._sub: Any = None
+        self._sub: Pull | None = None
 
     async def next_batch(self, wait: float = FETCH_WAIT) -> list[StreamMessage]:
         try:
             if self._sub is None:
-                self._sub = await self.bus.js.pull_subscribe_bind(consumer=self.consumer, stream=self.stream)
-            msgs = await self._sub.fetch(self.batch, timeout=wait)
-        except (asyncio.TimeoutError, nats.errors.TimeoutError):
-            return []
+                self._sub = Pull(self.bus, self.stream, self.consumer)
+            msgs = await self._sub.fetch(self.batch, wait)
         except nats.js.errors.NotFoundError:
             await self.close()
             raise NotFound(f"consumer {self.consumer} of {self.stream} is gone") from None
@@ -244,10 +241,7 @@ class PullReader:
     async def close(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+            await sub.close()
 
 
 async def read_batches(reader: OrderedReader, stopping: asyncio.Event) -> AsyncIterator[list[StreamMessage]]:

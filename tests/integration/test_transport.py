@@ -223,3 +223,58 @@ async def test_a_mutate_from_a_record_just_read_reads_only_after_a_conflict(bus:
     written = await bucket.mutate("c", bump, current=stale)
     assert written is not None and written.value.n == 11 and reads == 1
     assert (await plain_get("c")).value.n == 11  # type: ignore[union-attr]
+
+
+async def test_a_fetch_takes_what_is_there_at_once_and_waits_only_for_a_first_message(bus: Bus) -> None:
+    """One request per batch: what the consumer has comes back at once (not after the wait, however large
+    the batch); with nothing there, the first message to come ends the wait; with nothing at all, [] after it."""
+    import time
+
+    from nats.js import api
+
+    from shared.transport import Pull
+
+    await bus.ensure_stream(StreamSpec(name="T_PULL", subjects=("t.pull",), retention="limits"))
+    await bus.js.add_consumer("T_PULL", api.ConsumerConfig(durable_name="p", ack_policy=api.AckPolicy.EXPLICIT))
+    for i in range(5):
+        await bus.js_publish("t.pull", b"%d" % i)
+    pull = Pull(bus, "T_PULL", "p")
+    try:
+        t0 = time.monotonic()
+        first = await pull.fetch(2, 5.0)
+        rest = await pull.fetch(100, 5.0)
+        assert [m.data for m in first] == [b"0", b"1"] and [m.data for m in rest] == [b"2", b"3", b"4"]
+        assert time.monotonic() - t0 < 2.0
+        for m in first + rest:
+            await m.ack()
+
+        async def later() -> None:
+            await asyncio.sleep(0.3)
+            await bus.js_publish("t.pull", b"late")
+
+        t0 = time.monotonic()
+        publisher = asyncio.create_task(later())
+        came = await pull.fetch(100, 5.0)
+        await publisher
+        assert [m.data for m in came] == [b"late"] and time.monotonic() - t0 < 2.0
+        await came[0].ack()
+
+        t0 = time.monotonic()
+        assert await pull.fetch(100, 0.3) == []
+        assert 0.25 <= time.monotonic() - t0 < 2.0
+    finally:
+        await pull.close()
+
+
+async def test_a_fetch_from_a_consumer_that_is_not_there_is_unavailable(bus: Bus) -> None:
+    import nats.js.errors
+
+    from shared.transport import Pull
+
+    await bus.ensure_stream(StreamSpec(name="T_PULL2", subjects=("t.pull2",), retention="limits"))
+    pull = Pull(bus, "T_PULL2", "nobody")
+    try:
+        with pytest.raises(nats.js.errors.ServiceUnavailableError):
+            await pull.fetch(10, 1.0)
+    finally:
+        await pull.close()
