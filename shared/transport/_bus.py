@@ -24,6 +24,7 @@ from ..codec import from_json
 from ..errors import Conflict, ErrorReply, Internal, ShoalError, Unavailable
 from .. import telemetry
 from ._auth import Credentials, servers
+from ._requests import Replies
 from ._topology import BucketSpec, StreamSpec, bucket_config, stream_config
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class Bus:
     def __init__(self, nc: Client, name: str) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        self.replies = Replies(nc)
         self.name = name
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self.closing = False
@@ -290,7 +292,7 @@ class Bus:
             hdrs = telemetry.inject(headers)
             check_size(subject, data, hdrs, self.nc.max_payload)
             try:
-                msg = await self.nc.request(subject, data, timeout=timeout, headers=hdrs)
+                msg = await self.replies.request(subject, data, timeout=timeout, headers=hdrs)
             except Exception as exc:
                 raise map_error(exc, f"request {subject}") from None
         hdrs = msg.headers or {}
@@ -345,10 +347,10 @@ class Bus:
             hdrs[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
         check_size(subject, data, hdrs, self.nc.max_payload)
         try:
-            ack = await self.js.publish(subject, data, headers=hdrs, timeout=timeout)
+            stream, seq, duplicate = await self.replies.publish(subject, data, headers=hdrs, timeout=timeout)
         except Exception as exc:
             raise map_error(exc, f"publish to {subject}") from None
-        return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+        return PubAck(stream, seq, duplicate)
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
         """Create the stream, or bring an existing one to our config (sources and limits may change between

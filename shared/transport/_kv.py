@@ -13,8 +13,6 @@ import logging
 import math
 from collections.abc import AsyncIterator
 
-import nats.js.errors
-
 from ..errors import Conflict, Internal, ShoalError
 from ._bus import Bus, map_error
 from ._reader import OrderedReader
@@ -22,6 +20,7 @@ from ._reader import OrderedReader
 log = logging.getLogger(__name__)
 
 KV_OPERATION = "KV-Operation"
+SEQUENCE_HEADER = "Nats-Sequence"  # on a direct get's reply: the message's stream sequence (the revision)
 SCAN_BATCH = 1000
 MARKER_REASON = "Nats-Marker-Reason"
 MSG_TTL = "Nats-TTL"
@@ -67,15 +66,15 @@ class Kv:
     async def get(self, key: str) -> Entry | None:
         """The key's current value, or None if it was never written or is deleted."""
         try:
-            msg = await self.bus.js.get_last_msg(self.stream, self._prefix + key, direct=True)
-        except nats.js.errors.NotFoundError:
-            return None
+            msg = await self.bus.replies.direct_get_last(self.stream, self._prefix + key)
         except Exception as exc:
             raise map_error(exc, f"get {self.bucket}/{key}") from None
+        if msg is None:
+            return None
         headers = dict(msg.headers or {})
         if is_delete(headers):
             return None
-        return Entry(key, msg.data or b"", msg.seq or 0, headers, False)
+        return Entry(key, msg.data or b"", int(headers.get(SEQUENCE_HEADER, 0)), headers, False)
 
     async def create(self, key: str, value: bytes, *, headers: dict[str, str] | None = None) -> int:
         """Write only if the key does not exist (a deleted key counts as absent). Conflict otherwise."""
@@ -112,10 +111,12 @@ class Kv:
 
     async def _last_revision_if_deleted(self, key: str) -> int | None:
         try:
-            msg = await self.bus.js.get_last_msg(self.stream, self._prefix + key, direct=True)
-        except nats.js.errors.NotFoundError:
+            msg = await self.bus.replies.direct_get_last(self.stream, self._prefix + key)
+        except Exception as exc:
+            raise map_error(exc, f"get {self.bucket}/{key}") from None
+        if msg is None or not is_delete(dict(msg.headers or {})):
             return None
-        return msg.seq if is_delete(dict(msg.headers or {})) else None
+        return int((msg.headers or {}).get(SEQUENCE_HEADER, 0))
 
     async def scan(self, pattern: str = ">") -> list[Entry]:
         """Current values of every key matching `pattern` (deletes skipped), in write order.

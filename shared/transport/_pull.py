@@ -4,7 +4,7 @@ Every reader of a stream goes through here: durable consumers (`Consumer`), orde
 (`OrderedReader`), an agent's assignments (`PullReader`). nats-py's `PullSubscription.fetch` waits for
 each message of a batch on its own (two tasks, a timer and a uuid per message: about 50 us of the
 reader's CPU a message on this machine, the largest single cost of a delivered event); here one wait
-covers whatever the server has sent, and a message costs about 12 us, its ack included (bench/fetch.py).
+covers whatever the server has sent, and a message costs about 12 us, its ack included (bench/client.py).
 
 A fetch asks for up to `batch` messages with `no_wait` and `expires`: the server sends what the consumer
 has now and ends the request at once with a status (404), or, if it has nothing, waits up to `expires`

@@ -278,3 +278,33 @@ async def test_a_fetch_from_a_consumer_that_is_not_there_is_unavailable(bus: Bus
             await pull.fetch(10, 1.0)
     finally:
         await pull.close()
+
+
+async def test_concurrent_requests_each_get_their_own_reply_or_time_out(bus: Bus) -> None:
+    """Replies find their waiters on one subscription: 300 requests in flight at once to a responder that
+    answers out of order each get the answer to their own question; one it never answers times out."""
+    import random
+
+    rng = random.Random(7)
+    later: set[asyncio.Task[None]] = set()
+
+    async def reply(msg) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.05))
+        await bus.nc.publish(msg.reply, b"re:" + msg.data)
+
+    async def answer(msg) -> None:
+        if msg.data != b"never":
+            task = asyncio.create_task(reply(msg))
+            later.add(task)
+            task.add_done_callback(later.discard)
+
+    await bus.nc.subscribe("t.echo", cb=answer)
+    questions = [b"%d" % i for i in range(300)]
+    answers = await asyncio.gather(*(bus.request("t.echo", q, timeout=5) for q in questions))
+    assert answers == [b"re:" + q for q in questions]
+    with pytest.raises(Unavailable, match="timed out"):
+        await bus.request("t.echo", b"never", timeout=0.3)
+    with pytest.raises(Unavailable, match="nothing answers"):
+        await bus.request("t.nobody", b"?", timeout=2)
+    with pytest.raises(Unavailable, match="nothing answers"):
+        await bus.js_publish("t.no.stream", b"?", timeout=2)
