@@ -266,23 +266,48 @@ class Consumer:
     async def _run_single(self, handler: Handler) -> None:
         gate = asyncio.Semaphore(self.concurrency)
         running: set[asyncio.Task[None]] = set()
-        while not self._stopping.is_set():
-            for msg in await self._fetch():
-                await gate.acquire()
-                task = asyncio.create_task(self._handle_one(handler, Delivery(msg), gate))
-                running.add(task)
-                task.add_done_callback(running.discard)
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        working: dict[int, tuple[Delivery, float]] = {}  # in the handler, since (loop time)
+        beats = asyncio.create_task(self._keep_working(working), name=f"progress-{self.spec.durable}")
+        try:
+            while not self._stopping.is_set():
+                for msg in await self._fetch():
+                    await gate.acquire()
+                    task = asyncio.create_task(self._handle_one(handler, Delivery(msg), gate, working))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        finally:
+            beats.cancel()
 
-    async def _handle_one(self, handler: Handler, delivery: Delivery, gate: asyncio.Semaphore) -> None:
+    async def _keep_working(self, working: dict[int, tuple[Delivery, float]]) -> None:
+        """One beat for every handler in flight (not a timer each): every ack_wait/3, tell the server that
+        the deliveries handled for longer than that are still being handled."""
+        beat = max(0.2, self.spec.ack_wait / 3)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(beat)
+            now = loop.time()
+            for delivery, since in list(working.values()):
+                if now - since >= beat and not delivery.done:
+                    try:
+                        await delivery.in_progress()
+                    except Exception:  # connection trouble: the message is redelivered if we die
+                        pass
+
+    async def _handle_one(self, handler: Handler, delivery: Delivery, gate: asyncio.Semaphore,
+                          working: dict[int, tuple[Delivery, float]]) -> None:
         try:
             if await self._exhausted(delivery):
                 return
-            with telemetry.span(f"process {delivery.subject}", kind=telemetry.CONSUMER,
-                                headers=delivery.headers, subject=delivery.subject,
-                                consumer_group=self.spec.durable, body_size=len(delivery.data)):
-                await self._with_progress(handler(delivery), [delivery])
+            working[id(delivery)] = (delivery, asyncio.get_running_loop().time())
+            try:
+                with telemetry.span(f"process {delivery.subject}", kind=telemetry.CONSUMER,
+                                    headers=delivery.headers, subject=delivery.subject,
+                                    consumer_group=self.spec.durable, body_size=len(delivery.data)):
+                    await handler(delivery)
+            finally:
+                working.pop(id(delivery), None)
             await delivery.ack()
         except Exception as exc:
             await self._settle_failed(delivery, exc)
