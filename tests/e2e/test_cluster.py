@@ -57,23 +57,15 @@ def test_a_lost_compare_and_set_on_a_replicated_bucket_is_a_conflict(tmp_path) -
 
     from services.health.windows import HealthWindow
     from shared import subjects as s
-    from shared import topology
     from shared.errors import Conflict
     from shared.natsserver import NatsCluster
     from shared.store import Bucket
-    from shared.transport import Bus
 
     cluster = NatsCluster(tmp_path / "nats").start()
 
     async def scenario() -> tuple[set[str], int]:
-        bus = await Bus.connect(cluster.url, name="test", wait=10)
+        bus = await _once_elected(cluster.url, replicas=3)
         try:
-            for _ in range(60):  # the cluster elects its JetStream leader first
-                try:
-                    await topology.ensure(bus, replicas=3)
-                    break
-                except Exception:
-                    await asyncio.sleep(0.5)
             windows = Bucket(bus, s.BUCKET_HEALTH, HealthWindow)
             revision = await windows.create("k", HealthWindow(execution_id="e"))
             errors: set[str] = set()
@@ -108,19 +100,12 @@ def test_ensure_never_lowers_the_replicas_an_operator_raised(tmp_path) -> None:
 
     from shared import topology
     from shared.natsserver import NatsCluster
-    from shared.transport import Bus
 
     cluster = NatsCluster(tmp_path / "nats").start()
 
     async def scenario() -> dict[str, int]:
-        bus = await Bus.connect(cluster.url, name="test", wait=10)
+        bus = await _once_elected(cluster.url, replicas=1)
         try:
-            for _ in range(60):  # the cluster elects its JetStream leader first
-                try:
-                    await topology.ensure(bus, replicas=1)
-                    break
-                except Exception:
-                    await asyncio.sleep(0.5)
             await topology.ensure(bus, replicas=3)  # an operator (or a newer release) raises them
             await topology.ensure(bus, replicas=1)  # an older process starts: it must not lower them
             return {name: await bus.replicas_of(name) for name in await bus.stream_names()}
@@ -132,3 +117,22 @@ def test_ensure_never_lowers_the_replicas_an_operator_raised(tmp_path) -> None:
     finally:
         cluster.stop()
     assert len(replicas) >= 15 and set(replicas.values()) == {3}, replicas
+
+
+async def _once_elected(url: str, *, replicas: int):
+    """A connection to a new cluster once it has elected its JetStream leader, with the streams and
+    buckets made (`replicas` of each)."""
+    import asyncio
+
+    from shared import topology
+    from shared.transport import Bus
+
+    bus = await Bus.connect(url, name="test", wait=10)
+    for _ in range(60):
+        try:
+            await topology.ensure(bus, replicas=replicas)
+            return bus
+        except Exception:
+            await asyncio.sleep(0.5)
+    await bus.close()
+    raise AssertionError("the cluster elected no JetStream leader in 30 s")
