@@ -8,6 +8,8 @@ calls against the transport's (shared/transport/_pull.py, _requests.py), which e
   (`asyncio.gather`): `JetStreamContext.publish` against `Bus.js_publish` (which also injects the trace
   context and checks the size).
 - Reading a key: `get_last_msg(direct=True)` against `Kv.get`, 256 at a time.
+- Scanning a bucket of `--messages` keys (batched direct gets, 1,000 replies a request): the replies taken
+  with nats-py's `next_msg` one by one (how `Kv.scan` read them before) against `Kv.scan`.
 
 Each pair runs `--rounds` times alternately. CPU per message is this process's CPU time (the client's
 side only; the server's work is the same for both); ratios are of medians measured in the same run.
@@ -30,6 +32,7 @@ from shared.transport import BucketSpec, Bus, Kv, Pull, StreamSpec
 
 STREAM = "BENCH_FETCH"
 BUCKET = "bench_client"
+SCANNED = "bench_scanned"
 
 
 async def read_all(bus: Bus, how: str, messages: int, batch: int) -> tuple[float, float, int]:
@@ -86,6 +89,38 @@ async def get_all(bus: Bus, how: str, messages: int) -> tuple[float, float, int]
     return time.process_time() - c0, time.perf_counter() - t0, messages // 256
 
 
+async def scan_all(bus: Bus, how: str, messages: int) -> tuple[float, float, int]:
+    """CPU and wall seconds to scan the bucket of `messages` keys."""
+    import json
+
+    kv = Kv(bus, SCANNED)
+    c0, t0 = time.process_time(), time.perf_counter()
+    if how == "nats-py":
+        sub = await bus.nc.subscribe(inbox := bus.nc.new_inbox())
+        seq, found = 0, 0
+        while True:
+            request = json.dumps({"seq": seq, "next_by_subj": kv.subject(">"), "batch": 1000}).encode()
+            await bus.nc.publish(f"$JS.API.DIRECT.GET.{kv.stream}", request, reply=inbox)
+            pending = 0
+            while True:
+                msg = await sub.next_msg(timeout=5.0)
+                headers = dict(msg.headers or {})
+                if headers.get("Status") == "204":
+                    pending = int(headers.get("Nats-Num-Pending", "0"))
+                    break
+                if headers.get("Status"):
+                    break
+                found += 1
+                seq = int(headers["Nats-Sequence"]) + 1
+            if not pending:
+                break
+        await sub.unsubscribe()
+    else:
+        found = len(await kv.scan())
+    assert found == messages, found
+    return time.process_time() - c0, time.perf_counter() - t0, 1
+
+
 async def pair(name: str, unit_of: str, measure, rounds: int, messages: int, ours: str) -> list[Result]:
     cpu: dict[str, list[float]] = {"nats-py": [], ours: []}
     wall: dict[str, list[float]] = {"nats-py": [], ours: []}
@@ -126,6 +161,12 @@ async def run(url: str, messages: int, batch: int, rounds: int) -> list[Result]:
             await asyncio.gather(*(kv.put(f"k{j}", body) for j in range(i, i + 250)))
         rows += await pair("read a key (direct get), 256 at a time", "get",
                            lambda how: get_all(bus, how, messages), rounds, messages, "Kv.get")
+        await bus.ensure_bucket(BucketSpec(name=SCANNED))
+        scanned = Kv(bus, SCANNED)
+        for i in range(0, messages, 500):
+            await asyncio.gather(*(scanned.put(f"k{j:06d}", body) for j in range(i, min(messages, i + 500))))
+        rows += await pair(f"scan a bucket of {messages:,} keys", "key",
+                           lambda how: scan_all(bus, how, messages), rounds, messages, "Kv.scan")
         return rows
     finally:
         await bus.close()

@@ -13,8 +13,9 @@ import logging
 import math
 from collections.abc import AsyncIterator
 
-from ..errors import Conflict, Internal, ShoalError
+from ..errors import Conflict, Internal, ShoalError, Unavailable
 from ._bus import Bus, map_error
+from ._pull import Inbox
 from ._reader import OrderedReader
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 KV_OPERATION = "KV-Operation"
 SEQUENCE_HEADER = "Nats-Sequence"  # on a direct get's reply: the message's stream sequence (the revision)
 SCAN_BATCH = 1000
+SCAN_WAIT = 5.0  # seconds a scan waits for the next reply of a batch before it gives up
 MARKER_REASON = "Nats-Marker-Reason"
 MSG_TTL = "Nats-TTL"
 
@@ -127,18 +129,22 @@ class Kv:
         twice, and the later revision wins.
         """
         nc = self.bus.nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+        inbox = Inbox(nc)
+        await inbox.open()
         found: dict[str, Entry] = {}
         api_subject = f"$JS.API.DIRECT.GET.{self.stream}"
         seq = 0
         try:
             while True:
                 request = json.dumps({"seq": seq, "next_by_subj": self._prefix + pattern, "batch": SCAN_BATCH})
-                await nc.publish(api_subject, request.encode(), reply=inbox)
+                await nc.publish(api_subject, request.encode(), reply=inbox.subject)
                 pending = 0
                 while True:
-                    msg = await sub.next_msg(timeout=5.0)
+                    msg = inbox.take()
+                    if msg is None:
+                        if not await inbox.wait(SCAN_WAIT):
+                            raise Unavailable(f"scan {self.bucket}/{pattern}: timed out")
+                        continue
                     headers = dict(msg.headers or {})
                     status = headers.get("Status")
                     if status == "204":  # end of this batch
@@ -160,7 +166,7 @@ class Kv:
         except Exception as exc:
             raise map_error(exc, f"scan {self.bucket}/{pattern}") from None
         finally:
-            await sub.unsubscribe()
+            await inbox.close()
         return [e for e in found.values() if not e.deleted]
 
     def watch(self, pattern: str = ">") -> Watch:

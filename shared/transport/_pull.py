@@ -1,5 +1,8 @@
 """Fetching from a pull consumer: one request per batch, and the batch read as it arrives.
 
+`Inbox` is what reads it: the messages to one subject queued as they come, taken without a task each
+(a scan of a bucket reads its replies the same way).
+
 Every reader of a stream goes through here: durable consumers (`Consumer`), ordered readers and watches
 (`OrderedReader`), an agent's assignments (`PullReader`). nats-py's `PullSubscription.fetch` waits for
 each message of a batch on its own (two tasks, a timer and a uuid per message: about 50 us of the
@@ -22,6 +25,8 @@ from collections import deque
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from nats.aio.client import Client
+
 from ._bus import Bus
 
 STATUS = "Status"
@@ -30,24 +35,60 @@ REQUEST_OVER = frozenset({"404", "408", "409"})  # no messages; expired; consume
 REPLY_GRACE = 0.25  # seconds past `expires` that a fetch waits for the server's word before it gives up
 
 
-class Pull:
-    """Fetches from the pull consumer `consumer` of `stream`."""
+class Inbox:
+    """The messages to one new inbox subject, queued as they arrive: `take` the next without waiting,
+    `wait` for one. (nats-py's `next_msg` makes two tasks, a timer and a uuid for every message.)"""
 
-    def __init__(self, bus: Bus, stream: str, consumer: str) -> None:
-        self.bus = bus
-        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._inbox = bus.nc.new_inbox()
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.subject = nc.new_inbox()
         self._sub: nats.aio.subscription.Subscription | None = None
         self._arrived: deque[Msg] = deque()
         self._signal = asyncio.Event()
 
     async def open(self) -> None:
         if self._sub is None:
-            self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._arrive)
+            self._sub = await self.nc.subscribe(self.subject, cb=self._arrive)
 
     async def _arrive(self, msg: Msg) -> None:
         self._arrived.append(msg)
         self._signal.set()
+
+    def take(self) -> Msg | None:
+        return self._arrived.popleft() if self._arrived else None
+
+    async def wait(self, timeout: float) -> bool:
+        """Whether a message is there within `timeout` seconds."""
+        if self._arrived:
+            return True
+        self._signal.clear()
+        if timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._signal.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is closed or away: the subscription went with it
+                pass
+
+
+class Pull:
+    """Fetches from the pull consumer `consumer` of `stream`."""
+
+    def __init__(self, bus: Bus, stream: str, consumer: str) -> None:
+        self.bus = bus
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = Inbox(bus.nc)
+
+    async def open(self) -> None:
+        await self._inbox.open()
 
     async def fetch(self, batch: int, wait: float) -> list[Msg]:
         """Up to `batch` messages: those the consumer has now, or the first to come within `wait`; [] if
@@ -57,22 +98,16 @@ class Pull:
         if got:
             return got
         request = {"batch": batch, "expires": int(wait * 1e9), "no_wait": True}
-        await self.bus.nc.publish(self.subject, json.dumps(request).encode(), reply=self._inbox)
+        await self.bus.nc.publish(self.subject, json.dumps(request).encode(), reply=self._inbox.subject)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait + REPLY_GRACE
-        arrived = self._arrived
+        inbox = self._inbox
         while len(got) < batch:
-            if not arrived:
-                self._signal.clear()
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._signal.wait(), left)
-                except asyncio.TimeoutError:
+            msg = inbox.take()
+            if msg is None:
+                if not await inbox.wait(deadline - loop.time()):
                     break
                 continue
-            msg = arrived.popleft()
             status = msg.headers.get(STATUS) if msg.headers else None
             if status is None:
                 got.append(msg)
@@ -88,16 +123,10 @@ class Pull:
         """Messages that came after an earlier fetch gave up (still ours to handle); its status, if it came
         too, is dropped: it ended a request that is over."""
         kept = []
-        while self._arrived:
-            msg = self._arrived.popleft()
+        while (msg := self._inbox.take()) is not None:
             if not (msg.headers and msg.headers.get(STATUS)):
                 kept.append(msg)
         return kept
 
     async def close(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection is closed or away: the subscription went with it
-                pass
+        await self._inbox.close()
