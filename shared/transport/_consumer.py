@@ -165,9 +165,13 @@ class Consumer:
         self._stopping = asyncio.Event()
         self._lag: metrics.Lag | None = None
         self._lag_checked = 0.0
+        # Deliveries fetched and not yet settled, with when they were fetched or last said to be in progress.
+        self._working: dict[int, tuple[Delivery, float]] = {}
+        self._beats: asyncio.Task[None] | None = None
 
     async def start_single(self, handler: Handler) -> None:
         await self._bind()
+        self._beats = asyncio.create_task(self._keep_working(), name=f"progress-{self.spec.durable}")
         self._task = asyncio.create_task(self._supervise(lambda: self._run_single(handler)),
                                          name=f"consume-{self.spec.durable}")
         self.bus.on_close(self.stop)
@@ -266,52 +270,51 @@ class Consumer:
     async def _run_single(self, handler: Handler) -> None:
         gate = asyncio.Semaphore(self.concurrency)
         running: set[asyncio.Task[None]] = set()
-        working: dict[int, tuple[Delivery, float]] = {}  # in the handler, since (loop time)
-        beats = asyncio.create_task(self._keep_working(working), name=f"progress-{self.spec.durable}")
-        try:
-            while not self._stopping.is_set():
-                for msg in await self._fetch():
-                    await gate.acquire()
-                    task = asyncio.create_task(self._handle_one(handler, Delivery(msg), gate, working))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
-        finally:
-            beats.cancel()
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            fetched = [Delivery(msg) for msg in await self._fetch()]
+            now = loop.time()
+            for delivery in fetched:  # from now on in progress, also while waiting for a free handler
+                self._working[id(delivery)] = (delivery, now)
+            for delivery in fetched:
+                await gate.acquire()
+                task = asyncio.create_task(self._handle_one(handler, delivery, gate))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
-    async def _keep_working(self, working: dict[int, tuple[Delivery, float]]) -> None:
-        """One beat for every handler in flight (not a timer each): every ack_wait/3, tell the server that
-        the deliveries handled for longer than that are still being handled."""
-        beat = max(0.2, self.spec.ack_wait / 3)
+    async def _keep_working(self) -> None:
+        """One beat for every message in hand (not a timer each): every ack_wait/6, tell the server that
+        those fetched or last beaten at least that long ago are still being handled, so that none goes
+        longer than ack_wait/3 without word."""
+        tick = max(0.1, self.spec.ack_wait / 6)
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(beat)
+            await asyncio.sleep(tick)
             now = loop.time()
-            for delivery, since in list(working.values()):
-                if now - since >= beat and not delivery.done:
-                    try:
-                        await delivery.in_progress()
-                    except Exception:  # connection trouble: the message is redelivered if we die
-                        pass
+            for key, (delivery, since) in list(self._working.items()):
+                if now - since < tick or delivery.done:
+                    continue
+                self._working[key] = (delivery, now)
+                try:
+                    await delivery.in_progress()
+                except Exception:  # connection trouble: the message is redelivered if we die
+                    pass
 
-    async def _handle_one(self, handler: Handler, delivery: Delivery, gate: asyncio.Semaphore,
-                          working: dict[int, tuple[Delivery, float]]) -> None:
+    async def _handle_one(self, handler: Handler, delivery: Delivery, gate: asyncio.Semaphore) -> None:
         try:
             if await self._exhausted(delivery):
                 return
-            working[id(delivery)] = (delivery, asyncio.get_running_loop().time())
-            try:
-                with telemetry.span(f"process {delivery.subject}", kind=telemetry.CONSUMER,
-                                    headers=delivery.headers, subject=delivery.subject,
-                                    consumer_group=self.spec.durable, body_size=len(delivery.data)):
-                    await handler(delivery)
-            finally:
-                working.pop(id(delivery), None)
+            with telemetry.span(f"process {delivery.subject}", kind=telemetry.CONSUMER,
+                                headers=delivery.headers, subject=delivery.subject,
+                                consumer_group=self.spec.durable, body_size=len(delivery.data)):
+                await handler(delivery)
             await delivery.ack()
         except Exception as exc:
             await self._settle_failed(delivery, exc)
         finally:
+            self._working.pop(id(delivery), None)
             gate.release()
 
     async def _run_batch(self, handler: BatchHandler) -> None:
@@ -412,6 +415,9 @@ class Consumer:
                 self._task.cancel()
             except asyncio.CancelledError:
                 pass
+        if self._beats is not None:
+            self._beats.cancel()
+            self._beats = None
         if self._pull is not None:
             await self._pull.close()
             self._pull = None

@@ -137,7 +137,7 @@ class Kv:
         try:
             while True:
                 request = json.dumps({"seq": seq, "next_by_subj": self._prefix + pattern, "batch": SCAN_BATCH})
-                await nc.publish(api_subject, request.encode(), reply=inbox.subject)
+                await nc.publish(api_subject, request.encode(), reply=inbox.subject + ".scan")
                 pending = 0
                 while True:
                     msg = inbox.take()

@@ -33,11 +33,13 @@ STATUS = "Status"
 HEARTBEAT = "100"
 REQUEST_OVER = frozenset({"404", "408", "409"})  # no messages; expired; consumer changed (deleted, leader moved)
 REPLY_GRACE = 0.25  # seconds past `expires` that a fetch waits for the server's word before it gives up
+EARLY_PAUSE = 0.1  # seconds a fetch waits when the server ended its request at once with nothing
 
 
 class Inbox:
-    """The messages to one new inbox subject, queued as they arrive: `take` the next without waiting,
-    `wait` for one. (nats-py's `next_msg` makes two tasks, a timer and a uuid for every message.)"""
+    """The messages to a new inbox (`subject`, and `subject.<anything>`: a request may name its own reply
+    subject under it), queued as they arrive: `take` the next without waiting, `wait` for one. (nats-py's
+    `next_msg` makes two tasks, a timer and a uuid for every message.)"""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
@@ -48,7 +50,7 @@ class Inbox:
 
     async def open(self) -> None:
         if self._sub is None:
-            self._sub = await self.nc.subscribe(self.subject, cb=self._arrive)
+            self._sub = await self.nc.subscribe(self.subject + ".*", cb=self._arrive)
 
     async def _arrive(self, msg: Msg) -> None:
         self._arrived.append(msg)
@@ -86,21 +88,30 @@ class Pull:
         self.bus = bus
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = Inbox(bus.nc)
+        self._requests = 0
 
     async def open(self) -> None:
         await self._inbox.open()
 
     async def fetch(self, batch: int, wait: float) -> list[Msg]:
         """Up to `batch` messages: those the consumer has now, or the first to come within `wait`; [] if
-        none came. Raises what the server answers instead (503: no consumer, or no JetStream leader)."""
+        none came. Raises what the server answers instead (503: no consumer, or no JetStream leader).
+
+        Each request names its own reply subject, on which the server also sends the status that ends
+        it: a status that ends an earlier request (one this fetch's predecessor gave up on) is ignored.
+        A request the server ends at once with nothing (it has requests of other replicas pending, or
+        its leader moved) is not asked again straight away: the fetch waits out a tenth of a second."""
         await self.open()
         got = self._drain_stale()
         if got:
             return got
+        self._requests += 1
+        reply = f"{self._inbox.subject}.{self._requests}"
         request = {"batch": batch, "expires": int(wait * 1e9), "no_wait": True}
-        await self.bus.nc.publish(self.subject, json.dumps(request).encode(), reply=self._inbox.subject)
+        await self.bus.nc.publish(self.subject, json.dumps(request).encode(), reply=reply)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait + REPLY_GRACE
+        asked = loop.time()
+        deadline = asked + wait + REPLY_GRACE
         inbox = self._inbox
         while len(got) < batch:
             msg = inbox.take()
@@ -111,9 +122,13 @@ class Pull:
             status = msg.headers.get(STATUS) if msg.headers else None
             if status is None:
                 got.append(msg)
+            elif msg.subject != reply or status == HEARTBEAT:
+                continue
             elif status in REQUEST_OVER:
+                if not got and asked + wait - loop.time() > EARLY_PAUSE:
+                    await asyncio.sleep(EARLY_PAUSE)
                 break
-            elif status != HEARTBEAT:
+            else:
                 if got:
                     break
                 nats.js.errors.APIError.from_msg(msg)  # raises (503 as ServiceUnavailableError)

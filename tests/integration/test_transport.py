@@ -308,3 +308,55 @@ async def test_concurrent_requests_each_get_their_own_reply_or_time_out(bus: Bus
         await bus.request("t.nobody", b"?", timeout=2)
     with pytest.raises(Unavailable, match="nothing answers"):
         await bus.js_publish("t.no.stream", b"?", timeout=2)
+
+
+async def test_the_status_that_ends_an_abandoned_fetch_does_not_end_the_next(bus: Bus) -> None:
+    """A fetch that gave up before the server ended its request (the caller was cancelled, the loop was
+    slow) leaves that request's end to arrive later: the next fetch must not take it for its own and
+    return empty while its own request is still waiting."""
+    from nats.js import api
+
+    from shared.transport import Pull
+
+    await bus.ensure_stream(StreamSpec(name="T_PULL3", subjects=("t.pull3",), retention="limits"))
+    await bus.js.add_consumer("T_PULL3", api.ConsumerConfig(durable_name="p", ack_policy=api.AckPolicy.EXPLICIT))
+    pull = Pull(bus, "T_PULL3", "p")
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pull.fetch(10, 0.4), 0.05)  # its request ends (408) at 0.4 s
+
+        async def later() -> None:
+            await asyncio.sleep(0.8)
+            await bus.js_publish("t.pull3", b"wanted")
+
+        publisher = asyncio.create_task(later())
+        got = await pull.fetch(10, 3.0)
+        await publisher
+        assert [m.data for m in got] == [b"wanted"]
+    finally:
+        await pull.close()
+
+
+async def test_a_message_waiting_for_a_free_handler_is_kept_in_progress(bus: Bus) -> None:
+    """Fetched messages wait for a free handler (concurrency 1 here) longer than the ack wait: the
+    consumer tells the server they are in progress, so none is handed out again meanwhile."""
+    await bus.ensure_stream(StreamSpec(name="T_QUEUED", subjects=("t.queued",), retention="workqueue"))
+    handled: list[tuple[bytes, int]] = []
+    done = asyncio.Event()
+
+    async def slow(d: Delivery) -> None:
+        handled.append((d.data, d.num_delivered))
+        await asyncio.sleep(1.5)  # longer than the ack wait of 1 s
+        if len(handled) >= 2:
+            done.set()
+
+    consumer = Consumer(bus, ConsumerSpec(stream="T_QUEUED", durable="q", ack_wait=1.0), batch=2, concurrency=1)
+    for body in (b"first", b"second"):
+        await bus.js_publish("t.queued", body)
+    await consumer.start_single(slow)
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+        await asyncio.sleep(1.0)  # a redelivery, if any, would be handled by now
+        assert sorted(handled) == [(b"first", 1), (b"second", 1)]
+    finally:
+        await consumer.stop()
