@@ -103,7 +103,16 @@ class HealthService(Component):
                 return
             window = window_record.value if window_record is not None else windows.new_window(execution)
             if windows.record_interval(window, report, check) is None:
-                break  # counted already (a replay, or older than one counted): apply the window as it is
+                # Counted already (a replay, or older than one counted): apply the window as it is, once
+                # it is known to be current. (A read may be answered by a replica that lags; writing the
+                # window back unchanged on the revision read says it was the latest.)
+                if window_record is None:
+                    return
+                try:
+                    await self.windows.update(key, window, last=window_record.revision)
+                except Conflict:
+                    continue
+                break
             try:
                 if window_record is None:
                     await self.windows.create(key, window)
