@@ -166,13 +166,18 @@ def _propagated_fields() -> tuple[str, ...]:
     textmap = propagate.get_global_textmap()
     if _FIELDS[0] is not textmap:
         _FIELDS = (textmap, tuple(sorted(textmap.fields)))
+        _EXTRACTED.clear()  # parsed by other propagators
     return _FIELDS[1]
 
 
 def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
-    """The trace context in `headers`. Messages of one job carry the same few contexts, so each is parsed
-    once (a parse is most of what a consumed message costs the tracing: 5 us) and the context, which
-    nothing changes, is shared; the cache is keyed by the headers the propagators read, and bounded."""
+    """The trace context in `headers`. Messages of one job carry the same few contexts, so where nothing
+    is current (a consumer's loop) each is parsed once (a parse is most of what a consumed message costs
+    the tracing: 5 us) and the context, which nothing changes, is shared; the cache is keyed by the
+    headers the propagators read, and bounded. (Some propagators build on the current context, baggage
+    when it comes first: where something is current, the headers are parsed each time.)"""
+    if otel_context.get_current():
+        return propagate.extract(dict(headers or {}))
     fields = _propagated_fields()
     key = tuple((headers or {}).get(name) for name in fields)
     ctx = _EXTRACTED.get(key)

@@ -53,3 +53,28 @@ def test_a_span_nobody_exports_still_carries_the_trace(monkeypatch) -> None:
         with telemetry.span("submit") as root:  # no trace yet: one begins, exported or not
             assert root.get_span_context().is_valid
             assert telemetry.trace_id_of(telemetry.inject({})) != "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_a_context_parsed_while_another_is_current_is_not_served_to_later_messages() -> None:
+    """Parsed contexts are kept by header (messages of one job share a few). With propagators that build on
+    the current context (baggage first), a parse made while a trace is current carries that trace on: a
+    later message with the same headers, where nothing is current, must not inherit it."""
+    from opentelemetry import propagate, trace
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    traced = {"traceparent": "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"}
+    installed = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([W3CBaggagePropagator(), TraceContextTextMapPropagator()]))
+    try:
+        with telemetry.attached(telemetry.extract(traced)):
+            inside = telemetry.extract({"other": "1"})  # no trace of its own: the current one carries on
+        assert format(trace.get_current_span(inside).get_span_context().trace_id, "032x") == \
+            "0123456789abcdef0123456789abcdef"
+        outside = telemetry.extract({"other": "1"})
+        assert not trace.get_current_span(outside).get_span_context().is_valid
+        again = telemetry.extract(traced)
+        assert telemetry.extract(traced) is again  # parsed once, where nothing is current
+    finally:
+        propagate.set_global_textmap(installed)
