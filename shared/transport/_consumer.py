@@ -235,9 +235,15 @@ class Consumer:
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
             self._stopping.set()
             return []
-        except nats.js.errors.NotFoundError:
-            log.warning("consumer %s vanished; recreating", self.spec.durable)
-            await self._rebind()
+        except nats.js.errors.ServiceUnavailableError:
+            # Nothing answers the fetch: the stream has no leader for a moment, or the consumer is gone
+            # (deleted, or its stream made again). Only the server can tell which.
+            if await self._vanished():
+                log.warning("consumer %s vanished; recreating", self.spec.durable)
+                await self._rebind()
+            else:
+                log.warning("fetch from %s failed: JetStream unavailable", self.spec.durable)
+                await asyncio.sleep(0.5)
             return []
         except Exception as exc:  # reconnecting, server restart: back off and try again
             log.warning("fetch from %s failed: %s", self.spec.durable, exc or type(exc).__name__)
@@ -246,6 +252,16 @@ class Consumer:
         if msgs and self._lag is not None:
             self._lag.pending = msgs[-1].metadata.num_pending  # what is left after this batch
         return msgs
+
+    async def _vanished(self) -> bool:
+        """Whether the server says the durable does not exist (not merely that it cannot answer now)."""
+        try:
+            await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+        except nats.js.errors.NotFoundError:
+            return True
+        except Exception:  # no leader, or the server away: not known to be gone
+            return False
+        return False
 
     async def _check_lag(self) -> None:
         """An idle consumer may still have a lag (messages held back by max_ack_pending or a nak's delay):

@@ -360,3 +360,33 @@ async def test_a_message_waiting_for_a_free_handler_is_kept_in_progress(bus: Bus
         assert sorted(handled) == [(b"first", 1), (b"second", 1)]
     finally:
         await consumer.stop()
+
+
+async def test_a_consumer_whose_durable_is_deleted_makes_it_again_and_goes_on(bus: Bus) -> None:
+    """An operator deletes a service's durable (or its stream is made again): the service must not stay
+    alive and deaf. Its fetches go unanswered; it asks the server, learns the durable is gone, makes it
+    again, and handles what comes next."""
+    await bus.ensure_stream(StreamSpec(name="T_GONE", subjects=("t.gone",), retention="workqueue"))
+    handled: list[bytes] = []
+    consumer = Consumer(bus, ConsumerSpec(stream="T_GONE", durable="g"))
+    await consumer.start_single(lambda d: _append(handled, d.data))
+    try:
+        await bus.js_publish("t.gone", b"before")
+        await _until(lambda: handled == [b"before"], 5)
+        await bus.js.delete_consumer("T_GONE", "g")
+        await bus.js_publish("t.gone", b"after")
+        await _until(lambda: handled == [b"before", b"after"], 10)
+    finally:
+        await consumer.stop()
+
+
+async def _append(items: list[bytes], item: bytes) -> None:
+    items.append(item)
+
+
+async def _until(check, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "not within the time"
+        await asyncio.sleep(0.05)
