@@ -67,26 +67,29 @@ async def read_all(bus: Bus, how: str, messages: int, batch: int) -> tuple[float
     return time.process_time() - c0, time.perf_counter() - t0, fetches
 
 
-async def write_all(bus: Bus, how: str, messages: int) -> tuple[float, float, int]:
-    """CPU and wall seconds to publish `messages` messages, each awaiting its ack, 256 at a time."""
-    body = b"x" * 700
-    publish = ((lambda i: bus.js.publish(f"bench.write.{i % 1000}", body)) if how == "nats-py"
-               else (lambda i: bus.js_publish(f"bench.write.{i % 1000}", body)))
+async def all_at_256(call, messages: int) -> tuple[float, float, int]:
+    """CPU and wall seconds to make `messages` calls `call(i)`, 256 awaited together at a time."""
     c0, t0 = time.process_time(), time.perf_counter()
     for i in range(0, messages, 256):
-        await asyncio.gather(*(publish(j) for j in range(i, min(messages, i + 256))))
-    return time.process_time() - c0, time.perf_counter() - t0, messages // 256
+        await asyncio.gather(*(call(j) for j in range(i, min(messages, i + 256))))
+    return time.process_time() - c0, time.perf_counter() - t0, -(-messages // 256)
+
+
+async def write_all(bus: Bus, how: str, messages: int) -> tuple[float, float, int]:
+    """Publish `messages` messages, each awaiting its ack."""
+    body = b"x" * 700
+    if how == "nats-py":
+        return await all_at_256(lambda i: bus.js.publish(f"bench.write.{i % 1000}", body), messages)
+    return await all_at_256(lambda i: bus.js_publish(f"bench.write.{i % 1000}", body), messages)
 
 
 async def get_all(bus: Bus, how: str, messages: int) -> tuple[float, float, int]:
-    """CPU and wall seconds to read `messages` keys (1,000 distinct), 256 at a time."""
+    """Read `messages` keys (1,000 distinct)."""
     kv = Kv(bus, BUCKET)
-    get = ((lambda i: bus.js.get_last_msg(kv.stream, kv.subject(f"k{i % 1000}"), direct=True)) if how == "nats-py"
-           else (lambda i: kv.get(f"k{i % 1000}")))
-    c0, t0 = time.process_time(), time.perf_counter()
-    for i in range(0, messages, 256):
-        await asyncio.gather(*(get(j) for j in range(i, min(messages, i + 256))))
-    return time.process_time() - c0, time.perf_counter() - t0, messages // 256
+    if how == "nats-py":
+        return await all_at_256(lambda i: bus.js.get_last_msg(kv.stream, kv.subject(f"k{i % 1000}"), direct=True),
+                                messages)
+    return await all_at_256(lambda i: kv.get(f"k{i % 1000}"), messages)
 
 
 async def scan_all(bus: Bus, how: str, messages: int) -> tuple[float, float, int]:
