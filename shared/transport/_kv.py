@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from ..errors import Conflict, Internal, ShoalError, Unavailable
 from ._bus import Bus, map_error
 from ._pull import Inbox
+from ._requests import STATUS
 from ._reader import OrderedReader
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ class Kv:
 
     async def get(self, key: str) -> Entry | None:
         """The key's current value, or None if it was never written or is deleted."""
+        entry = await self._last(key)
+        return None if entry is None or entry.deleted else entry
+
+    async def _last(self, key: str) -> Entry | None:
+        """The key's last entry, its delete marker included; None if it was never written (or the marker
+        is gone)."""
         try:
             msg = await self.bus.replies.direct_get_last(self.stream, self._prefix + key)
         except Exception as exc:
@@ -74,9 +81,7 @@ class Kv:
         if msg is None:
             return None
         headers = dict(msg.headers or {})
-        if is_delete(headers):
-            return None
-        return Entry(key, msg.data or b"", int(headers.get(SEQUENCE_HEADER, 0)), headers, False)
+        return Entry(key, msg.data or b"", int(headers.get(SEQUENCE_HEADER, 0)), headers, is_delete(headers))
 
     async def create(self, key: str, value: bytes, *, headers: dict[str, str] | None = None) -> int:
         """Write only if the key does not exist (a deleted key counts as absent). Conflict otherwise."""
@@ -112,13 +117,8 @@ class Kv:
         return ack.seq
 
     async def _last_revision_if_deleted(self, key: str) -> int | None:
-        try:
-            msg = await self.bus.replies.direct_get_last(self.stream, self._prefix + key)
-        except Exception as exc:
-            raise map_error(exc, f"get {self.bucket}/{key}") from None
-        if msg is None or not is_delete(dict(msg.headers or {})):
-            return None
-        return int((msg.headers or {}).get(SEQUENCE_HEADER, 0))
+        entry = await self._last(key)
+        return entry.revision if entry is not None and entry.deleted else None
 
     async def scan(self, pattern: str = ">") -> list[Entry]:
         """Current values of every key matching `pattern` (deletes skipped), in write order.
@@ -140,13 +140,11 @@ class Kv:
                 await nc.publish(api_subject, request.encode(), reply=inbox.subject + ".scan")
                 pending = 0
                 while True:
-                    msg = inbox.take()
+                    msg = await inbox.next(SCAN_WAIT)
                     if msg is None:
-                        if not await inbox.wait(SCAN_WAIT):
-                            raise Unavailable(f"scan {self.bucket}/{pattern}: timed out")
-                        continue
+                        raise Unavailable(f"scan {self.bucket}/{pattern}: timed out")
                     headers = dict(msg.headers or {})
-                    status = headers.get("Status")
+                    status = headers.get(STATUS)
                     if status == "204":  # end of this batch
                         pending = int(headers.get("Nats-Num-Pending", "0"))
                         break

@@ -28,8 +28,8 @@ from nats.aio.msg import Msg
 from nats.aio.client import Client
 
 from ._bus import Bus
+from ._requests import STATUS
 
-STATUS = "Status"
 HEARTBEAT = "100"
 REQUEST_OVER = frozenset({"404", "408", "409"})  # no messages; expired; consumer changed (deleted, leader moved)
 REPLY_GRACE = 0.25  # seconds past `expires` that a fetch waits for the server's word before it gives up
@@ -57,20 +57,21 @@ class Inbox:
         self._signal.set()
 
     def take(self) -> Msg | None:
+        """The next message if one is there, without waiting."""
         return self._arrived.popleft() if self._arrived else None
 
-    async def wait(self, timeout: float) -> bool:
-        """Whether a message is there within `timeout` seconds."""
-        if self._arrived:
-            return True
-        self._signal.clear()
-        if timeout <= 0:
-            return False
-        try:
-            await asyncio.wait_for(self._signal.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+    async def next(self, timeout: float) -> Msg | None:
+        """The next message, waiting up to `timeout` seconds for one (a single wait, however many then
+        arrive); None if none came."""
+        if not self._arrived:
+            self._signal.clear()
+            if timeout <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._signal.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        return self._arrived.popleft()
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None
@@ -114,11 +115,9 @@ class Pull:
         deadline = asked + wait + REPLY_GRACE
         inbox = self._inbox
         while len(got) < batch:
-            msg = inbox.take()
+            msg = await inbox.next(deadline - loop.time())
             if msg is None:
-                if not await inbox.wait(deadline - loop.time()):
-                    break
-                continue
+                break
             status = msg.headers.get(STATUS) if msg.headers else None
             if status is None:
                 got.append(msg)
