@@ -254,9 +254,10 @@ class Consumer:
         return msgs
 
     async def _vanished(self) -> bool:
-        """Whether the server says the durable does not exist (not merely that it cannot answer now)."""
+        """Whether the server says the durable does not exist (not merely that it cannot answer now). Asked
+        on every unanswered fetch, so it waits no longer than a fetch would."""
         try:
-            await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+            await self.bus.js.consumer_info(self.spec.stream, self.spec.durable, timeout=FETCH_WAIT)
         except nats.js.errors.NotFoundError:
             return True
         except Exception:  # no leader, or the server away: not known to be gone
